@@ -1,0 +1,47 @@
+"""The router patch format: the one contract between the trainer and the service.
+
+A patch is a single safetensors file holding only router tensors, named as in the Hugging Face
+checkpoint (``model.layers.N.mlp.gate.weight``) and stored in the base checkpoint's dtype, plus
+string metadata (see :mod:`roma_patch.format`). Nothing here imports torch model code, the
+trainer or vLLM, so both sides (and the engine worker) can depend on it.
+"""
+
+from roma_patch.format import (
+    FORMAT_VERSION,
+    MAX_PATCH_BYTES,
+    BaseRouters,
+    Patch,
+    PatchError,
+    PatchMeta,
+    TensorSpec,
+    fingerprint,
+    patch_id,
+    RawTensor,
+    raw_from_torch,
+    read_checkpoint_routers,
+    read_patch,
+    router_layer,
+    tensor_sha256,
+    validate_patch,
+    write_patch,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_PATCH_BYTES",
+    "BaseRouters",
+    "Patch",
+    "PatchError",
+    "PatchMeta",
+    "TensorSpec",
+    "fingerprint",
+    "patch_id",
+    "RawTensor",
+    "raw_from_torch",
+    "read_checkpoint_routers",
+    "read_patch",
+    "router_layer",
+    "tensor_sha256",
+    "validate_patch",
+    "write_patch",
+]
