@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -116,7 +116,8 @@ class PatchMeta(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
-    _JSON_FIELDS = ("layers", "hparams", "metrics")
+    # ClassVar: a bare underscore name would become a pydantic private attribute (not iterable).
+    _JSON_FIELDS: ClassVar[tuple[str, ...]] = ("layers", "hparams", "metrics")
 
     def to_metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}

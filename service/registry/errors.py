@@ -1,0 +1,28 @@
+"""Registry failures the gateway maps to HTTP statuses (404, 409, 503...)."""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class; ``code`` is the machine-readable reason put in the error body."""
+
+    code = "registry_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UnknownVersion(RegistryError):
+    code = "unknown_version"
+
+
+class ActiveVersion(RegistryError):
+    code = "version_active"
+
+
+class BaseMismatch(RegistryError):
+    """Redis already holds versions trained for other base routers: refuse to mix them."""
+
+    code = "base_mismatch"

@@ -1,0 +1,260 @@
+"""The registry: router versions in Redis, the single source of truth shared by every gateway.
+
+Every write that must be atomic (dedupe + version allocation, activation + history + event,
+delete-unless-active) is one Lua script, so two gateways racing on one Redis can never produce
+two versions for the same bytes, a reused version number, or a deleted active version. The key
+layout is documented in :mod:`roma_service.registry.keys`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+
+from roma_patch import BaseRouters, Patch
+from roma_service.registry.errors import ActiveVersion, BaseMismatch, UnknownVersion
+from roma_service.registry.keys import Keys
+from roma_service.registry.records import BaseRecord, HistoryEntry, VersionRecord
+
+HISTORY_MAXLEN = 10_000
+
+# -> {created (1|0), version}. Same bytes (same sha256) return the version that already has them.
+_STORE = """
+local p = ARGV[1]
+local existing = redis.call('GET', p .. ':by-id:' .. ARGV[2])
+if existing then return {0, tonumber(existing)} end
+local v = redis.call('INCR', p .. ':version:next')
+redis.call('SET', p .. ':blob:' .. ARGV[2], ARGV[3])
+redis.call('SET', p .. ':by-id:' .. ARGV[2], v)
+redis.call('HSET', p .. ':version:' .. v, 'version', v, 'id', ARGV[2], 'size', ARGV[4],
+  'layers', ARGV[5], 'base_fingerprint', ARGV[6], 'objective', ARGV[7], 'meta', ARGV[8],
+  'created_at', ARGV[9], 'status', 'staged')
+redis.call('ZADD', p .. ':versions', v, v)
+redis.call('PUBLISH', p .. ':events', cjson.encode({type = 'stored', version = v, id = ARGV[2]}))
+return {1, v}
+"""
+
+# -> the previous active version, or -1 when the version does not exist.
+_ACTIVATE = """
+local p, v = ARGV[1], ARGV[2]
+if v ~= '0' and redis.call('EXISTS', p .. ':version:' .. v) == 0 then return -1 end
+local prev = redis.call('GET', p .. ':active') or '0'
+redis.call('SET', p .. ':active', v)
+if v ~= '0' then
+  redis.call('HSET', p .. ':version:' .. v, 'status', 'deployed', 'activated_at', ARGV[5])
+end
+redis.call('XADD', p .. ':history', 'MAXLEN', '~', ARGV[6], '*', 'version', v,
+  'previous', prev, 'reason', ARGV[3], 'by', ARGV[4], 'at', ARGV[5])
+redis.call('PUBLISH', p .. ':events', cjson.encode({type = 'activated', version = tonumber(v),
+  previous = tonumber(prev), by = ARGV[4]}))
+return tonumber(prev)
+"""
+
+# -> 1 deleted, 0 unknown, -1 active (refused).
+_DELETE = """
+local p, v = ARGV[1], ARGV[2]
+if (redis.call('GET', p .. ':active') or '0') == v then return -1 end
+local id = redis.call('HGET', p .. ':version:' .. v, 'id')
+if not id then return 0 end
+redis.call('DEL', p .. ':version:' .. v, p .. ':blob:' .. id)
+if redis.call('GET', p .. ':by-id:' .. id) == v then redis.call('DEL', p .. ':by-id:' .. id) end
+redis.call('ZREM', p .. ':versions', v)
+redis.call('PUBLISH', p .. ':events', cjson.encode({type = ARGV[3], version = tonumber(v)}))
+return 1
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Registry:
+    """Router versions, blobs, the active pointer, history and change events in one Redis."""
+
+    def __init__(self, redis: Redis, prefix: str = "roma") -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self._store = redis.register_script(_STORE)
+        self._activate = redis.register_script(_ACTIVATE)
+        self._delete = redis.register_script(_DELETE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "roma", timeout_s: float = 5.0) -> Registry:
+        """A registry whose every call fails fast (``timeout_s``) when Redis is away, so that
+        control routes answer 503 quickly instead of hanging."""
+        redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+        )
+        return cls(redis, prefix)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # --- version 0 -----------------------------------------------------------------------------
+    async def record_base(self, base: BaseRouters) -> BaseRecord:
+        """Record the served model's base routers as version 0, or check they match the record.
+
+        Versions in one namespace are only valid for one set of base routers; serving another
+        model against them would apply patches to the wrong weights, so that is refused."""
+        record = BaseRecord(
+            model=base.model,
+            fingerprint=base.fingerprint(),
+            specs=base.to_json()["specs"],
+            recorded_at=_now(),
+        )
+        created = await self.redis.hsetnx(self.keys.base, "record", record.model_dump_json())
+        if created:
+            return record
+        existing = await self.base()
+        assert existing is not None
+        if existing.fingerprint != record.fingerprint:
+            raise BaseMismatch(
+                f"Redis namespace {self.keys.prefix!r} holds router versions for base model "
+                f"{existing.model!r} (fingerprint {existing.fingerprint[:12]}...), but the engine "
+                f"serves {base.model!r} (fingerprint {record.fingerprint[:12]}...). Set "
+                "ROMA_REDIS_PREFIX to another namespace for this model."
+            )
+        return existing
+
+    async def base(self) -> BaseRecord | None:
+        raw = await self.redis.hget(self.keys.base, "record")
+        return BaseRecord.model_validate_json(raw) if raw else None
+
+    # --- versions ------------------------------------------------------------------------------
+    async def store(self, patch: Patch, data: bytes) -> tuple[VersionRecord, bool]:
+        """Store a validated patch under the next version. Returns (record, created); the same
+        bytes again return the version that already holds them with ``created=False``."""
+        meta = patch.meta.model_dump()
+        created, version = await self._store(
+            args=[
+                self.keys.prefix,
+                patch.id,
+                data,
+                patch.size,
+                json.dumps(patch.layers),
+                patch.meta.base_fingerprint,
+                patch.meta.objective,
+                json.dumps(meta, sort_keys=True),
+                _now(),
+            ]
+        )
+        return await self.get(int(version)), bool(created)
+
+    async def get(self, version: int) -> VersionRecord:
+        if version == 0:
+            return await self._base_version()
+        raw = await self.redis.hgetall(self.keys.version(version))
+        if not raw:
+            raise UnknownVersion(f"router version {version} does not exist", "version")
+        return VersionRecord.from_hash(raw)
+
+    async def list(self) -> list[VersionRecord]:
+        """Version 0 first, then every stored version in increasing order."""
+        numbers = [int(v) for v in await self.redis.zrange(self.keys.versions, 0, -1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in numbers:
+                pipe.hgetall(self.keys.version(n))
+            rows = await pipe.execute()
+        return [await self._base_version()] + [VersionRecord.from_hash(r) for r in rows if r]
+
+    async def blob(self, version: int) -> bytes | None:
+        """The patch bytes of ``version``; None for version 0 (the base routers)."""
+        if version == 0:
+            return None
+        record = await self.get(version)
+        data = await self.redis.get(self.keys.blob(record.id or ""))
+        if data is None:
+            raise UnknownVersion(f"router version {version} has no stored patch", "version")
+        return bytes(data)
+
+    async def active(self) -> int:
+        raw = await self.redis.get(self.keys.active)
+        return int(raw) if raw is not None else 0
+
+    async def activate(self, version: int, reason: str, by: str) -> int:
+        """Move the active pointer, append to the history and publish, atomically. Returns the
+        previously active version."""
+        previous = await self._activate(
+            args=[self.keys.prefix, version, reason, by, _now(), HISTORY_MAXLEN]
+        )
+        if int(previous) < 0:
+            raise UnknownVersion(f"router version {version} does not exist", "version")
+        return int(previous)
+
+    async def delete(self, version: int, event: str = "deleted") -> None:
+        """Remove an inactive version and its blob. ``event`` names the published change
+        (``discarded`` when a deploy failed before activation)."""
+        if version == 0:
+            raise ActiveVersion("version 0 is the base routers and cannot be deleted", "version")
+        result = int(await self._delete(args=[self.keys.prefix, version, event]))
+        if result == 0:
+            raise UnknownVersion(f"router version {version} does not exist", "version")
+        if result < 0:
+            raise ActiveVersion(
+                f"router version {version} is active; activate another version first", "version"
+            )
+
+    async def history(self, limit: int = 100) -> list[HistoryEntry]:
+        """The last ``limit`` activations, oldest first."""
+        rows = await self.redis.xrevrange(self.keys.history, count=limit)
+        out = []
+        for entry_id, fields in reversed(rows):
+            data = {k.decode(): v.decode() for k, v in fields.items()}
+            out.append(
+                HistoryEntry(
+                    id=entry_id.decode(),
+                    version=int(data["version"]),
+                    previous=int(data["previous"]),
+                    reason=data["reason"],
+                    by=data["by"],
+                    at=data["at"],
+                )
+            )
+        return out
+
+    # --- coordination --------------------------------------------------------------------------
+    def deploy_lock(self, lease_s: float, wait_s: float) -> Lock:
+        """The lock every gateway takes around a swap. The lease expires on its own if the
+        holder dies, so a crashed gateway cannot block deploys forever."""
+        return self.redis.lock(
+            self.keys.deploy_lock, timeout=lease_s, blocking_timeout=wait_s, thread_local=False
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Change events as they are published (stops with an exception when Redis goes)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.keys.events)
+        try:
+            while True:
+                # A bounded wait: an unbounded one would trip the client's socket timeout.
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    yield json.loads(message["data"])
+        finally:
+            await pubsub.aclose()
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        await self.redis.publish(self.keys.events, json.dumps(event))
+
+    async def _base_version(self) -> VersionRecord:
+        base = await self.base()
+        if base is None:
+            raise UnknownVersion("version 0 is not recorded yet (no engine has started)", "version")
+        return VersionRecord(
+            version=0,
+            base_fingerprint=base.fingerprint,
+            meta={"model": base.model},
+            created_at=base.recorded_at,
+            status="base",
+        )

