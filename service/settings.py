@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
 from roma_patch import MAX_PATCH_BYTES
 
 SwapPolicy = Literal["drain", "immediate"]

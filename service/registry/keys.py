@@ -1,19 +1,19 @@
 """The Redis key layout of the registry (one namespace per ``ROMA_REDIS_PREFIX``, default roma).
 
-=============================  ========  ============================================================
-key                            type      holds
-=============================  ========  ============================================================
-``{p}:base``                   hash      version 0: model, fingerprint, specs (JSON), recorded_at
-``{p}:version:next``           string    the version counter (INCR: strictly increasing, never reused)
-``{p}:versions``               zset      every stored version number (score = version)
-``{p}:version:{n}``            hash      metadata of version n (id, size, layers, meta JSON, status)
-``{p}:blob:{sha256}``          string    the patch file's bytes, content-addressed by its sha256
-``{p}:by-id:{sha256}``         string    the version holding that blob (same bytes -> same version)
-``{p}:active``                 string    the active version (absent = 0, the base routers)
-``{p}:history``                stream    one entry per activation: version, previous, reason, by, at
-``{p}:events``                 pub/sub   JSON event on every change (stored/activated/deleted...)
-``{p}:lock:deploy``            string    the deploy lock shared by every gateway (redis-py Lock)
-=============================  ========  ============================================================
+=======================  =======  ==============================================================
+key                      type     holds
+=======================  =======  ==============================================================
+``{p}:base``             hash     version 0: model, fingerprint, specs (JSON), recorded_at
+``{p}:version:next``     string   the version counter (INCR: strictly increasing, never reused)
+``{p}:versions``         zset     every stored version number (score = version)
+``{p}:version:{n}``      hash     version n: id, size, layers, meta (JSON), status, timestamps
+``{p}:blob:{sha256}``    string   the patch file's bytes, content-addressed by sha256
+``{p}:by-id:{sha256}``   string   the version holding that blob (same bytes -> same version)
+``{p}:active``           string   the active version (absent = 0, the base routers)
+``{p}:history``          stream   one entry per activation: version, previous, reason, by, at
+``{p}:events``           pub/sub  a JSON event on every change (stored, activated, deleted...)
+``{p}:lock:deploy``      string   the deploy lock shared by every gateway (redis-py Lock)
+=======================  =======  ==============================================================
 
 Versions are allocated by a Lua script (atomic dedupe + INCR), so key names are built inside it:
 the layout targets a single Redis (or a primary/replica pair), not Redis Cluster.

@@ -80,7 +80,7 @@ class LocalRedis:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64).startswith(b"+PONG"):
-                        log.info("redis started", extra={"url": self.url, "dir": str(self.data_dir)})
+                        log.info("redis started", extra={"url": self.url})
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -15,7 +15,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-
 from roma_patch import BaseRouters, Patch
 from roma_service.registry.errors import ActiveVersion, BaseMismatch, UnknownVersion
 from roma_service.registry.keys import Keys

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
 
 
