@@ -1,0 +1,298 @@
+"""Async client for one vLLM engine running our worker extension: the gateway's only way in.
+
+Router calls go through vLLM's dev-mode ``POST /collective_rpc``, which runs the extension's
+method on every worker and returns one result per worker. Every result is checked: a patch
+counts as applied only if all workers applied it, verified it and report the same checksums. If
+some workers applied it and others failed, the client asks them all to undo it, so an engine
+never serves with its workers on different routers.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field
+from roma_patch import BaseRouters
+from roma_service.engine.errors import (
+    EngineError,
+    EngineRejected,
+    EngineRPCFailed,
+    EngineUnreachable,
+)
+
+# Worker error codes that mean "the engine is broken", not "the patch is bad".
+_ENGINE_FAULTS = {"internal", "swap_failed", "readback_failed", "no_routers"}
+
+
+class LayerReadback(BaseModel):
+    sha256: str
+    max_abs_err: float
+    verified: bool
+
+
+class ApplyResult(BaseModel):
+    """What every worker reported after applying a version (merged; timings are the slowest
+    worker's)."""
+
+    version: int
+    checksums: dict[str, str]
+    verified: bool
+    max_abs_err: float
+    apply_ms: float = Field(description="stage + commit inside the worker")
+    workers: int
+    verify_ms: float = 0.0
+    decode_ms: float = 0.0
+    worker_total_ms: float = Field(0.0, description="decode + validate + apply + verify")
+    rpc_ms: float = Field(0.0, description="round trip seen by the client")
+    changed: list[str] = Field(default_factory=list)
+    layers: dict[str, LayerReadback] = Field(default_factory=dict)
+
+
+class EngineState(BaseModel):
+    """The version the engine holds (None: the checkpoint's routers, never changed since start),
+    per-layer checksums, and a fresh functional read-back."""
+
+    version: int | None
+    checksums: dict[str, str]
+    verified: bool
+    max_abs_err: float = 0.0
+    workers: int = 1
+
+
+class EngineClient:
+    """``EngineClient("http://127.0.0.1:8001")``; ``url`` is also the OpenAI base the gateway
+    proxies ``/v1/*`` to."""
+
+    def __init__(
+        self, base_url: str, timeout: float = 30.0, rpc_timeout: float | None = 60.0
+    ) -> None:
+        self.url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.rpc_timeout = rpc_timeout
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _request(
+        self, method: str, path: str, timeout: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(
+                method, path, timeout=timeout or self.timeout, **kwargs
+            )
+        except httpx.TimeoutException as exc:
+            raise EngineUnreachable(
+                f"engine at {self.url} did not answer {method} {path} in time", code="timeout"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnreachable(
+                f"engine at {self.url} is unreachable ({type(exc).__name__}: {exc})",
+                code="unreachable",
+            ) from exc
+        if response.status_code >= 400:
+            hint = ""
+            if response.status_code == 404:
+                hint = " (is the engine running with VLLM_SERVER_DEV_MODE=1?)"
+            raise EngineRPCFailed(
+                f"engine {method} {path} -> {response.status_code}{hint}: {response.text[:500]}",
+                status=response.status_code,
+                code="engine_http_error",
+            )
+        return response
+
+    async def _rpc(self, method: str, *args: str) -> list[dict[str, Any]]:
+        """Call an extension method on every worker; return the per-worker results."""
+        body: dict[str, Any] = {"method": method, "args": list(args)}
+        if self.rpc_timeout is not None:
+            body["timeout"] = self.rpc_timeout
+        timeout = (self.rpc_timeout or self.timeout) + 10.0
+        try:
+            response = await self._request("POST", "/collective_rpc", timeout=timeout, json=body)
+        except EngineRPCFailed as exc:
+            exc.message += (
+                "; is the engine started with --worker-extension-cls "
+                "roma_service.engine.extension.RouterExtension?"
+            )
+            exc.args = (exc.message,)
+            raise
+        results = response.json().get("results")
+        if not isinstance(results, list) or not results:
+            raise EngineRPCFailed(f"{method}: engine returned no worker results", code="no_workers")
+        for result in results:
+            if not isinstance(result, dict) or "ok" not in result:
+                raise EngineRPCFailed(
+                    f"{method}: unexpected worker result {str(result)[:200]!r}; is the engine "
+                    "running roma_service.engine.extension.RouterExtension?",
+                    code="bad_worker_result",
+                )
+        return results
+
+    @staticmethod
+    def _raise_failures(method: str, results: list[dict[str, Any]]) -> None:
+        failed = [r for r in results if not r["ok"]]
+        if not failed:
+            return
+        error = failed[0]["error"]
+        if len(failed) == len(results) and error["code"] not in _ENGINE_FAULTS:
+            raise EngineRejected(
+                error["message"], status=400, code=error["code"], param=error.get("param")
+            )
+        workers = ", ".join(f"worker {r['worker']}: {r['error']['message']}" for r in failed)
+        raise EngineRPCFailed(
+            f"{method} failed on {len(failed)}/{len(results)} workers ({workers})",
+            code=error["code"],
+            detail={"errors": [r["error"] for r in failed]},
+        )
+
+    @staticmethod
+    def _merge_checksums(method: str, results: list[dict[str, Any]]) -> dict[str, str]:
+        """Union of the workers' per-layer checksums; a layer two workers disagree on is an
+        error (tensor parallel: all hold all layers; pipeline parallel: disjoint sets)."""
+        merged: dict[str, str] = {}
+        for result in results:
+            for name, sha in result["checksums"].items():
+                if merged.setdefault(name, sha) != sha:
+                    raise EngineRPCFailed(
+                        f"{method}: workers disagree on {name}", code="workers_disagree"
+                    )
+        versions = {r["version"] for r in results}
+        if len(versions) != 1:
+            raise EngineRPCFailed(
+                f"{method}: workers hold different versions {sorted(map(str, versions))}",
+                code="workers_disagree",
+            )
+        return merged
+
+    # -- the contract -----------------------------------------------------------------------
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._http.get("/health", timeout=min(self.timeout, 5.0))
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def base_routers(self) -> BaseRouters:
+        """The served checkpoint's routers, as the patch validator needs them."""
+        results = await self._rpc("roma_base_routers")
+        self._raise_failures("base_routers", results)
+        first = BaseRouters.from_json(results[0]["base"])
+        for result in results[1:]:
+            if BaseRouters.from_json(result["base"]) != first:
+                raise EngineRPCFailed(
+                    "base_routers: workers read different checkpoints", code="workers_disagree"
+                )
+        return first
+
+    async def apply(self, patch_bytes: bytes | None, version: int) -> ApplyResult:
+        """Make every worker hold ``patch_bytes`` (None: the base routers) as ``version``.
+        Raises EngineRejected for a bad patch (nothing changed), EngineRPCFailed when workers
+        failed (the ones that had applied it are rolled back), EngineUnreachable."""
+        payload = base64.b64encode(patch_bytes).decode() if patch_bytes else ""
+        started = time.perf_counter()
+        results = await self._rpc("roma_apply", payload, str(version))
+        rpc_ms = (time.perf_counter() - started) * 1e3
+        if any(r["ok"] for r in results) and not all(r["ok"] for r in results):
+            await self._undo(version)
+        self._raise_failures("apply", results)
+        checksums = self._merge_checksums("apply", results)
+        layers: dict[str, LayerReadback] = {}
+        for result in results:
+            layers.update({n: LayerReadback(**v) for n, v in result["layers"].items()})
+        return ApplyResult(
+            version=int(results[0]["version"]),
+            checksums=checksums,
+            verified=all(r["verified"] for r in results),
+            max_abs_err=max(r["max_abs_err"] for r in results),
+            apply_ms=max(r["apply_ms"] for r in results),
+            verify_ms=max(r["verify_ms"] for r in results),
+            decode_ms=max(r["decode_ms"] for r in results),
+            worker_total_ms=max(r["total_ms"] for r in results),
+            rpc_ms=rpc_ms,
+            workers=len(results),
+            changed=sorted({n for r in results for n in r["changed"]}),
+            layers=layers,
+        )
+
+    async def _undo(self, version: int) -> None:
+        # Best effort: the original failure is what the caller must see.
+        with contextlib.suppress(EngineError):
+            await self._rpc("roma_undo", str(version))
+
+    async def state(self) -> EngineState:
+        results = await self._rpc("roma_state")
+        self._raise_failures("state", results)
+        checksums = self._merge_checksums("state", results)
+        version = results[0]["version"]
+        return EngineState(
+            version=None if version is None else int(version),
+            checksums=checksums,
+            verified=all(r["verified"] for r in results),
+            max_abs_err=max(r["max_abs_err"] for r in results),
+            workers=len(results),
+        )
+
+    async def expert_load(
+        self, action: Literal["enable", "disable", "read", "reset"] = "read"
+    ) -> dict[str, Any]:
+        """Per-layer expert selection counts, summed over workers (opt-in: ``enable`` first)."""
+        results = await self._rpc("roma_expert_load", action)
+        self._raise_failures("expert_load", results)
+        counts: dict[str, list[int]] = {}
+        tokens: dict[str, int] = {}
+        for result in results:
+            for name, row in result["counts"].items():
+                old = counts.get(name, [0] * len(row))
+                counts[name] = [a + b for a, b in zip(old, row, strict=True)]
+            for name, n in result["tokens"].items():
+                tokens[name] = tokens.get(name, 0) + n
+        version = results[0]["version"]
+        return {
+            "version": None if version is None else int(version),
+            "enabled": all(r["enabled"] for r in results),
+            "top_k": results[0]["top_k"],
+            "tokens": tokens,
+            "counts": counts,
+        }
+
+    async def pause(
+        self, mode: Literal["wait", "keep", "abort"] = "wait", timeout_s: float | None = None
+    ) -> None:
+        """Stop scheduling. ``wait`` returns once in-flight requests finished (new ones queue),
+        ``keep`` freezes them mid-generation, ``abort`` ends them. On a timeout the engine may
+        still be pausing: call ``resume()`` to back out."""
+        await self._request(
+            "POST",
+            "/pause",
+            timeout=timeout_s,
+            params={"mode": mode, "clear_cache": "false"},
+        )
+
+    async def resume(self) -> None:
+        await self._request("POST", "/resume")
+
+    async def is_paused(self) -> bool:
+        return bool((await self._request("GET", "/is_paused")).json()["is_paused"])
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Drop cached KV (computed under the old routers). False if blocks were still held by
+        running requests; ``reset_running_requests`` makes vLLM preempt and recompute those."""
+        response = await self._request(
+            "POST",
+            "/reset_prefix_cache",
+            params={"reset_running_requests": str(reset_running_requests).lower()},
+        )
+        return bool(response.json().get("success", True))
