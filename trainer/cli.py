@@ -1,0 +1,231 @@
+"""``roma-train``: train a router patch, evaluate a model (with or without a patch), push a patch.
+
+Exit codes: 0 success; 2 bad input (data, config, model, patch), with a message naming the file
+and line or the field; 1 the upload to the gateway failed (the patch file is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from roma_patch import PatchError
+from roma_trainer.bench import bench_app
+from roma_trainer.config import ConfigError, load_config
+from roma_trainer.data import DataError, load_samples
+from roma_trainer.modeling import ModelError
+from roma_trainer.push import PushError, push_patch
+from roma_trainer.routers import RouterError
+
+app = typer.Typer(
+    name="roma-train",
+    help=(
+        "RoMA router-only fine-tuning for Mixture-of-Experts LLMs.\n\n"
+        "Tunes only the router linear of the chosen MoE layers with "
+        "L(i) = CE(i) + lambda * sum_j W_ij ||r_i - r_j||^2, where r is the routing weights and "
+        "j runs over the neighbours of sample i among the samples the base model already "
+        "answers correctly, and writes a router patch (one safetensors file) that the gateway "
+        "hot-swaps with POST /routers.\n\n"
+        "Quick start: roma-train train --data trainer/data/sample.jsonl --out patch.safetensors"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(bench_app, name="bench")
+err = Console(stderr=True)
+console = Console()
+
+BAD_INPUT = (DataError, ConfigError, ModelError, RouterError, PatchError)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Training data: a JSONL file with one "
+            '{"task","prompt","choices","answer"} a line, or hf:NAME for a Hugging Face dataset '
+            "(columns mapped in the config file)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the patch (default: router_patch.safetensors)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML or TOML recipe "
+            "config; flags override it (default: the shipped configs/roma_default.yaml).",
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="manifold (RoMA) | ce | l1 | l2 | entropy (default: manifold)."),
+    ] = None,
+    neighbours: Annotated[
+        str | None,
+        typer.Option(
+            help="knn | eps | random: how N(i) is chosen in the success set (default: knn)."
+        ),
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option(help="Neighbours per sample for knn/random (default: 3).")
+    ] = None,
+    eps: Annotated[
+        float | None, typer.Option(help="eps-ball radius on normalised embeddings (default: 0.5).")
+    ] = None,
+    sigma: Annotated[
+        float | None,
+        typer.Option(help="Gaussian kernel bandwidth (default: median neighbour distance)."),
+    ] = None,
+    lam: Annotated[
+        float | None,
+        typer.Option(
+            "--lambda",
+            "--lam",
+            help="Weight of the regulariser (default: 1.0), warmed up linearly.",
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="MoE layers to tune: all | lastN | 3,4,5 (default: last5).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt token whose routing is regularised: last | first | middle (default: last)."
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: 3).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default: 1e-3).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: 8).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: 0).")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Training dtype: auto | float32 | bfloat16 "
+            "| float16 (default: float32); the patch keeps the checkpoint's dtype."
+        ),
+    ] = None,
+    embedder: Annotated[
+        str | None,
+        typer.Option(help="sentence-transformers id or path (default: packaged all-MiniLM-L6-v2)."),
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            help="After training, POST the patch to this gateway URL (token from ROMA_ADMIN_TOKEN)."
+        ),
+    ] = None,
+) -> None:
+    """Train the routers and write a router patch."""
+    from roma_trainer.recipe import run
+
+    overrides = dict(
+        data=data,
+        model=model,
+        out=out,
+        objective=objective,
+        neighbours=neighbours,
+        k=k,
+        eps=eps,
+        sigma=sigma,
+        lam=lam,
+        layers=layers,
+        token=token,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype,
+        embedder=embedder,
+    )
+    try:
+        cfg = load_config(config, overrides)
+        if cfg.data is None:
+            fail("no training data: pass --data FILE.jsonl (or set data: in the config file)")
+        path = run(cfg)
+    except BAD_INPUT as exc:
+        fail(str(exc))
+    from roma_patch import read_patch
+
+    patch = read_patch(path)
+    metrics = patch.meta.metrics
+    console.print(f"patch [bold]{path}[/] id {patch.id} layers {patch.layers}", highlight=False)
+    console.print(
+        f"train acc {metrics['train_acc_before']:.3f} -> {metrics['train_acc_after']:.3f}, "
+        f"CE {metrics['train_ce_before']:.4f} -> {metrics['train_ce_after']:.4f}",
+        highlight=False,
+    )
+    if push:
+        try:
+            answer = push_patch(path, push)
+        except PushError as exc:
+            fail(f"{exc} (the patch is saved at {path})", code=1)
+        console.print(f"pushed to {push}: {json.dumps(answer)}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[str, typer.Option(help="JSONL file (or hf:NAME) of multiple-choice samples.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
+    ] = None,
+    patch: Annotated[
+        Path | None, typer.Option(help="Router patch to apply before scoring.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report here.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 32,
+) -> None:
+    """Accuracy per task and averaged over tasks (raw and length-normalised log-likelihood)."""
+    from roma_trainer.apply import apply_patch
+    from roma_trainer.evaluate import HFBackend, evaluate, render, write_json
+    from roma_trainer.modeling import load_model
+
+    try:
+        samples = load_samples(data)
+        loaded = load_model(model, dtype="auto")
+        applied = apply_patch(loaded.model, patch, loaded.model_id) if patch else None
+    except BAD_INPUT as exc:
+        fail(f"{patch}: {exc}" if isinstance(exc, PatchError) else str(exc))
+    report = evaluate(HFBackend(loaded.model, loaded.tokenizer, batch_size), samples)
+    report.extra = {
+        "model": loaded.model_id,
+        "data": data,
+        "patch": applied.id if applied else None,
+    }
+    title = f"{Path(loaded.model_id).name}" + (f" + patch {applied.id[:12]}" if applied else "")
+    render(report, title=title, console=console)
+    if json_out:
+        write_json(report, json_out)

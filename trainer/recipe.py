@@ -1,0 +1,258 @@
+"""The RoMA training recipe: setup(cfg) -> train() -> save_checkpoint() -> cleanup().
+
+Reads top to bottom like nanoGPT's train.py: data, model, success set and neighbours,
+optimiser, then the loop (forward -> loss -> backward -> step -> log). Only the tuned routers
+require grad (select-then-freeze, as torchtune's ``set_trainable_params``), so autograd never
+builds a graph before the first tuned layer and the patch holds nothing but routers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from roma_patch import PatchMeta, write_patch
+from roma_trainer import objectives
+from roma_trainer.config import TrainConfig
+from roma_trainer.data import Sample, data_fingerprint, load_samples
+from roma_trainer.modeling import LoadedModel, load_model
+from roma_trainer.neighbours import Neighbours, embed, find_neighbours
+from roma_trainer.routers import (
+    RoutingCapture,
+    find_routers,
+    freeze_all_but_routers,
+    router_name,
+    select_layers,
+)
+from roma_trainer.scoring import ChoiceScores, score_samples
+
+log = logging.getLogger("roma_trainer.recipe")
+
+# Objectives that regularise the routing of each sample (and so need the capture hooks).
+_ROUTING_OBJECTIVES = {"manifold", "entropy"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+class RomaRecipe:
+    """One training run. Attributes are filled by :meth:`setup` in the order they are needed."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.metrics: dict[str, Any] = {}
+        self.step = 0
+        self.capture: RoutingCapture | None = None
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+
+        # data: validated before the (slow) model load, so bad data fails in a second
+        if cfg.data is None:
+            raise ValueError("no training data: pass --data FILE.jsonl (or hf:NAME)")
+        self.samples: list[Sample] = load_samples(
+            cfg.data, cfg.hf_config, cfg.hf_split, cfg.columns
+        )
+        self.data_fingerprint = data_fingerprint(self.samples)
+        self.answers = torch.tensor([s.answer for s in self.samples])
+
+        # model: select the routers, freeze everything else
+        self.loaded: LoadedModel = load_model(cfg.model, cfg.dtype, cfg.device)
+        self.model = self.loaded.model
+        self.layers = select_layers(list(find_routers(self.model)), cfg.layers)
+        self.params = freeze_all_but_routers(self.model, self.layers)
+        self.names = [router_name(layer) for layer in self.layers]
+        self.base_params = [p.detach().clone() for p in self.params]
+        self.capture = RoutingCapture(self.model, self.layers)
+        self.capture.__enter__()
+
+        # success set S (the base model answers correctly) and base routing r_j of its members
+        base = self.score_all(with_routing=cfg.objective == "manifold")
+        correct = (base.logprob.argmax(-1) == self.answers).tolist()
+        self.success = [i for i, ok in enumerate(correct) if ok]
+        self.metrics.update(
+            train_acc_before=sum(correct) / len(correct),
+            train_ce_before=objectives.choice_cross_entropy(base.logprob, self.answers).item(),
+            success_set_size=len(self.success),
+            num_samples=len(self.samples),
+        )
+
+        # neighbours N(i) in S by prompt embedding (only the manifold objective uses them)
+        self.neighbours: Neighbours | None = None
+        if cfg.objective == "manifold":
+            assert base.routing is not None
+            self.success_routing = base.routing.flatten(1)[self.success].detach()
+            emb = embed([s.prompt for s in self.samples], cfg.embedder, cfg.embed_batch_size)
+            self.neighbours = find_neighbours(
+                emb, self.success, cfg.neighbours, cfg.k, cfg.eps, cfg.sigma, cfg.seed
+            )
+            counts = self.neighbours.count().float()
+            self.metrics.update(
+                sigma=self.neighbours.sigma,
+                mean_neighbours=counts.mean().item(),
+                samples_without_neighbours=int((counts == 0).sum()),
+            )
+        log.info("setup %s", " ".join(f"{k}={v}" for k, v in self.metrics.items()))
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(self.samples) / cfg.batch_size)
+        self.total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    @torch.no_grad()
+    def score_all(self, with_routing: bool) -> ChoiceScores:
+        """Score every sample (and capture its routing) under the current routers."""
+        parts = [
+            score_samples(
+                self.model,
+                self.loaded.tokenizer,
+                [self.samples[i] for i in idx],
+                self.cfg.token,
+                self.capture if with_routing else None,
+            )
+            for idx in batches(len(self.samples), self.cfg.batch_size)
+        ]
+        width = max(p.logprob.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return ChoiceScores(
+            logprob=torch.cat([pad(p.logprob, float("-inf")) for p in parts]).cpu(),
+            n_tokens=torch.cat([pad(p.n_tokens, 1.0) for p in parts]).cpu(),
+            routing=torch.cat([p.routing for p in parts]).cpu() if with_routing else None,
+        )
+
+    # ----------------------------------------------------------------------------- loss
+    def lam_at(self, step: int) -> float:
+        """Linear warm-up: lam * min(1, (step + 1) / lam_warmup_steps)."""
+        warmup = self.cfg.lam_warmup_steps
+        return self.cfg.lam * (1.0 if warmup == 0 else min(1.0, (step + 1) / warmup))
+
+    def loss(self, idx: Sequence[int], lam: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """CE + lam * regulariser for the samples ``idx``; see roma_trainer.objectives."""
+        objective = self.cfg.objective
+        batch = [self.samples[i] for i in idx]
+        capture = self.capture if objective in _ROUTING_OBJECTIVES else None
+        scores = score_samples(self.model, self.loaded.tokenizer, batch, self.cfg.token, capture)
+        answers = self.answers[list(idx)].to(scores.logprob.device)
+        ce = objectives.choice_cross_entropy(scores.logprob, answers)
+        if objective == "ce":
+            reg = torch.zeros((), device=ce.device)
+        elif objective == "manifold":
+            assert self.neighbours is not None and scores.routing is not None
+            nb_index = self.neighbours.index[list(idx)]
+            nb_routing = self.success_routing[nb_index.clamp_min(0)]
+            weights = self.neighbours.weight[list(idx)]
+            reg = objectives.manifold_term(
+                scores.routing.flatten(1), nb_routing.to(ce.device), weights.to(ce.device)
+            )
+        elif objective == "l1":
+            reg = objectives.l1_term(self.params, self.base_params)
+        elif objective == "l2":
+            reg = objectives.l2_term(self.params, self.base_params)
+        elif objective == "entropy":
+            assert scores.routing is not None
+            reg = objectives.entropy_term(scores.routing)
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        loss = ce + lam * reg
+        return loss, {"loss": loss.item(), "ce": ce.item(), "reg": reg.item(), "lam": lam}
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> None:
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.model.train(False)  # eval-mode numerics (no dropout) while training the routers
+        progress = tqdm(total=self.total_steps, desc=f"roma {cfg.objective}", unit="step")
+        history: list[dict[str, float]] = []
+        while self.step < self.total_steps:
+            order = torch.randperm(len(self.samples), generator=generator).tolist()
+            for idx in batches(len(order), cfg.batch_size):
+                if self.step >= self.total_steps:
+                    break
+                loss, parts = self.loss([order[i] for i in idx], self.lam_at(self.step))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                history.append(parts)
+                progress.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+                progress.update(1)
+                log.debug(
+                    "step=%d %s", self.step, " ".join(f"{k}={v:.6f}" for k, v in parts.items())
+                )
+        progress.close()
+
+        after = self.score_all(with_routing=False)
+        self.metrics.update(
+            steps=self.step,
+            first_loss=history[0]["loss"] if history else None,
+            last_loss=history[-1]["loss"] if history else None,
+            train_acc_after=(after.logprob.argmax(-1) == self.answers).float().mean().item(),
+            train_ce_after=objectives.choice_cross_entropy(after.logprob, self.answers).item(),
+        )
+        log.info("trained %s", " ".join(f"{k}={v}" for k, v in self.metrics.items()))
+
+    # ----------------------------------------------------------------------------- output
+    def router_tensors(self) -> dict[str, torch.Tensor]:
+        """The tuned routers in the checkpoint's dtype, named as in the checkpoint."""
+        dtype = self.loaded.checkpoint_dtype
+        return {
+            n: p.detach().to("cpu", dtype[n]) for n, p in zip(self.names, self.params, strict=True)
+        }
+
+    def save_checkpoint(self, out: str | Path | None = None) -> Path:
+        """Write the router patch; returns its path."""
+        path = Path(out or self.cfg.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hparams = self.cfg.model_dump(mode="json", exclude={"model", "data", "out"})
+        meta = PatchMeta(
+            base_model=self.loaded.model_id,
+            base_fingerprint=self.loaded.base.fingerprint(self.names),
+            layers=self.layers,
+            objective=self.cfg.objective,
+            hparams=hparams,
+            data_fingerprint=self.data_fingerprint,
+            metrics=self.metrics,
+        )
+        write_patch(self.router_tensors(), meta, path)
+        log.info("wrote patch path=%s layers=%s", path, self.layers)
+        return path
+
+    def cleanup(self) -> None:
+        """Remove the capture hooks (the model may be used afterwards, e.g. in tests)."""
+        if self.capture is not None:
+            self.capture.__exit__(None, None, None)
+            self.capture = None
+
+
+def run(cfg: TrainConfig) -> Path:
+    """setup -> train -> save_checkpoint -> cleanup; returns the patch path."""
+    recipe = RomaRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save_checkpoint()
+    finally:
+        recipe.cleanup()
