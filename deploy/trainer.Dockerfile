@@ -29,6 +29,9 @@ RUN pip install --no-cache-dir . \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && python -c "import torch, roma_trainer; print(torch.__version__)"
 
+# The GPU recipe (device: cuda); `roma-train train -c /etc/roma/train-cuda.yaml ...`.
+COPY deploy/trainer/cuda.yaml /etc/roma/train-cuda.yaml
+
 VOLUME ["/data", "/runs"]
 WORKDIR /runs
 ENTRYPOINT ["roma-train"]

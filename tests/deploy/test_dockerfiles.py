@@ -128,3 +128,25 @@ def test_gateway_image_has_no_vllm_or_torch() -> None:
     requirements = (ROOT / "deploy/requirements/gateway.txt").read_text().lower()
     for heavy in ("torch", "vllm", "transformers", "sentence-transformers", "nvidia-"):
         assert not re.search(rf"^{heavy}", requirements, re.M), heavy
+
+
+@pytest.mark.parametrize(
+    ("path", "script"),
+    [("deploy/gateway.Dockerfile", "roma-serve"), ("deploy/trainer.Dockerfile", "roma-train")],
+)
+def test_entrypoints_are_the_project_console_scripts(path: str, script: str) -> None:
+    (entrypoint,) = [c.value for c in parse_dockerfile(ROOT / path) if c.cmd == "ENTRYPOINT"]
+    assert entrypoint == (script,)
+    module, _, attr = PYPROJECT["project"]["scripts"][script].partition(":")
+    assert module.startswith("roma_") and attr
+
+
+def test_trainer_gpu_recipe_is_a_valid_config() -> None:
+    """The recipe baked into the trainer image loads with the trainer's own config class."""
+    from roma_trainer.config import load_config
+
+    commands = parse_dockerfile(ROOT / "deploy/trainer.Dockerfile")
+    copies = {c.value[-1]: c.value[0] for c in commands if c.cmd == "COPY"}
+    config = load_config(ROOT / copies["/etc/roma/train-cuda.yaml"], {"data": "train.jsonl"})
+    assert config.device == "cuda"
+    assert config.objective == "manifold" and config.k == 3
