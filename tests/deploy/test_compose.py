@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
-from roma_service.settings import Settings
 
+from roma_service.settings import Settings
 from tests.deploy.support import (
     COMPOSE,
     COMPOSE_CPU,
