@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
 from roma_patch import MAX_PATCH_BYTES
 
 SwapPolicy = Literal["drain", "immediate"]
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
         description="Base URLs of running engines (comma-separated); empty = start one engine "
         "as a child process on loopback.",
     )
-    engine_port: int = Field(8100, description="Port of the child engine (loopback only).")
+    engine_port: int = Field(0, description="Port of the child engine on loopback; 0 = any free.")
     engine_startup_timeout_s: float = Field(600.0, gt=0)
     engine_timeout_s: float = Field(60.0, gt=0, description="Timeout of engine admin calls.")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
+
 from roma_patch import BaseRouters, Patch
 from roma_service.registry.errors import ActiveVersion, BaseMismatch, UnknownVersion
 from roma_service.registry.keys import Keys
@@ -50,7 +51,7 @@ end
 redis.call('XADD', p .. ':history', 'MAXLEN', '~', ARGV[6], '*', 'version', v,
   'previous', prev, 'reason', ARGV[3], 'by', ARGV[4], 'at', ARGV[5])
 redis.call('PUBLISH', p .. ':events', cjson.encode({type = 'activated', version = tonumber(v),
-  previous = tonumber(prev), by = ARGV[4]}))
+  previous = tonumber(prev), by = ARGV[4], engines = cjson.decode(ARGV[7])}))
 return tonumber(prev)
 """
 
@@ -181,11 +182,23 @@ class Registry:
         raw = await self.redis.get(self.keys.active)
         return int(raw) if raw is not None else 0
 
-    async def activate(self, version: int, reason: str, by: str) -> int:
-        """Move the active pointer, append to the history and publish, atomically. Returns the
-        previously active version."""
+    async def activate(
+        self, version: int, reason: str, by: str, engines: list[str] | None = None
+    ) -> int:
+        """Move the active pointer, append to the history and publish, atomically. ``engines``
+        (the URLs that verifiably hold ``version`` now) travel in the event, so that other
+        gateways sharing those engines learn at once that they changed. Returns the previously
+        active version."""
         previous = await self._activate(
-            args=[self.keys.prefix, version, reason, by, _now(), HISTORY_MAXLEN]
+            args=[
+                self.keys.prefix,
+                version,
+                reason,
+                by,
+                _now(),
+                HISTORY_MAXLEN,
+                json.dumps(engines or []),
+            ]
         )
         if int(previous) < 0:
             raise UnknownVersion(f"router version {version} does not exist", "version")

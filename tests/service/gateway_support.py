@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError
+
 from roma_patch import BaseRouters, read_patch
 from roma_service.registry import (
     ActiveVersion,
@@ -17,7 +18,6 @@ from roma_service.registry import (
     Registry,
     UnknownVersion,
 )
-
 from tests.service.gateway_support import base_routers, make_patch
 
 

@@ -1,0 +1,2 @@
+"""The OpenAI API, proxied to the engines: ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``."""

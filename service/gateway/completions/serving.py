@@ -1,0 +1,209 @@
+"""The completions proxy: pick an engine, pass the request through, stream the answer back.
+
+Bodies go through untouched (no re-serialisation: the engine validates them) and SSE chunks are
+forwarded as they arrive, never buffered. Under the ``drain`` policy each request holds a
+reader slot of the swap gate until its last byte is out. Each response remembers the engine's
+swap generation at its start; if it differs at the end, the response spanned a swap and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from roma_service.gateway.completions.protocol import (
+    CHANGED_HEADER,
+    DONE,
+    VERSION_HEADER,
+    changed_comment,
+    version_comment,
+)
+from roma_service.gateway.engines import EngineHandle, NoEngine
+from roma_service.gateway.errors import APIError
+from roma_service.gateway.gate import GateTimeout
+from roma_service.gateway.state import Gateway
+from roma_service.gateway.upload import read_body
+from roma_service.logging import request_version
+
+log = logging.getLogger(__name__)
+
+_FORWARD_HEADERS = ("content-type", "accept", "user-agent", "x-request-id")
+_RETURN_HEADERS = ("content-type", "x-request-id")
+
+
+class _Release:
+    """Runs the end-of-request bookkeeping exactly once, however the response ends."""
+
+    def __init__(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._callback: Callable[[], Awaitable[None]] | None = callback
+
+    async def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            await callback()
+
+
+class _GuardedStream(StreamingResponse):
+    """A StreamingResponse whose release also runs when the client is gone before the first
+    byte (then the body generator never starts, and its ``finally`` would never run)."""
+
+    def __init__(self, body: AsyncIterator[bytes], release: _Release, **kwargs: object) -> None:
+        super().__init__(body, **kwargs)  # type: ignore[arg-type]
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
+
+
+class CompletionsProxy:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    async def forward(self, request: Request, path: str, route: str) -> Response:
+        body = b""
+        stream = False
+        if request.method == "POST":
+            body = await read_body(request, self.gw.settings.max_request_bytes)
+            stream = _wants_stream(body)
+        drain = self.gw.settings.swap_policy == "drain"
+        started = time.perf_counter()
+        if drain:
+            try:
+                await self.gw.gate.acquire_read(self.gw.settings.drain_timeout_s)
+            except GateTimeout as exc:
+                retry = {"Retry-After": "1"}
+                raise APIError(503, str(exc), "swap_in_progress", headers=retry) from exc
+        engine: EngineHandle | None = None
+
+        async def release() -> None:
+            if engine is not None:
+                engine.inflight -= 1
+                self.gw.metrics.engine_inflight.labels(engine.url).set(engine.inflight)
+            if drain:
+                await self.gw.gate.release_read()
+
+        done = _Release(release)
+        try:
+            engine, upstream = await self._send(request, path, body)
+        except BaseException:
+            await done()
+            raise
+        version, generation = engine.version, engine.generation
+        request_version.set(version)
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() in _RETURN_HEADERS}
+        headers[VERSION_HEADER] = str(version)
+
+        def finish(status: int) -> bool:
+            """Count the request; True when it spanned a swap."""
+            labels = (route, str(version))
+            self.gw.metrics.requests.labels(*labels, str(status)).inc()
+            self.gw.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+            changed = engine.generation != generation
+            if changed:
+                self.gw.metrics.version_changed.inc()
+            return changed
+
+        if not (stream and upstream.status_code == 200):
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                await done()
+            if finish(upstream.status_code):
+                headers[CHANGED_HEADER] = f"{version}->{engine.version}"
+            log.info("proxied", extra={"route": route, "status": upstream.status_code,
+                                       "engine": engine.url})  # fmt: skip
+            return Response(content, upstream.status_code, headers=headers)
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            first = True
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if first:
+                        first = False
+                        self.gw.metrics.ttft.labels(str(version)).observe(
+                            time.perf_counter() - started
+                        )
+                    if chunk.endswith(DONE):
+                        if head := chunk[: -len(DONE)]:
+                            yield head
+                        yield self._trailer(version, generation, engine)
+                        yield DONE
+                    else:
+                        yield chunk
+            finally:
+                await upstream.aclose()
+                finish(200)
+                await done()
+
+        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _GuardedStream(
+            body_iter(), done, status_code=200, headers=headers, media_type="text/event-stream"
+        )
+
+    def _trailer(self, version: int | None, generation: int, engine: EngineHandle) -> bytes:
+        out = version_comment(version)
+        if engine.generation != generation:
+            out += changed_comment(version, engine.version)
+        return out
+
+    async def _send(
+        self, request: Request, path: str, body: bytes
+    ) -> tuple[EngineHandle, httpx.Response]:
+        """Send to the least-loaded engine in rotation; an engine that refuses the connection
+        goes out of rotation and the next one is tried (nothing reached the first one)."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
+        tried: list[str] = []
+        for _ in range(len(self.gw.pool.engines)):
+            try:
+                engine = self.gw.pool.pick()
+            except NoEngine as exc:
+                raise APIError(503, str(exc), "no_engine", headers={"Retry-After": "5"}) from exc
+            engine.inflight += 1
+            self.gw.metrics.engine_inflight.labels(engine.url).set(engine.inflight)
+            upstream_request = self.gw.pool.http.build_request(
+                request.method,
+                engine.url + path,
+                content=body or None,
+                headers=headers,
+                params=request.query_params,
+                timeout=httpx.Timeout(self.gw.settings.request_timeout_s, connect=5.0),
+            )
+            try:
+                return engine, await self.gw.pool.http.send(upstream_request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                engine.inflight -= 1
+                tried.append(engine.url)
+                self.gw.pool.mark_down(engine, f"connection failed: {exc}")
+                self.gw.sync.wake()
+            except httpx.HTTPError as exc:
+                engine.inflight -= 1
+                raise APIError(
+                    502, f"engine {engine.url} failed: {type(exc).__name__}: {exc}", "engine_error"
+                ) from exc
+        raise APIError(
+            503, f"no engine reachable (tried {', '.join(tried)})", "no_engine",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
+
+
+def _wants_stream(body: bytes) -> bool:
+    """Read only ``stream`` from the body; anything not a JSON object is refused here (the
+    engine would refuse it too, but a 400 from us is clearer than a proxied 4xx)."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise APIError(400, "request body must be a JSON object", "invalid_json")
+    return payload.get("stream") is True

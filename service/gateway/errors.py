@@ -1,0 +1,136 @@
+"""One error shape for every failure, OpenAI's: ``{"error": {"message", "type", "param",
+"code"}}``. OpenAI clients parse exactly this, so a bad patch or a missing token reads the same
+way as a bad completion request."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import LockError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+
+from roma_patch import PatchError
+from roma_service.registry import ActiveVersion, RegistryError, UnknownVersion
+
+log = logging.getLogger(__name__)
+
+# PatchError codes that are about size, not content.
+_TOO_LARGE = {"too_large"}
+
+
+class APIError(Exception):
+    """Raise anywhere in a route to answer ``status`` with the OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+
+def error_type(status: int) -> str:
+    """OpenAI's ``type`` field: invalid_request_error for 4xx, the status phrase otherwise."""
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return HTTPStatus(status).phrase.lower().replace(" ", "_") + "_error"
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status, headers=headers)
+
+
+def from_patch_error(exc: PatchError) -> APIError:
+    status = 413 if exc.code in _TOO_LARGE else 400
+    return APIError(status, exc.message, exc.code, exc.param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(PatchError)
+    async def _patch(_: Request, exc: PatchError) -> JSONResponse:
+        err = from_patch_error(exc)
+        return error_response(err.status, err.message, err.code, err.param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return error_response(exc.status_code, str(exc.detail), code, None, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+        param = ".".join(loc) or None
+        return error_response(400, f"{param or 'request'}: {first['msg']}", "invalid_value", param)
+
+    @app.exception_handler(UnknownVersion)
+    async def _unknown(_: Request, exc: UnknownVersion) -> JSONResponse:
+        return error_response(404, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(ActiveVersion)
+    async def _active(_: Request, exc: ActiveVersion) -> JSONResponse:
+        return error_response(409, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(RegistryError)
+    async def _registry(_: Request, exc: RegistryError) -> JSONResponse:
+        return error_response(409, exc.message, exc.code, exc.param)
+
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("registry unavailable", extra={"error": repr(exc)})
+        return error_response(
+            503,
+            f"the router registry (Redis) is unavailable: {exc}. Completions keep serving the "
+            "current version; retry control requests when Redis is back.",
+            "registry_unavailable",
+            headers={"Retry-After": "5"},
+        )
+
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+
+    @app.exception_handler(LockError)
+    async def _lock(_: Request, exc: LockError) -> JSONResponse:
+        return error_response(
+            503,
+            "another deploy holds the deploy lock; retry shortly",
+            "deploy_in_progress",
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")

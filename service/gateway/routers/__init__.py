@@ -1,0 +1,1 @@
+"""``/routers``: deploy, list, inspect, activate and delete router versions (admin token)."""

@@ -1,0 +1,62 @@
+"""The logic behind ``/routers``: thin over the registry (reads) and the deployer (swaps)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from roma_service.gateway.deployer import SwapResult
+from roma_service.gateway.routers.protocol import (
+    DeployResponse,
+    HistoryList,
+    SwapTimings,
+    VersionInfo,
+    VersionList,
+)
+from roma_service.gateway.state import Gateway
+from roma_service.gateway.timings import Timings
+from roma_service.gateway.upload import read_patch_upload
+
+
+class RoutersService:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    async def deploy(self, request: Request) -> DeployResponse:
+        timings = Timings()
+        with timings.phase("upload"):
+            data = await read_patch_upload(request, self.gw.settings.max_patch_bytes)
+        return self._response(await self.gw.deployer.deploy(data, timings))
+
+    async def activate(self, version: int) -> DeployResponse:
+        return self._response(await self.gw.deployer.activate(version, Timings()))
+
+    async def list(self) -> VersionList:
+        active = await self.gw.registry.active()
+        records = await self.gw.registry.list()
+        data = [VersionInfo(**r.model_dump(), active=r.version == active) for r in records]
+        return VersionList(active=active, data=data)
+
+    async def get(self, version: int) -> VersionInfo:
+        record = await self.gw.registry.get(version)
+        active = await self.gw.registry.active()
+        return VersionInfo(**record.model_dump(), active=version == active)
+
+    async def active(self) -> VersionInfo:
+        return await self.get(await self.gw.registry.active())
+
+    async def delete(self, version: int) -> None:
+        await self.gw.registry.delete(version)
+
+    async def history(self, limit: int) -> HistoryList:
+        return HistoryList(data=await self.gw.registry.history(limit))
+
+    def _response(self, result: SwapResult) -> DeployResponse:
+        return DeployResponse(
+            version=result.record.version,
+            id=result.record.id,
+            created=result.created,
+            changed=result.changed,
+            active=result.record.version,
+            engines=result.engines,
+            timings=SwapTimings.model_validate(result.timings),
+        )

@@ -1,0 +1,39 @@
+"""Everything one gateway holds, built once at start-up and kept on ``app.state.gateway``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from roma_service.gateway.deployer import Deployer
+from roma_service.gateway.engines import EnginePool
+from roma_service.gateway.gate import SwapGate
+from roma_service.gateway.sync import Synchroniser
+from roma_service.metrics import Metrics
+from roma_service.registry import Registry
+from roma_service.settings import Settings
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    metrics: Metrics
+    registry: Registry
+    pool: EnginePool
+    gate: SwapGate
+    deployer: Deployer
+    sync: Synchroniser
+
+    @classmethod
+    def build(cls, settings: Settings, redis_url: str, engine_urls: list[str]) -> Gateway:
+        metrics = Metrics()
+        registry = Registry.from_url(redis_url, settings.redis_prefix)
+        pool = EnginePool(engine_urls, metrics, settings.engine_timeout_s)
+        gate = SwapGate()
+        deployer = Deployer(pool, registry, gate, settings, metrics)
+        sync = Synchroniser(pool, registry, deployer, settings)
+        return cls(settings, metrics, registry, pool, gate, deployer, sync)
+
+    async def aclose(self) -> None:
+        await self.sync.stop()
+        await self.pool.aclose()
+        await self.registry.aclose()

@@ -1,0 +1,132 @@
+"""Keeping engines in step with Redis, in the background of each gateway.
+
+* start-up: learn the base routers from the engines, record them as version 0, give every
+  engine the active version; until then ``/ready`` is 503 and completions are refused.
+* events: another gateway's activation names the engines it verified; those shared engines are
+  marked as holding the new version at once (so a response spanning the change is flagged), then
+  a reconcile double-checks.
+* reconcile, every ``ROMA_RECONCILE_INTERVAL_S`` and after each event: engines that restarted
+  or started late are given the active version before they re-enter rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from roma_service.engine.errors import EngineError
+from roma_service.gateway.deployer import REDIS_DOWN, Deployer
+from roma_service.gateway.engines import EnginePool
+from roma_service.registry import BaseMismatch, Registry
+from roma_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Synchroniser:
+    def __init__(
+        self, pool: EnginePool, registry: Registry, deployer: Deployer, settings: Settings
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.deployer = deployer
+        self.settings = settings
+        self.started = asyncio.Event()
+        self.problem: str | None = "starting"
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run(), name="roma-reconcile"),
+            asyncio.create_task(self._listen(), name="roma-events"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        await self._start_up()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
+            self._wake.clear()
+            try:
+                await self.deployer.reconcile(wait_s=1.0)
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def _start_up(self) -> None:
+        """Retry until the base routers are recorded and the engines hold the active version."""
+        delay = 0.5
+        while True:
+            try:
+                await self._learn_base()
+                if await self.deployer.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
+                    self.problem = None
+                    self.started.set()
+                    log.info("gateway in step", extra={"engines": self.pool.describe()})
+                    return
+            except BaseMismatch as exc:
+                self.problem = exc.message
+                log.error("refusing to serve", extra={"error": exc.message})
+            except (EngineError, *REDIS_DOWN) as exc:
+                self.problem = f"waiting for engines and Redis: {exc}"
+            except Exception as exc:  # keep trying; /ready says why
+                self.problem = f"start-up failed: {type(exc).__name__}: {exc}"
+                log.exception("start-up step failed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+
+    async def _learn_base(self) -> None:
+        if self.pool.base is not None:
+            return
+        errors = []
+        for engine in self.pool.engines:
+            try:
+                base = await engine.client.base_routers()
+            except EngineError as exc:
+                errors.append(f"{engine.url}: {exc}")
+                continue
+            await self.registry.record_base(base)
+            self.pool.base = base
+            return
+        raise EngineError("no engine answered yet (" + "; ".join(errors) + ")")
+
+    async def _listen(self) -> None:
+        """Follow the registry's events; reconnect (with back-off) whenever Redis goes away."""
+        await self.started.wait()
+        delay = 0.5
+        while True:
+            try:
+                async for event in self.registry.events():
+                    delay = 0.5
+                    self._on_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event stream lost; reconnecting", extra={"error": repr(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            self.wake()  # anything may have changed while we were not listening
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("type") != "activated" or event.get("by") == self.settings.gateway_id:
+            return
+        version = int(event["version"])
+        verified = event.get("engines") or []
+        verified = verified if isinstance(verified, list) else []
+        shared = [e for e in self.pool.engines if e.url in verified and e.healthy]
+        log.info("activation by another gateway", extra={"version": version, "by": event["by"]})
+        self.pool.set_active(version)
+        for engine in shared:
+            self.pool.set_held(engine, version)
+        self.wake()  # the reconcile that follows fetches the blob and checks every engine
