@@ -28,7 +28,8 @@ async def test_base_routers_are_the_checkpoints(engine: RunningEngine) -> None:
     async with engine.client() as client:
         assert await client.healthy()
         base = await client.base_routers()
-    expected = BaseRouters.from_raw(str(engine.model_dir), read_checkpoint_routers(engine.model_dir))
+    checkpoint = read_checkpoint_routers(engine.model_dir)
+    expected = BaseRouters.from_raw(str(engine.model_dir), checkpoint)
     assert base == expected
 
 
@@ -58,7 +59,7 @@ async def test_patched_outputs_equal_transformers_then_base_again(engine: Runnin
 
         base = await client.apply(None, 0)
         assert base.verified and base.version == 0
-        assert base.checksums == {n: s.sha256 for n, s in (await client.base_routers()).specs.items()}
+        assert base.checksums == await _base_checksums(engine)
         assert engine_greedy(engine.url, model_dir, prompts) == base_hf
 
 
