@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field
+
 from roma_patch import BaseRouters
 from roma_service.engine.errors import (
     EngineError,

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from roma_service.engine.routers import RouterTable
     from torch.utils.hooks import RemovableHandle
+
+    from roma_service.engine.routers import RouterTable
 
 
 class ExpertLoad:

@@ -30,6 +30,7 @@ from typing import IO, Literal
 
 import httpx
 from pydantic import BaseModel, Field
+
 from roma_service.engine.errors import EngineStartError
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,10 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-            # Workers may outlive the server for a moment: end whatever is left of the group.
+            # Workers may outlive the server for a moment: end whatever is left of the group,
+            # and wait until it is gone so that callers can rely on the cores being free.
             _signal_group(proc.pid, signal.SIGKILL)
+            _wait_group_gone(proc.pid, timeout_s=10.0)
         finally:
             if self._log is not None:
                 self._log.close()
@@ -262,6 +265,24 @@ class EngineProcess:
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _group_alive(pgid):
+        log.warning("engine process group %s still has processes after SIGKILL", pgid)
 
 
 def start_engine(model: str, extra_args: Sequence[str] = (), **options: object) -> EngineProcess:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from roma_patch import BaseRouters, Patch, PatchError, RawTensor, validate_patch
 from roma_service.engine.swap import StagedSwap, commit_all, stage
-from torch import nn
 
 # vLLM's module path of a router; multimodal wrappers may prefix it (language_model.model...).
 ROUTER_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
