@@ -1,0 +1,158 @@
+"""The gateway in front of a real vLLM engine (CPU) and a real Redis: deploys change greedy
+outputs exactly as transformers predicts, rollback restores them, streaming and the openai client
+work unchanged, and each response names its router version."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from roma_service.registry import LocalRedis
+from tests.fixtures.engine import RunningEngine
+from tests.service.gateway_support import (
+    ALL_LAYERS,
+    AUTH,
+    PROMPT_IDS,
+    gateway_settings,
+    greedy,
+    hf_greedy,
+    make_patch,
+    model_id,
+    patched_routers,
+    running_gateway,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
+
+
+@pytest.fixture
+def base_routers_after(engine: RunningEngine) -> Iterator[None]:
+    """The engine is shared by the session: leave it on the base routers."""
+    yield
+    engine.reset()
+
+
+async def test_deploy_matches_transformers_and_rollback_restores_base(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        base_expected = hf_greedy(tiny_olmoe)
+        patched_expected = hf_greedy(tiny_olmoe, patched_routers(tiny_olmoe, ALL_LAYERS, seed=1))
+        assert base_expected != patched_expected, "the test patch must change greedy output"
+
+        tokens, response = await greedy(gw)
+        assert tokens == base_expected
+        assert response.headers["X-Router-Version"] == "0"
+
+        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=1)
+        deployed = await gw.post("/routers", headers=AUTH, files={"patch": patch})
+        assert deployed.status_code == 201, deployed.text
+        body = deployed.json()
+        assert body["version"] == 1 and body["created"] and body["engines"] == [engine_url]
+        for phase in ("upload", "validate", "store", "apply", "verify", "total"):
+            assert body["timings"][phase] >= 0.0
+        assert body["timings"]["apply"] > 0.0 and body["timings"]["verify"] > 0.0
+
+        tokens, response = await greedy(gw)
+        assert tokens == patched_expected
+        assert response.headers["X-Router-Version"] == "1"
+
+        listing = (await gw.get("/routers", headers=AUTH)).json()
+        assert listing["active"] == 1
+        assert [(v["version"], v["active"]) for v in listing["data"]] == [(0, False), (1, True)]
+        assert (await gw.get("/routers/active", headers=AUTH)).json()["version"] == 1
+
+        rolled = await gw.post("/routers/0/activate", headers=AUTH)
+        assert rolled.status_code == 200, rolled.text
+        tokens, response = await greedy(gw)
+        assert tokens == base_expected
+        assert response.headers["X-Router-Version"] == "0"
+
+        forward = await gw.post("/routers/1/activate", headers=AUTH)
+        assert forward.status_code == 200 and forward.json()["changed"]
+        assert (await greedy(gw))[0] == patched_expected
+
+        # The same bytes again: the existing version, nothing new stored.
+        again = await gw.post("/routers", headers=AUTH, content=patch)
+        assert again.status_code == 200 and again.json()["version"] == 1
+        assert not again.json()["created"] and not again.json()["changed"]
+        history = (await gw.get("/routers/history", headers=AUTH)).json()["data"]
+        assert [(h["version"], h["previous"]) for h in history] == [(1, 0), (0, 1), (1, 0)]
+
+
+async def test_streaming_passes_through_and_carries_the_version(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        await gw.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=2))
+        expected, _ = await greedy(gw, n=12)
+        request = {
+            "model": await model_id(gw),
+            "prompt": PROMPT_IDS,
+            "max_tokens": 12,
+            "min_tokens": 12,
+            "temperature": 0.0,
+            "stream": True,
+            "return_token_ids": True,
+        }
+        async with gw.stream("POST", "/v1/completions", json=request) as response:
+            assert response.status_code == 200
+            assert response.headers["X-Router-Version"] == "1"
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in response.aiter_lines() if line]
+        data = [line for line in lines if line.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"
+        assert len(data) >= 12  # one event per token: nothing was buffered into one blob
+        assert ": x-router-version 1" in lines
+        assert not any("x-router-version-changed" in line for line in lines)
+        chunks = [json.loads(line.removeprefix("data: ")) for line in data[:-1]]
+        streamed = [t for chunk in chunks for t in chunk["choices"][0]["token_ids"]]
+        assert streamed == expected
+
+
+async def test_openai_client_works_unchanged(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        client = openai.AsyncOpenAI(base_url=f"{gw.base_url}/v1", api_key="unused")
+        try:
+            models = await client.models.list()
+            model = models.data[0].id
+            raw = await client.completions.with_raw_response.create(
+                model=model, prompt="The quick brown", max_tokens=5, temperature=0.0
+            )
+            assert raw.headers["X-Router-Version"] == "0"
+            completion = raw.parse()
+            assert completion.choices[0].text and completion.usage.completion_tokens == 5
+            stream = await client.completions.create(
+                model=model, prompt="The quick brown", max_tokens=5, temperature=0.0, stream=True
+            )
+            text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+            assert text == completion.choices[0].text
+        finally:
+            await client.close()
+
+
+async def test_metrics_count_requests_and_deploys_per_version(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        await greedy(gw)
+        await gw.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=3))
+        await greedy(gw)
+        text = (await gw.get("/metrics")).text
+        for version in (0, 1):
+            labels = f'route="completions",router_version="{version}",status="200"'
+            assert f"roma_requests_total{{{labels}}} 1.0" in text
+        assert 'roma_deploys_total{kind="deploy",outcome="ok"} 1.0' in text
+        assert f'roma_engine_router_version{{engine="{engine_url}"}} 1.0' in text
+        assert "roma_active_router_version 1.0" in text
+        assert 'roma_deploy_latency_seconds_count{phase="apply"} 1.0' in text
