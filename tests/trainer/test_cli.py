@@ -87,6 +87,7 @@ def invoke(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(app, list(args), env=env)
 
 
+@pytest.mark.slow
 def test_train_push_eval_end_to_end(
     tiny_olmoe: Path, small_data: Path, tmp_path: Path, gateway: tuple[str, list[bytes]]
 ) -> None:
@@ -145,6 +146,7 @@ def test_push_errors_are_clear(
         push_patch(bogus, url, token="")
 
 
+@pytest.mark.slow
 def test_train_push_failure_exits_1_and_keeps_the_patch(
     tiny_olmoe: Path, small_data: Path, tmp_path: Path
 ) -> None:

@@ -21,6 +21,8 @@ from roma_trainer.data import data_fingerprint, load_jsonl
 from roma_trainer.recipe import RomaRecipe
 from roma_trainer.routers import router_name
 
+pytestmark = pytest.mark.slow  # every test here trains (seconds each on 2 cores)
+
 SAMPLE_FILE = Path(__file__).parents[2] / "trainer" / "data" / "sample.jsonl"
 PROBE = torch.tensor([[5, 17, 42, 99, 100, 7, 250, 3, 64, 12]])
 
