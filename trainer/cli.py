@@ -72,6 +72,14 @@ def train(
         str | None,
         typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
     ] = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code",
+            help="Run the checkpoint's own modelling code (needed for DeepSeekMoE 16B).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Where to write the patch (default: router_patch.safetensors)."),
@@ -151,6 +159,7 @@ def train(
     overrides = dict(
         data=data,
         model=model,
+        trust_remote_code=trust_remote_code,
         out=out,
         objective=objective,
         neighbours=neighbours,
@@ -207,6 +216,9 @@ def eval_cmd(
         Path | None, typer.Option("--json", help="Also write the report here.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 32,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Run the checkpoint's own modelling code (DeepSeekMoE 16B).")
+    ] = False,
 ) -> None:
     """Accuracy per task and averaged over tasks (raw and length-normalised log-likelihood)."""
     from roma_trainer.apply import apply_patch
@@ -215,7 +227,7 @@ def eval_cmd(
 
     try:
         samples = load_samples(data)
-        loaded = load_model(model, dtype="auto")
+        loaded = load_model(model, dtype="auto", trust_remote_code=trust_remote_code)
         applied = apply_patch(loaded.model, patch, loaded.model_id) if patch else None
     except BAD_INPUT as exc:
         fail(f"{patch}: {exc}" if isinstance(exc, PatchError) else str(exc))

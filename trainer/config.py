@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="HF model id or path; None = the embedded default")
+    trust_remote_code: bool = Field(
+        False, description="run the checkpoint's own modelling code (DeepSeekMoE 16B needs it)"
+    )
     data: str | None = Field(None, description="JSONL path, or hf:NAME for a Hugging Face dataset")
     hf_config: str | None = None
     hf_split: str = "train"

@@ -37,18 +37,27 @@ def resolve_model(model: str | Path | None) -> str:
     return str(model)
 
 
-def load_model(model: str | Path | None, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def load_model(
+    model: str | Path | None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load in the checkpoint's dtype, fingerprint its routers, then cast to ``dtype``.
 
     Fingerprinting before the cast matters: the patch's ``base_fingerprint`` must equal what
-    the gateway computes from the checkpoint files, byte for byte.
+    the gateway computes from the checkpoint files, byte for byte. ``trust_remote_code`` is
+    for checkpoints whose architecture transformers lacks (DeepSeekMoE 16B's
+    ``DeepseekForCausalLM``); its router is also ``model.layers.N.mlp.gate``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_id = resolve_model(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        net = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype="auto", trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {model_id!r}: {exc}") from exc
     routers = find_routers(net)

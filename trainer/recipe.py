@@ -74,7 +74,9 @@ class RomaRecipe:
         self.answers = torch.tensor([s.answer for s in self.samples])
 
         # model: select the routers, freeze everything else
-        self.loaded: LoadedModel = load_model(cfg.model, cfg.dtype, cfg.device)
+        self.loaded: LoadedModel = load_model(
+            cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code
+        )
         self.model = self.loaded.model
         self.layers = select_layers(list(find_routers(self.model)), cfg.layers)
         self.params = freeze_all_but_routers(self.model, self.layers)
@@ -226,7 +228,9 @@ class RomaRecipe:
         """Write the router patch; returns its path."""
         path = Path(out or self.cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        hparams = self.cfg.model_dump(mode="json", exclude={"model", "data", "out"})
+        hparams = self.cfg.model_dump(
+            mode="json", exclude={"model", "data", "out", "trust_remote_code"}
+        )
         meta = PatchMeta(
             base_model=self.loaded.model_id,
             base_fingerprint=self.loaded.base.fingerprint(self.names),

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from roma_patch import BaseRouters, PatchError, read_checkpoint_routers, read_patch
+from roma_patch import (
+    BaseRouters,
+    PatchError,
+    read_checkpoint_routers,
+    read_patch,
+    validate_patch,
+)
 from roma_trainer.apply import apply_patch
 from roma_trainer.config import TrainConfig
 from roma_trainer.data import data_fingerprint, load_jsonl
+from roma_trainer.modeling import load_model
 from roma_trainer.recipe import RomaRecipe
 from roma_trainer.routers import router_name
 
@@ -197,6 +204,47 @@ def test_every_objective_trains_with_a_live_regulariser(
         assert all(part["reg"] > 0 for part in losses)
     if changes.get("layers") == "all":
         assert recipe.layers == [0, 1, 2, 3, 4, 5]
+
+
+def test_deepseek_v3_round_trip(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path
+) -> None:
+    """V3 (sigmoid scoring, grouped top-k, e_score_correction_bias): same guarantees."""
+    path = tiny_models["deepseek_v3"]
+    recipe = train(
+        config(path, small_data, tmp_path / "v3.safetensors", max_steps=2, layers="last2")
+    )
+    fresh = AutoModelForCausalLM.from_pretrained(path).eval()
+    base_state = {n: t.clone() for n, t in fresh.state_dict().items()}
+    with torch.no_grad():
+        apply_patch(fresh, recipe.cfg.out, str(path))
+        assert torch.equal(fresh(input_ids=PROBE).logits, recipe.model(input_ids=PROBE).logits)
+    changed = {n for n, t in recipe.model.state_dict().items() if not torch.equal(t, base_state[n])}
+    assert changed == {router_name(4), router_name(5)}
+
+
+def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """Real MoE checkpoints are bf16: train in float32, store the patch in the base dtype."""
+    bf16_dir = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_olmoe).to(torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(tiny_olmoe).save_pretrained(bf16_dir)
+    cfg = config(
+        bf16_dir, small_data, tmp_path / "p.safetensors", objective="ce", max_steps=2, lr=0.05
+    )
+    recipe = train(cfg)
+    assert recipe.model.dtype == torch.float32
+    patch = read_patch(cfg.out)
+    assert {t.dtype for t in patch.tensors.values()} == {"BF16"}
+    checkpoint = BaseRouters.from_raw(str(bf16_dir), read_checkpoint_routers(bf16_dir))
+    validate_patch(patch, checkpoint)
+    served = load_model(bf16_dir).model  # loaded as stored: bf16
+    apply_patch(served, patch)
+    for layer, weight in zip(recipe.layers, recipe.params, strict=True):
+        live = dict(served.named_parameters())[router_name(layer)]
+        assert live.dtype == torch.bfloat16
+        assert torch.equal(live, weight.detach().to(torch.bfloat16))
 
 
 def test_lambda_warmup_is_linear(tiny_olmoe: Path, small_data: Path, tmp_path: Path) -> None:

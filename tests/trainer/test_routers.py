@@ -29,22 +29,21 @@ SAMPLES = [
 MOE_LAYERS = {
     "olmoe": [0, 1, 2, 3, 4, 5],
     "qwen3_moe": [0, 1, 2, 3, 4, 5],
-    "deepseek_v2": [1, 2, 3, 4, 5],
+    "deepseek_v2": [1, 2, 3, 4, 5],  # first_k_dense_replace=1: layer 0 is a dense MLP
+    "deepseek_v3": [1, 2, 3, 4, 5],
 }
-
-
-def family_of(path: Path) -> str:
-    return path.name
+ALL_FAMILIES = list(MOE_LAYERS)
 
 
 def load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_find_routers_names_every_moe_layer(tiny_model: Path) -> None:
-    model, _ = load(tiny_model)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_find_routers_names_every_moe_layer(tiny_models: dict[str, Path], family: str) -> None:
+    model, _ = load(tiny_models[family])
     routers = find_routers(model)
-    assert list(routers) == MOE_LAYERS[family_of(tiny_model)]
+    assert list(routers) == MOE_LAYERS[family]
     params = dict(model.named_parameters())
     for layer, module in routers.items():
         assert params[router_name(layer)] is module.weight
@@ -74,9 +73,10 @@ def test_select_layers_errors(spec, words: str) -> None:
         select_layers([1, 2, 3, 4, 5], spec)
 
 
-def test_capture_equals_the_routers_own_logits(tiny_model: Path) -> None:
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_capture_equals_the_routers_own_logits(tiny_models: dict[str, Path], family: str) -> None:
     """r from the pre-hook == softmax of what each gate itself computes, at the chosen token."""
-    model, tok = load(tiny_model)
+    model, tok = load(tiny_models[family])
     layers = find_routers(model)
     seen: dict[int, torch.Tensor] = {}
     handles = [
@@ -100,9 +100,12 @@ def test_capture_equals_the_routers_own_logits(tiny_model: Path) -> None:
     assert torch.allclose(scores.routing.sum(-1), torch.ones(3, len(layers)), atol=1e-6)
 
 
-def test_manifold_term_alone_reaches_every_tuned_router_and_nothing_else(tiny_model: Path) -> None:
-    model, tok = load(tiny_model)
-    moe = MOE_LAYERS[family_of(tiny_model)]
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_manifold_term_alone_reaches_every_tuned_router_and_nothing_else(
+    tiny_models: dict[str, Path], family: str
+) -> None:
+    model, tok = load(tiny_models[family])
+    moe = MOE_LAYERS[family]
     tuned = moe[-3:]  # leave some routers untuned to see that they get nothing
     trainable = freeze_all_but_routers(model, tuned)
     assert [p.shape for p in trainable] == [(8, 128)] * 3
