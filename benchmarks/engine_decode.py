@@ -1,0 +1,114 @@
+"""Decode throughput of one engine with a router patch active vs the base routers (goal: ratio
+>= 0.99, i.e. a patch costs nothing per token), and the cost of the opt-in expert-load counters.
+
+All modes run on the SAME engine, interleaved round by round (the order rotates each round), so
+machine noise hits every mode alike; the table reports medians over rounds, the ratio of medians
+to base, and the median of same-round ratios (robust to drifting load).
+
+    python benchmarks/engine_decode.py                      # tiny OLMoE, 5 rounds
+    python benchmarks/engine_decode.py --rounds 9 --streams 16 --max-tokens 256
+    python benchmarks/engine_decode.py --model /path/to/checkpoint
+
+Each measurement: ``--streams`` concurrent completions of ``--max-tokens`` tokens each (EOS
+ignored, greedy), tokens counted from the engine's usage, over the wall time of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import httpx
+import typer
+from engine_setup import median, patches, serving
+from rich.console import Console
+from rich.table import Table
+
+from roma_service.engine.client import EngineClient
+
+app = typer.Typer(add_completion=False)
+PROMPT = "Mixture of experts routes each token to a few experts with a tiny linear router."
+
+
+async def batch(url: str, model: str, streams: int, max_tokens: int) -> float:
+    """Generated tokens per second for ``streams`` concurrent completions."""
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    async with httpx.AsyncClient(base_url=url, timeout=600.0) as http:
+        started = time.perf_counter()
+        responses = await asyncio.gather(
+            *(http.post("/v1/completions", json=body) for _ in range(streams))
+        )
+        elapsed = time.perf_counter() - started
+    tokens = 0
+    for response in responses:
+        response.raise_for_status()
+        tokens += response.json()["usage"]["completion_tokens"]
+    return tokens / elapsed
+
+
+async def measure(
+    url: str, model: str, patch: bytes, modes: list[str], rounds: int, streams: int, n: int
+) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {mode: [] for mode in modes}
+    async with EngineClient(url) as client:
+        await batch(url, model, streams, n)  # warm-up
+        for r in range(rounds):
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                if mode == "base":
+                    await client.apply(None, 0)
+                else:
+                    await client.apply(patch, 1)
+                await client.expert_load("enable" if mode.endswith("load") else "disable")
+                await client.reset_prefix_cache()
+                results[mode].append(await batch(url, model, streams, n))
+        await client.expert_load("disable")
+    return results
+
+
+@app.command()
+def main(
+    model: Annotated[str | None, typer.Option(help="checkpoint dir (default: tiny OLMoE)")] = None,
+    hidden: int = 128,
+    experts: int = 8,
+    layers: int = 6,
+    rounds: int = 5,
+    streams: int = 8,
+    max_tokens: int = 128,
+    expert_load: Annotated[bool, typer.Option(help="also measure the expert counters")] = True,
+) -> None:
+    modes = ["base", "patch"] + (["patch+expert-load"] if expert_load else [])
+    with serving(model, hidden, experts, layers, max_num_seqs=max(streams, 1)) as (engine, md):
+        patch = patches(md, 1)[0]
+        results = asyncio.run(
+            measure(engine.url, str(md), patch, modes, rounds, streams, max_tokens)
+        )
+
+    base = median(results["base"])
+    table = Table(
+        title=f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
+    )
+    for column in ("mode", "median tok/s", "min", "max", "ratio to base", "paired ratio"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    for mode in modes:
+        values = results[mode]
+        table.add_row(
+            mode,
+            f"{median(values):.1f}",
+            f"{min(values):.1f}",
+            f"{max(values):.1f}",
+            f"{median(values) / base:.3f}",
+            # Same-round pairs cancel slow drifts in machine load.
+            f"{median([v / b for v, b in zip(values, results['base'], strict=True)]):.3f}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()
