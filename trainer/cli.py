@@ -188,7 +188,11 @@ def train(
 
     patch = read_patch(path)
     metrics = patch.meta.metrics
-    console.print(f"patch [bold]{path}[/] id {patch.id} layers {patch.layers}", highlight=False)
+    console.print(
+        f"patch [bold]{path}[/] id {patch.id} layers {patch.layers}",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(
         f"train acc {metrics['train_acc_before']:.3f} -> {metrics['train_acc_after']:.3f}, "
         f"CE {metrics['train_ce_before']:.4f} -> {metrics['train_ce_after']:.4f}",
@@ -199,7 +203,7 @@ def train(
             answer = push_patch(path, push)
         except PushError as exc:
             fail(f"{exc} (the patch is saved at {path})", code=1)
-        console.print(f"pushed to {push}: {json.dumps(answer)}", highlight=False)
+        console.print(f"pushed to {push}: {json.dumps(answer)}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

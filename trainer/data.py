@@ -116,16 +116,12 @@ def samples_from_rows(
             answer = labels.index(answer)
         elif isinstance(answer, str) and answer.strip().isdigit():
             answer = int(answer)
-        record = {
-            "task": task,
-            "prompt": columns.prompt_template.format(prompt=prompt)
-            if isinstance(prompt, str)
-            else prompt,
-            "choices": [columns.choice_prefix + c if isinstance(c, str) else c for c in choices]
-            if isinstance(choices, Sequence) and not isinstance(choices, str)
-            else choices,
-            "answer": answer,
-        }
+        if isinstance(prompt, str):
+            prompt = columns.prompt_template.format(prompt=prompt)
+        if isinstance(choices, list):
+            choices = [columns.choice_prefix + c if isinstance(c, str) else c for c in choices]
+        # parse_sample checks the mapped values exactly as it checks a JSONL line
+        record = {"task": task, "prompt": prompt, "choices": choices, "answer": answer}
         samples.append(parse_sample(record, where))
     if not samples:
         raise DataError(f"{name}[0]", "the dataset split holds no samples")
