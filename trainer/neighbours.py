@@ -63,6 +63,20 @@ class Neighbours:
         return (self.index >= 0).sum(dim=1)
 
 
+def _distances(emb: np.ndarray, members: np.ndarray, rows: slice) -> np.ndarray:
+    """Euclidean distances of ``emb[rows]`` to ``emb[members]``, self-pairs set to inf.
+
+    ``|a|^2 + |b|^2 - 2ab`` per block of rows keeps memory at ``rows x |S|`` (not
+    ``N x |S| x D``), so tens of thousands of samples are fine.
+    """
+    block, targets = emb[rows], emb[members]
+    sq = (block**2).sum(1)[:, None] + (targets**2).sum(1)[None, :] - 2.0 * block @ targets.T
+    dist = np.sqrt(np.maximum(sq, 0.0))
+    ids = np.arange(rows.start, rows.stop)
+    dist[members[None, :] == ids[:, None]] = np.inf  # never your own neighbour
+    return dist
+
+
 def find_neighbours(
     embeddings: np.ndarray,
     success: Sequence[int],
@@ -71,37 +85,31 @@ def find_neighbours(
     eps: float = 0.5,
     sigma: float | None = None,
     seed: int = 0,
+    block_rows: int = 1024,
 ) -> Neighbours:
     """N(i) within ``success`` (indices into ``embeddings``) for every row of ``embeddings``."""
+    if mode not in ("knn", "eps", "random"):
+        raise ValueError(f"neighbours {mode!r}: use knn, eps or random")
     emb = np.asarray(embeddings, dtype=np.float64)
     members = np.asarray(list(success), dtype=np.int64)
     n = emb.shape[0]
     chosen: list[np.ndarray] = []  # positions into `members`
     dists: list[np.ndarray] = []
-    if len(members):
-        diff = emb[:, None, :] - emb[None, members, :]
-        dist = np.sqrt(np.maximum((diff**2).sum(-1), 0.0))  # [N, M]
-        dist[members[None, :] == np.arange(n)[:, None]] = np.inf  # never your own neighbour
     rng = np.random.default_rng(seed)
-    for i in range(n):
-        if not len(members):
-            chosen.append(np.empty(0, dtype=np.int64))
-            dists.append(np.empty(0))
-            continue
-        row = dist[i]
-        allowed = np.flatnonzero(np.isfinite(row))
-        if mode == "knn":
-            order = allowed[np.argsort(row[allowed], kind="stable")]
-            pick = order[:k]
-        elif mode == "eps":
-            pick = allowed[row[allowed] <= eps]
-            pick = pick[np.argsort(row[pick], kind="stable")]
-        elif mode == "random":
-            pick = rng.choice(allowed, size=min(k, len(allowed)), replace=False)
-        else:
-            raise ValueError(f"neighbours {mode!r}: use knn, eps or random")
-        chosen.append(pick)
-        dists.append(row[pick])
+    for start in range(0, n, block_rows):
+        rows = slice(start, min(start + block_rows, n))
+        block = _distances(emb, members, rows) if len(members) else np.empty((rows.stop - start, 0))
+        for row in block:
+            allowed = np.flatnonzero(np.isfinite(row))
+            if mode == "knn":
+                pick = allowed[np.argsort(row[allowed], kind="stable")][:k]
+            elif mode == "eps":
+                pick = allowed[row[allowed] <= eps]
+                pick = pick[np.argsort(row[pick], kind="stable")]
+            else:
+                pick = rng.choice(allowed, size=min(k, len(allowed)), replace=False)
+            chosen.append(pick.astype(np.int64))
+            dists.append(row[pick])
     all_d = np.concatenate(dists) if dists else np.empty(0)
     if sigma is None:
         median = float(np.median(all_d)) if all_d.size else 0.0

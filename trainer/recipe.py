@@ -106,6 +106,11 @@ class RomaRecipe:
                 emb, self.success, cfg.neighbours, cfg.k, cfg.eps, cfg.sigma, cfg.seed
             )
             counts = self.neighbours.count().float()
+            if not self.success:
+                log.warning(
+                    "the base model answers no training sample correctly: S is empty, "
+                    "so the manifold term is 0 and this run is plain CE"
+                )
             self.metrics.update(
                 sigma=self.neighbours.sigma,
                 mean_neighbours=counts.mean().item(),

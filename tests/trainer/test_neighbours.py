@@ -114,3 +114,13 @@ def test_minilm_embeddings_are_normalised_and_semantic() -> None:
     nb = find_neighbours(emb, [0, 1, 2], "knn", k=1)
     assert members(nb, 0) == [1]
     assert members(nb, 1) == [0]
+
+
+def test_row_blocks_do_not_change_the_result() -> None:
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(23, 5))
+    success = list(range(1, 23, 3))
+    whole = find_neighbours(emb, success, "knn", k=4)
+    blocked = find_neighbours(emb, success, "knn", k=4, block_rows=4)
+    assert torch.equal(whole.index, blocked.index)
+    assert torch.allclose(whole.weight, blocked.weight)
