@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from roma_patch import PatchMeta, write_patch
 from roma_trainer import objectives
-from roma_trainer.config import TrainConfig
+from roma_trainer.config import ConfigError, TrainConfig
 from roma_trainer.data import Sample, data_fingerprint, load_samples
 from roma_trainer.modeling import LoadedModel, load_model
 from roma_trainer.neighbours import Neighbours, embed, find_neighbours
@@ -66,7 +66,7 @@ class RomaRecipe:
 
         # data: validated before the (slow) model load, so bad data fails in a second
         if cfg.data is None:
-            raise ValueError("no training data: pass --data FILE.jsonl (or hf:NAME)")
+            raise ConfigError("no training data: pass --data FILE.jsonl (or hf:NAME)")
         self.samples: list[Sample] = load_samples(
             cfg.data, cfg.hf_config, cfg.hf_split, cfg.columns
         )
