@@ -79,6 +79,12 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.engine_requests = Counter(
+            "roma_engine_requests",
+            "Requests sent to each engine (how the load is spread).",
+            ["engine"],
+            registry=r,
+        )
         self.engine_inflight = Gauge(
             "roma_engine_inflight_requests",
             "Requests in flight per engine.",

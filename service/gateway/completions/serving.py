@@ -180,7 +180,9 @@ class CompletionsProxy:
                 timeout=httpx.Timeout(self.gw.settings.request_timeout_s, connect=5.0),
             )
             try:
-                return engine, await self.gw.pool.http.send(upstream_request, stream=True)
+                upstream = await self.gw.pool.http.send(upstream_request, stream=True)
+                self.gw.metrics.engine_requests.labels(engine.url).inc()
+                return engine, upstream
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 engine.inflight -= 1
                 tried.append(engine.url)

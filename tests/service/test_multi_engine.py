@@ -1,0 +1,171 @@
+"""Several engines and several gateways on one Redis (issue 6), with real vLLM engines.
+
+Gateway A spreads traffic over two engines; gateway C serves only the second engine; both share
+one Redis namespace. Deploys through A reach both engines and C learns of them; an engine
+killed during a deploy leaves Redis unchanged; a deploy while an engine is down goes to the
+others; the restarted engine is given the active version before any gateway sends it traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from roma_service.engine.client import EngineClient
+from roma_service.engine.process import EngineProcess
+from roma_service.registry import LocalRedis
+from tests.fixtures.engine import RunningEngine, start
+from tests.service.gateway_support import (
+    ALL_LAYERS,
+    AUTH,
+    PROMPT_IDS,
+    gateway_settings,
+    greedy,
+    make_patch,
+    model_id,
+    running_gateway,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
+
+
+@pytest.fixture
+def base_routers_after(engine: RunningEngine) -> Iterator[None]:
+    yield
+    engine.reset()
+
+
+@pytest.fixture(scope="module")
+def second_engine(
+    tiny_olmoe: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EngineProcess]:
+    """A second engine this module may kill and restart (same port)."""
+    process = start(tiny_olmoe, tmp_path_factory.mktemp("second-engine"))
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def _held(url: str) -> int | None:
+    async with EngineClient(url) as client:
+        return (await client.state()).version
+
+
+async def _until(predicate, timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _engine_requests(metrics: str, url: str) -> float:
+    match = re.search(rf'roma_engine_requests_total{{engine="{re.escape(url)}"}} (\S+)', metrics)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _engine_state(gw: httpx.AsyncClient, url: str) -> dict:
+    ready = (await gw.get("/ready")).json()
+    return next(e for e in ready["engines"] if e["url"] == url)
+
+
+async def test_engines_converge_and_survive_a_restart(
+    engine_url: str,
+    second_engine: EngineProcess,
+    tiny_olmoe: Path,
+    redis_server: LocalRedis,
+    redis_prefix: str,
+) -> None:
+    e1, e2 = engine_url, second_engine.url
+    settings_a = gateway_settings(redis_prefix, gateway_id="gw-a")
+    settings_c = gateway_settings(redis_prefix, gateway_id="gw-c")
+    async with (
+        running_gateway(settings_a, redis_server.url, [e1, e2]) as a,
+        running_gateway(settings_c, redis_server.url, [e2]) as c,
+    ):
+        # 1. A deploy through A reaches both engines; C learns of it through Redis.
+        v1 = await a.post(
+            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=31)
+        )
+        assert v1.status_code == 201 and sorted(v1.json()["engines"]) == sorted([e1, e2])
+        assert await _held(e1) == 1 and await _held(e2) == 1
+        tokens, _ = await greedy(a)
+
+        async def c_follows() -> bool:
+            return (await greedy(c))[1].headers["X-Router-Version"] == "1"
+
+        await _until(c_follows, what="gateway C to serve version 1")
+        assert (await greedy(c))[0] == tokens
+        assert (await c.get("/routers/active", headers=AUTH)).json()["version"] == 1
+
+        # 2. Traffic is spread over both engines.
+        await asyncio.gather(*(greedy(a) for _ in range(8)))
+        metrics = (await a.get("/metrics")).text
+        assert _engine_requests(metrics, e1) > 0 and _engine_requests(metrics, e2) > 0
+
+        # 3. The engine dies during a deploy (C drains a long stream on it, then it is killed):
+        #    the deploy fails, names the engine, and Redis is unchanged.
+        request = {"model": await model_id(c), "prompt": PROMPT_IDS, "max_tokens": 400,
+                   "min_tokens": 400, "temperature": 0.0, "stream": True}  # fmt: skip
+
+        async def long_stream() -> None:
+            try:
+                async with c.stream("POST", "/v1/completions", json=request) as response:
+                    async for _ in response.aiter_lines():
+                        pass
+            except httpx.HTTPError:
+                pass  # the engine is killed under it
+
+        stream = asyncio.create_task(long_stream())
+        await asyncio.sleep(0.5)
+        deploy = asyncio.create_task(
+            c.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=32))
+        )
+        await asyncio.sleep(0.3)
+        second_engine.kill()
+        failed = await deploy
+        await stream
+        assert failed.status_code in (502, 503), failed.text
+        listing = (await a.get("/routers", headers=AUTH)).json()
+        assert listing["active"] == 1 and [v["version"] for v in listing["data"]] == [0, 1]
+
+        # 4. With e2 down: C is not ready, A still serves from e1, and deploys go to e1 only.
+        async def e2_out_of_a() -> bool:
+            return not (await _engine_state(a, e2))["healthy"]
+
+        await _until(e2_out_of_a, what="gateway A to take e2 out of rotation")
+        await _until(lambda: _status(c, "/ready", 503), what="gateway C to report not ready")
+        assert (await greedy(a))[0] == tokens
+        v3 = await a.post(
+            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=33)
+        )
+        assert v3.status_code == 201 and v3.json()["engines"] == [e1], v3.text
+        version = v3.json()["version"]
+
+        # 5. e2 restarts with the checkpoint's routers; it is given the active version before
+        #    C reports ready, and before A puts it back in rotation.
+        second_engine.start()
+        await asyncio.to_thread(second_engine.wait_healthy)
+        await _until(lambda: _status(c, "/ready", 200), timeout_s=60, what="C ready again")
+        assert await _held(e2) == version
+        c_tokens, response = await greedy(c)
+        assert response.headers["X-Router-Version"] == str(version)
+        assert c_tokens == (await greedy(a))[0]
+
+        async def both_in_rotation() -> bool:
+            engines = (await a.get("/ready")).json()["engines"]
+            return all(e["in_rotation"] and e["version"] == version for e in engines)
+
+        await _until(both_in_rotation, timeout_s=60, what="both engines in A's rotation")
+
+
+async def _status(client: httpx.AsyncClient, path: str, status: int) -> bool:
+    return (await client.get(path)).status_code == status
