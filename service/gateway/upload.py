@@ -15,7 +15,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 def _too_large(limit: int, what: str) -> APIError:
-    return APIError(413, f"{what} is larger than the limit of {limit} bytes", "too_large", "patch")
+    param = "patch" if "patch" in what else None
+    return APIError(413, f"{what} is larger than the limit of {limit} bytes", "too_large", param)
 
 
 async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:

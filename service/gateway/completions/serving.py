@@ -206,6 +206,13 @@ def _wants_stream(body: bytes) -> bool:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from exc
+    except RecursionError as exc:
+        raise APIError(400, "request body is nested too deeply", "invalid_json") from exc
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
-    return payload.get("stream") is True
+    stream = payload.get("stream")
+    # The engine's pydantic model would coerce "yes" or 1 to true and stream, while we would
+    # not have read it as a stream: refuse anything but a JSON boolean.
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", "invalid_value", "stream")
+    return stream is True
