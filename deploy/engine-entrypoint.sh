@@ -22,9 +22,12 @@ set -- \
     --port "${ROMA_ENGINE_PORT:-8000}" \
     --worker-extension-cls "${ROMA_WORKER_EXTENSION:-roma_service.engine.extension.RouterExtension}" \
     --dtype "${ROMA_ENGINE_DTYPE:-auto}" \
-    --max-model-len "${ROMA_ENGINE_MAX_MODEL_LEN:-4096}" \
     "$@"
 
+# Unset = vLLM takes the model's own context length.
+if [ -n "${ROMA_ENGINE_MAX_MODEL_LEN:-}" ]; then
+    set -- "$@" --max-model-len "$ROMA_ENGINE_MAX_MODEL_LEN"
+fi
 if [ -n "${ROMA_ENGINE_GPU_MEMORY_UTILIZATION:-}" ]; then
     set -- "$@" --gpu-memory-utilization "$ROMA_ENGINE_GPU_MEMORY_UTILIZATION"
 fi

@@ -94,7 +94,7 @@ def test_vllm_accepts_the_command_line(tmp_path: Path) -> None:
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     assert args.model == "allenai/OLMoE-1B-7B-0924"
     assert args.worker_extension_cls == "roma_service.engine.extension.RouterExtension"
-    assert args.max_model_len == 4096
+    assert args.max_model_len is None  # the model's own context length
 
 
 def test_worker_extension_class_imports(tmp_path: Path) -> None:
@@ -116,3 +116,9 @@ def test_same_extension_as_the_embedded_launcher(tmp_path: Path) -> None:
 
     env = {k: v for k, v in resolved("gpu")["services"]["engine"]["environment"].items() if v}
     assert _flag(_argv(tmp_path, env), "--worker-extension-cls") == EXTENSION
+
+
+def test_context_length_only_when_set(tmp_path: Path) -> None:
+    assert "--max-model-len" not in _argv(tmp_path, {"ROMA_MODEL": "m"})
+    argv = _argv(tmp_path, {"ROMA_MODEL": "m", "ROMA_ENGINE_MAX_MODEL_LEN": "2048"})
+    assert _flag(argv, "--max-model-len") == "2048"
