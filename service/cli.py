@@ -12,12 +12,12 @@ import contextlib
 import logging
 import secrets
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import uvicorn
+from pydantic import SecretStr
 
 from roma_service.settings import Settings, SwapPolicy
 
@@ -80,7 +80,7 @@ def serve(
     configure_logging(settings.log_level, settings.log_json)
     if not settings.admin_token_value():
         token = secrets.token_urlsafe(24)
-        settings = settings.model_copy(update={"admin_token": token})
+        settings = settings.model_copy(update={"admin_token": SecretStr(token)})
         typer.secho(
             f"ROMA_ADMIN_TOKEN was not set; this run's admin token is:\n  {token}\n"
             f"(curl -H 'Authorization: Bearer {token}' http://{settings.host}:{settings.port}"
@@ -168,5 +168,5 @@ def _model(settings: Settings) -> str:
     return str(Path(default_model_dir()))
 
 
-def main() -> None:  # pragma: no cover - console-script convenience
-    sys.exit(app())
+if __name__ == "__main__":  # python -m roma_service.cli (same as the roma-serve script)
+    app()

@@ -272,6 +272,8 @@ class Deployer:
                 failures[engine.url] = f"read-back failed (max abs err {result.max_abs_err})"
         if failures:
             return failures, rejected
+        # What the workers themselves took (stage + commit), for the slowest engine.
+        timings.ms["engine_apply"] = max(r.apply_ms for r in applied)  # type: ignore[union-attr]
         with timings.phase("verify"):
             states = await asyncio.gather(
                 *(e.client.state() for e in targets), return_exceptions=True

@@ -162,6 +162,10 @@ async def test_bad_input_is_refused_and_changes_nothing(
         # Completions: not JSON, not an object; unknown routes and methods.
         _assert_error(await gw.post("/v1/completions", content=b"{nope"), 400, "invalid_json")
         _assert_error(await gw.post("/v1/completions", json=[1, 2]), 400, "invalid_json")
+        deep = b"[" * 30_000 + b"]" * 30_000
+        _assert_error(await gw.post("/v1/completions", content=deep), 400, "invalid_json")
+        streamy = {"model": "m", "prompt": "x", "stream": "yes"}
+        _assert_error(await gw.post("/v1/completions", json=streamy), 400, "invalid_value")
         _assert_error(await gw.get("/v1/nothing"), 404, "not_found")
         _assert_error(await gw.put("/routers", headers=AUTH), 405, "method_not_allowed")
         await unchanged()

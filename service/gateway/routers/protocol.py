@@ -22,8 +22,8 @@ class VersionList(BaseModel):
 class SwapTimings(BaseModel):
     """Milliseconds per phase: upload (reading the body), validate (format, names, shapes,
     dtype, finiteness, base fingerprint), store (Redis), lock (waiting for another deploy),
-    drain (in-flight requests finishing), apply (every engine), verify (fresh read-back from
-    every engine), activate (prefix-cache reset + active pointer), total."""
+    drain (in-flight requests finishing), apply (every engine, round trip), verify (fresh
+    read-back from every engine), activate (prefix-cache reset + active pointer), total."""
 
     upload: float = 0.0
     validate_: float = Field(0.0, alias="validate")
@@ -31,6 +31,9 @@ class SwapTimings(BaseModel):
     lock: float = 0.0
     drain: float = 0.0
     apply: float = 0.0
+    engine_apply: float = Field(
+        0.0, description="part of apply spent inside the engine's workers (stage + commit)"
+    )
     verify: float = 0.0
     activate: float = 0.0
     total: float = 0.0
