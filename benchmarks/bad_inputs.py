@@ -473,20 +473,6 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 
-# What is known about answers outside the expected set, by case name (printed under the table).
-WHY = {
-    "JSON nested 30 000 deep (under the size limit)": (
-        "`json.loads` in the completions proxy (`_wants_stream`) raises RecursionError, which "
-        "is not caught, so the gateway answers 500; it should answer 400 invalid_json."
-    ),
-    "stream = 'yes' (string, not bool)": (
-        "The proxy streams only when `stream is True`, but vLLM's pydantic model coerces "
-        "'yes' to true: the engine streams SSE, which the proxy then buffers as a plain "
-        "response (no end-of-stream version comment). The proxy should refuse a non-boolean "
-        "`stream` with 400, or read it the way the engine does."
-    ),
-}
-
 
 # --- running them ----------------------------------------------------------------------------
 
@@ -560,9 +546,7 @@ def markdown(results: list[Result], before: tuple[int, str], after: tuple[int, s
     if unexpected:
         lines += ["## Unexpected answers", ""]
         for r in unexpected:
-            why = WHY.get(r.case.name, "not analysed yet")
             lines.append(f"- **{r.case.name}** -> {r.answer.status}: {r.answer.detail[:160]}")
-            lines.append(f"  {why}")
         lines.append("")
     return "\n".join(lines)
 
