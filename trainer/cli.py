@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 
@@ -223,8 +224,19 @@ def eval_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Run the checkpoint's own modelling code (DeepSeekMoE 16B).")
     ] = False,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            help="Score through this served model's completions API (a roma-serve gateway or a "
+            "vLLM engine) instead of a local copy: measures what is served, with whatever router "
+            "version is active there. --model then only names the tokenizer; --patch is refused."
+        ),
+    ] = None,
 ) -> None:
     """Accuracy per task and averaged over tasks (raw and length-normalised log-likelihood)."""
+    if gateway:
+        _eval_remote(data, model, gateway, json_out, batch_size, patch)
+        return
     from roma_trainer.apply import apply_patch
     from roma_trainer.evaluate import HFBackend, evaluate, render, write_json
     from roma_trainer.modeling import load_model
@@ -243,5 +255,44 @@ def eval_cmd(
     }
     title = f"{Path(loaded.model_id).name}" + (f" + patch {applied.id[:12]}" if applied else "")
     render(report, title=title, console=console)
+    if json_out:
+        write_json(report, json_out)
+
+
+def _eval_remote(
+    data: str,
+    model: str | None,
+    url: str,
+    json_out: Path | None,
+    batch_size: int,
+    patch: Path | None,
+) -> None:
+    from transformers import AutoTokenizer
+
+    from roma_trainer.evaluate import evaluate, render, write_json
+    from roma_trainer.evaluate_remote import CompletionsBackend, RemoteScoringError
+    from roma_trainer.modeling import resolve_model
+
+    if patch is not None:
+        fail("--patch applies to a local model; deploy it to the gateway (POST /routers) instead")
+    try:
+        samples = load_samples(data)
+        model_id = resolve_model(model)
+        backend = CompletionsBackend(
+            url, AutoTokenizer.from_pretrained(model_id), batch_size=batch_size
+        )
+        report = evaluate(backend, samples)
+    except BAD_INPUT as exc:
+        fail(str(exc))
+    except (httpx.HTTPError, RemoteScoringError) as exc:
+        fail(f"scoring through {url} failed: {exc}", code=1)
+    report.extra = {
+        "model": model_id,
+        "data": data,
+        "gateway": url,
+        "router_versions": sorted(backend.router_versions),
+    }
+    versions = ",".join(sorted(backend.router_versions)) or "?"
+    render(report, title=f"{url} (router version {versions})", console=console)
     if json_out:
         write_json(report, json_out)

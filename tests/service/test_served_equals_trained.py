@@ -1,0 +1,110 @@
+"""Served equals trained (issue 5): a patch made by the real trainer, pushed with the trainer's
+own `--push` client to a real gateway in front of a real vLLM engine, scores the same through
+the gateway's completions API as it does offline in transformers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from roma_patch import read_patch
+from roma_service.registry import LocalRedis
+from roma_trainer.apply import apply_patch
+from roma_trainer.config import load_config
+from roma_trainer.data import load_samples
+from roma_trainer.evaluate import HFBackend, evaluate
+from roma_trainer.evaluate_remote import CompletionsBackend, completion_payload, parse_choice
+from roma_trainer.push import push_patch
+from roma_trainer.recipe import run
+from tests.fixtures.engine import RunningEngine
+from tests.service.gateway_support import ADMIN_TOKEN, gateway_settings, running_gateway
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
+
+SAMPLE_DATA = Path(__file__).parents[2] / "trainer" / "data" / "sample.jsonl"
+
+
+@pytest.fixture
+def base_routers_after(engine: RunningEngine) -> Iterator[None]:
+    yield
+    engine.reset()
+
+
+def test_parse_choice_sums_the_continuation_and_checks_greedy() -> None:
+    choice = {
+        "index": 0,
+        "logprobs": {
+            "token_logprobs": [None, -1.0, -0.5, -0.25],
+            "top_logprobs": [None, {"a": -1.0}, {"b": -0.1}, {"c": -0.25}],
+        },
+    }
+    result = parse_choice(choice, prompt_len=4, n_cont=2)
+    assert result.logprob == pytest.approx(-0.75)
+    assert result.n_tokens == 2
+    assert result.is_greedy is False  # token 2 lost to a -0.1 alternative
+    assert completion_payload("m", [[1, 2]])["echo"] is True
+
+
+async def test_trained_patch_scores_the_same_served_and_offline(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        None,
+        {
+            "model": str(tiny_olmoe),
+            "data": str(SAMPLE_DATA),
+            "out": str(tmp_path / "patch.safetensors"),
+            "objective": "manifold",
+            "layers": "last2",
+            "lr": 0.05,
+            "epochs": 1,
+            "seed": 0,
+        },
+    )
+    patch_path = await asyncio.to_thread(run, cfg)
+    patch = read_patch(patch_path)
+    samples = load_samples(str(SAMPLE_DATA))[:18]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_olmoe)
+    model = AutoModelForCausalLM.from_pretrained(tiny_olmoe, dtype=torch.float32).eval()
+    base_offline = evaluate(HFBackend(model, tokenizer), samples)
+    apply_patch(model, patch_path, str(tiny_olmoe))
+    offline_backend = HFBackend(model, tokenizer)
+    offline = evaluate(offline_backend, samples)
+
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        url = str(gw.base_url)
+        # Sync clients run in threads: the gateway serves from this same event loop.
+        served_backend = await asyncio.to_thread(CompletionsBackend, url, tokenizer)
+        base_served = await asyncio.to_thread(evaluate, served_backend, samples)
+        answer = await asyncio.to_thread(push_patch, patch_path, url, ADMIN_TOKEN)
+        assert answer["id"] == patch.id
+        served_backend.router_versions.clear()
+        served = await asyncio.to_thread(evaluate, served_backend, samples)
+        assert served_backend.router_versions == {str(answer["version"])}
+
+        requests = [(s.prompt, c) for s in samples for c in s.choices]
+        remote_scores = await asyncio.to_thread(served_backend.loglikelihood, requests)
+        served_backend.close()
+    local_scores = offline_backend.loglikelihood(requests)
+
+    # Per-choice log-likelihoods agree to float32 noise, so every argmax (accuracy) agrees too.
+    for remote, local in zip(remote_scores, local_scores, strict=True):
+        assert remote.n_tokens == local.n_tokens
+        assert remote.logprob == pytest.approx(local.logprob, abs=1e-3, rel=1e-4)
+    assert served.to_json() == offline.to_json()
+    assert base_served.to_json() == base_offline.to_json()
+    # The patch is really active on the served side: scores moved away from the base ones.
+    base_scores = [
+        r.logprob
+        for r in HFBackend(
+            AutoModelForCausalLM.from_pretrained(tiny_olmoe, dtype=torch.float32).eval(), tokenizer
+        ).loglikelihood(requests)
+    ]
+    assert max(abs(a - b.logprob) for a, b in zip(base_scores, remote_scores, strict=True)) > 1e-3
