@@ -115,7 +115,9 @@ def run(settings: Settings) -> int:
             gateway, host=settings.host, port=settings.port, log_config=None, access_log=False
         )
         server = uvicorn.Server(config)
-        return asyncio.run(_serve(server, engine))
+        # uvicorn's loop factory: uvloop when installed, as `uvicorn.run` would pick.
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            return runner.run(_serve(server, engine))
     finally:
         if engine is not None:
             engine.stop()

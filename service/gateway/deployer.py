@@ -1,11 +1,12 @@
 """Swaps: deploy a patch, activate a version, and reconcile engines with Redis.
 
 One swap, whatever started it, is: take the deploy lock (asyncio lock for this gateway + the
-Redis lock for every gateway) -> drain (``drain`` policy: the gateway's swap gate, then the
-engines' ``/pause?mode=wait`` for other gateways' traffic; ``immediate``: ``mode=keep``) ->
-apply to every reachable engine -> verify (a fresh read-back from each engine: every router's
-sha256 must be the patch's, or the base's for layers the patch leaves alone) -> reset the prefix
-cache (KV computed under the old routers is stale) -> move the active pointer in Redis (which
+Redis lock for every gateway) -> drain (``drain`` policy: the gateway's swap gate; and when
+other gateways are alive, the engines' ``/pause?mode=wait`` for their traffic) -> apply to every
+reachable engine (the engine runs it between two steps) -> verify (a fresh read-back from each
+engine: every router's sha256 must be the patch's, or the base's for layers the patch leaves
+alone) -> reset the prefix cache (KV computed under the old routers is stale; under
+``immediate`` running requests are recomputed) -> move the active pointer in Redis (which
 publishes the change) -> resume. If any engine fails, the engines that took the new version are
 put back on the previous one, Redis is left as it was, and the error names the engine.
 """
@@ -198,13 +199,14 @@ class Deployer:
                     except GateTimeout as exc:
                         headers = {"Retry-After": "5"}
                         raise APIError(503, str(exc), "drain_timeout", headers=headers) from exc
-            # Resume even if pausing failed half-way; resuming an unpaused engine is harmless.
-            stack.push_async_callback(self._all, targets, lambda e: e.client.resume(), False)
-            mode = "wait" if drain else "keep"
-            with timings.phase("drain"):
-                await self._all(
-                    targets, lambda e: e.client.pause(mode, self.settings.drain_timeout_s)
-                )
+            if drain and await self._other_gateways():
+                # Their requests are not behind our gate: the engines drain them (mode=wait).
+                # Resume even if pausing failed half-way; resuming an unpaused engine is fine.
+                stack.push_async_callback(self._all, targets, lambda e: e.client.resume(), False)
+                with timings.phase("drain"):
+                    await self._all(
+                        targets, lambda e: e.client.pause("wait", self.settings.drain_timeout_s)
+                    )
             try:
                 failures, rejected = await self._apply_all(targets, version, data, want, timings)
                 if not failures:
@@ -240,6 +242,14 @@ class Deployer:
                    "engines": [e.url for e in targets], "timings_ms": timings.total()},
         )  # fmt: skip
         return [e.url for e in targets]
+
+    async def _other_gateways(self) -> list[str]:
+        """Gateways sharing this Redis (their heartbeats); any of them may be sending traffic
+        to the same engines."""
+        try:
+            return await self.registry.peers(self.settings.gateway_id)
+        except REDIS_DOWN:
+            return ["unknown (Redis unavailable)"]
 
     async def _reset_cache(self, engine: EngineHandle, drain: bool) -> None:
         """Drop KV computed under the old routers. Under ``immediate`` frozen requests still

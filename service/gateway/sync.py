@@ -60,15 +60,23 @@ class Synchroniser:
                 await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
             self._wake.clear()
             try:
+                await self._heartbeat()
                 await self.deployer.reconcile(wait_s=1.0)
             except Exception:
                 log.exception("reconcile failed")
+
+    async def _heartbeat(self) -> None:
+        """Tell other gateways we are alive until a little after our next round."""
+        with contextlib.suppress(*REDIS_DOWN):
+            valid = self.settings.reconcile_interval_s * 3 + 2.0
+            await self.registry.heartbeat(self.settings.gateway_id, valid)
 
     async def _start_up(self) -> None:
         """Retry until the base routers are recorded and the engines hold the active version."""
         delay = 0.5
         while True:
             try:
+                await self._heartbeat()
                 await self._learn_base()
                 if await self.deployer.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
                     self.problem = None

@@ -13,6 +13,7 @@ key                      type     holds
 ``{p}:history``          stream   one entry per activation: version, previous, reason, by, at
 ``{p}:events``           pub/sub  a JSON event on every change (stored, activated, deleted...)
 ``{p}:lock:deploy``      string   the deploy lock shared by every gateway (redis-py Lock)
+``{p}:gateways``         zset     gateway id -> alive until (unix time), renewed each reconcile
 =======================  =======  ==============================================================
 
 Versions are allocated by a Lua script (atomic dedupe + INCR), so key names are built inside it:
@@ -64,3 +65,7 @@ class Keys:
     @property
     def deploy_lock(self) -> str:
         return f"{self.prefix}:lock:deploy"
+
+    @property
+    def gateways(self) -> str:
+        return f"{self.prefix}:gateways"

@@ -9,6 +9,7 @@ layout is documented in :mod:`roma_service.registry.keys`.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -236,6 +237,21 @@ class Registry:
         return out
 
     # --- coordination --------------------------------------------------------------------------
+    async def heartbeat(self, gateway_id: str, valid_s: float) -> None:
+        """Say that ``gateway_id`` is alive for the next ``valid_s`` seconds (see :meth:`peers`).
+        Each gateway states its own validity, so gateways may reconcile at different rates."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.gateways, {gateway_id: now + valid_s})
+            pipe.zremrangebyscore(self.keys.gateways, 0, now - 3600)
+            await pipe.execute()
+
+    async def peers(self, gateway_id: str) -> list[str]:
+        """Other gateways alive now. With none, nobody else can be sending traffic to the
+        engines, so a drain need not pause them."""
+        alive = await self.redis.zrangebyscore(self.keys.gateways, time.time(), "+inf")
+        return [g.decode() for g in alive if g.decode() != gateway_id]
+
     def deploy_lock(self, lease_s: float, wait_s: float) -> Lock:
         """The lock every gateway takes around a swap. The lease expires on its own if the
         holder dies, so a crashed gateway cannot block deploys forever."""

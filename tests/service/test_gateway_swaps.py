@@ -112,19 +112,29 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
 async def test_immediate_swaps_mid_stream_and_reports_it(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
+    """The deploy does not wait for the stream. Whether a given stream outlives the swap
+    depends on machine load, so up to 3 tries, each checked: a stream that outlived the swap
+    reports it."""
     settings = gateway_settings(redis_prefix, swap_policy="immediate")
+    spanned = 0
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        started = asyncio.Event()
-        stream = asyncio.create_task(_long_stream(gw, started))
-        await started.wait()
-        deploy = await gw.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=12)
-        )
-        deployed_at = time.monotonic()
-        result = await stream
-        assert deploy.status_code == 201, deploy.text
-        assert deployed_at < result["ended"], "the deploy did not wait for the stream"
-        assert result["version"] == "0"
-        assert ": x-router-version-changed 0->1" in result["comments"]
+        for attempt in range(3):
+            started = asyncio.Event()
+            stream = asyncio.create_task(_long_stream(gw, started))
+            await started.wait()
+            patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12 + attempt)
+            deploy = await gw.post("/routers", headers=AUTH, content=patch)
+            deployed_at = time.monotonic()
+            result = await stream
+            assert deploy.status_code == 201, deploy.text
+            assert result["version"] == str(attempt)
+            reported = f": x-router-version-changed {attempt}->{attempt + 1}" in result["comments"]
+            # Unreported only if the stream was over by the time the swap was (some slack: the
+            # 201 and the stream's last bytes race each other to the client).
+            assert reported or result["ended"] < deployed_at + 0.2, (result, deploy.json())
+            spanned += reported
+            if spanned:
+                break
+        assert spanned, "no stream outlived a deploy in 3 tries"
         metrics = (await gw.get("/metrics")).text
-        assert "roma_responses_spanning_swap_total 1.0" in metrics
+        assert f"roma_responses_spanning_swap_total {spanned:.1f}" in metrics

@@ -155,3 +155,11 @@ async def test_nothing_lost_when_redis_crashes(own_redis: LocalRedis, tiny_olmoe
         assert [h.version for h in await registry.history()] == [rec.version]
     finally:
         await registry.aclose()
+
+
+async def test_heartbeats_tell_which_other_gateways_are_alive(registry: Registry) -> None:
+    await registry.heartbeat("gw-a", valid_s=30)
+    await registry.heartbeat("gw-b", valid_s=30)
+    await registry.heartbeat("gw-gone", valid_s=-1)  # its validity already ran out
+    assert await registry.peers("gw-a") == ["gw-b"]
+    assert await registry.peers("gw-c") == ["gw-a", "gw-b"]

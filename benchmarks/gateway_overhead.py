@@ -1,0 +1,111 @@
+"""What the gateway costs: 16 concurrent streams straight to the engine vs through the gateway.
+
+    python benchmarks/gateway_overhead.py                 # tiny OLMoE on the CPU
+    python benchmarks/gateway_overhead.py --streams 16 --tokens 64 --rounds 4
+
+Both targets are measured side by side in one run, alternating (direct, gateway, direct, ...)
+so that load from anything else on the machine hits both alike. Per round: ``--streams``
+concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS ignored). Goals
+(issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token ratio <= 1.05.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Annotated
+
+import httpx
+import psutil
+import typer
+from engine_setup import percentile
+from gateway_stack import stack
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False)
+PROMPTS = ["The quick brown fox", "Question: what is 12 + 7? Answer:", "Mixture of experts"]
+
+
+async def one_stream(
+    client: httpx.AsyncClient, model: str, prompt: str, tokens: int
+) -> tuple[float, int]:
+    """(seconds to the first token, tokens received) of one streamed completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    start = time.perf_counter()
+    ttft = None
+    received = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                received += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+    return ttft or 0.0, received
+
+
+async def one_round(
+    url: str, model: str, streams: int, tokens: int
+) -> dict[str, float | list[float]]:
+    limits = httpx.Limits(max_connections=streams * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_stream(client, model, PROMPTS[i % len(PROMPTS)], tokens) for i in range(streams))
+        )
+        wall = time.perf_counter() - start
+    return {"tps": sum(n for _, n in results) / wall, "ttft": [t for t, _ in results]}
+
+
+@app.command()
+def main(
+    streams: Annotated[int, typer.Option(help="concurrent streams per round")] = 16,
+    tokens: Annotated[int, typer.Option(help="tokens per stream")] = 64,
+    rounds: Annotated[int, typer.Option(help="rounds per target (alternating)")] = 4,
+    model: Annotated[str | None, typer.Option(help="checkpoint dir (default: tiny OLMoE)")] = None,
+) -> None:
+    with stack(engines=1, model=model, max_num_seqs=streams) as s:
+        targets = {"direct": s.engines[0], "gateway": s.gateway}
+        asyncio.run(one_round(s.gateway, s.served_model, streams, 8))  # warm-up both paths
+        asyncio.run(one_round(s.engines[0], s.served_model, streams, 8))
+        measured: dict[str, list[dict]] = {name: [] for name in targets}
+        gateway_cpu = psutil.Process(s.gateway_pid)
+        cpu_s = 0.0
+        for _ in range(rounds):
+            for name, url in targets.items():
+                before = sum(gateway_cpu.cpu_times()[:2])
+                measured[name].append(asyncio.run(one_round(url, s.served_model, streams, tokens)))
+                if name == "gateway":
+                    cpu_s += sum(gateway_cpu.cpu_times()[:2]) - before
+
+    def summary(name: str) -> tuple[float, float, float]:
+        tps = statistics.median(r["tps"] for r in measured[name])
+        ttft = [t for r in measured[name] for t in r["ttft"]]
+        return tps, percentile(ttft, 50) * 1e3, percentile(ttft, 95) * 1e3
+
+    direct, gateway = summary("direct"), summary("gateway")
+    table = Table(title=f"{streams} concurrent streams x {tokens} tokens, {rounds} rounds each")
+    for column in ("target", "tokens/s (median round)", "TTFT p50 ms", "TTFT p95 ms"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for name, (tps, p50, p95) in (("direct", direct), ("gateway", gateway)):
+        table.add_row(name, f"{tps:.1f}", f"{p50:.1f}", f"{p95:.1f}")
+    table.add_row(
+        "gateway / direct",
+        f"{gateway[0] / direct[0]:.3f} (goal >= 0.97)",
+        f"{gateway[1] / direct[1]:.3f} (goal <= 1.05)",
+        f"{gateway[2] / direct[2]:.3f}",
+    )
+    Console().print(table)
+    per_stream = cpu_s / (rounds * streams) * 1e3
+    Console().print(
+        f"gateway process CPU: {per_stream:.1f} ms per stream of {tokens} tokens "
+        f"({per_stream / tokens:.3f} ms per token); on a machine whose cores the engine "
+        "already saturates, that CPU is taken from decoding."
+    )
+
+
+if __name__ == "__main__":
+    app()
