@@ -1,0 +1,49 @@
+"""Pretraining the benchmark model: deterministic, and the result is a loadable MoE checkpoint
+whose training text is tokenized exactly as the trainer scores it."""
+
+from __future__ import annotations
+
+from safetensors.torch import load_file
+
+from roma_trainer.bench.pretrain import PretrainConfig, encode, pretrain
+from roma_trainer.modeling import load_model
+from roma_trainer.routers import find_routers
+
+
+def tiny(out) -> PretrainConfig:
+    return PretrainConfig(
+        out=out,
+        steps=3,
+        warmup=1,
+        batch_size=8,
+        bucket=2,
+        layers=2,
+        experts=4,
+        hidden_size=64,
+        intermediate_size=32,
+        vocab_size=400,
+    )
+
+
+def test_pretraining_is_deterministic_and_loads(tmp_path) -> None:
+    a = pretrain(tiny(tmp_path / "a"))
+    b = pretrain(tiny(tmp_path / "b"))
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    assert all((ta[k] == tb[k]).all() for k in ta)
+    loaded = load_model(a, "float32")
+    assert list(find_routers(loaded.model)) == [0, 1]
+    assert loaded.model.config.num_experts == 4
+    assert (a / "pretrain.json").exists()
+
+
+def test_pretraining_sequences_match_the_trainer_tokenization(tmp_path) -> None:
+    from roma_trainer.scoring import encode_pairs
+
+    path = pretrain(tiny(tmp_path / "m"))
+    tok = load_model(path, "float32").tokenizer
+    prompt, answer = "Add 3 and 4. Answer:", "7"
+    enc = encode_pairs(tok, [(prompt, answer)])
+    ids = encode(tok, prompt, answer)
+    assert ids[:-1] == enc.input_ids[0].tolist()
+    assert ids[-1] == tok.eos_token_id

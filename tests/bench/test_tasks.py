@@ -1,0 +1,126 @@
+"""The benchmark's task generators: deterministic, well-formed, and the test split held out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from roma_trainer.bench import tasks
+from roma_trainer.data import load_samples
+
+FIELDS = {
+    "a": r"\d+",
+    "b": r"\d+",
+    "s": r"[a-p](?: [a-p])*",
+    "xs": r"\d+(?:,? \d+)*",
+    "seq": r"\d+(?: \d+)*",
+    "facts": r"(?:[A-Z][a-z]+ has the [a-z]+\.)(?: [A-Z][a-z]+ has the [a-z]+\.)*",
+    "obj": r"[a-z]+",
+    "text": r"[a-z]+(?: [a-z]+)*",
+}
+
+
+def frame_regex(frame: str) -> re.Pattern[str]:
+    """A regex matching any rendering of ``frame`` (any field values of the right kind, any
+    shared prefix and cue)."""
+    body = re.escape(frame)
+    body = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?:{FIELDS[m.group(1)]})", body)
+    prefixes = "|".join(re.escape(p) for p in tasks.PREFIXES if p)
+    cues = "|".join(re.escape(c) for c in tasks.CUES)
+    return re.compile(rf"^(?:(?:{prefixes}) )?{body} (?:{cues})$", re.S)
+
+
+def group_of(task: tasks.Task, prompt: str) -> set[str]:
+    return {
+        group
+        for group, frames in task.frames.items()
+        for frame in frames
+        if frame_regex(frame).match(prompt)
+    }
+
+
+def test_at_least_six_domains_with_disjoint_frame_groups() -> None:
+    assert len(tasks.TASKS) >= 6
+    for task in tasks.TASKS.values():
+        groups = [set(task.frames[g]) for g in ("pretrain", "adapt", "val", "test")]
+        assert all(groups), task.name
+        for i, a in enumerate(groups):
+            for b in groups[i + 1 :]:
+                assert not a & b, task.name
+
+
+def test_generators_are_deterministic() -> None:
+    for split in ("train", "val", "test"):
+        assert tasks.generate(split, 5, seed=3) == tasks.generate(split, 5, seed=3)
+    assert tasks.generate("test", 5, seed=3) != tasks.generate("test", 5, seed=4)
+    stream_a, stream_b = tasks.pretraining_pairs(1), tasks.pretraining_pairs(1)
+    assert [next(stream_a) for _ in range(50)] == [next(stream_b) for _ in range(50)]
+
+
+def test_samples_are_well_formed_and_load_in_the_trainer(tmp_path) -> None:
+    paths = tasks.write_splits(tmp_path, seed=0, n_train=10, n_val=4, n_test=6)
+    for split, path in paths.items():
+        samples = load_samples(path)  # the trainer's own validation
+        assert {s.task for s in samples} == set(tasks.TASKS)
+        for s in samples:
+            assert len(set(s.choices)) == len(s.choices) == tasks.TASKS[s.task].n_choices
+            assert 0 <= s.answer < len(s.choices)
+        assert len({s.prompt for s in samples}) == len(samples), f"repeated prompt in {split}"
+
+
+def test_test_split_is_disjoint_and_uses_only_held_out_frames() -> None:
+    train = tasks.generate("train", 40)
+    val = tasks.generate("val", 20)
+    test = tasks.generate("test", 30)
+    prompts = {
+        name: {s["prompt"] for s in split}
+        for name, split in (("train", train), ("val", val), ("test", test))
+    }
+    assert not prompts["test"] & prompts["train"]
+    assert not prompts["test"] & prompts["val"]
+    assert not prompts["val"] & prompts["train"]
+    expected = {"train": {"pretrain", "adapt"}, "val": {"val"}, "test": {"test"}}
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        for s in split:
+            groups = group_of(tasks.TASKS[s["task"]], s["prompt"])
+            assert groups and groups <= expected[name], (name, s["prompt"], groups)
+    # Every held-out test frame is actually used.
+    used = {
+        (s["task"], f)
+        for s in test
+        for f in tasks.TASKS[s["task"]].frames["test"]
+        if frame_regex(f).match(s["prompt"])
+    }
+    assert len(used) == sum(len(t.frames["test"]) for t in tasks.TASKS.values())
+
+
+def test_pretraining_stream_uses_only_pretraining_frames() -> None:
+    stream = tasks.pretraining_pairs(0)
+    seen_task = 0
+    for _ in range(400):
+        prompt, answer = next(stream)
+        if not answer:  # a background sentence: words only, no cue
+            assert not any(prompt.endswith(c) for c in tasks.CUES)
+            continue
+        seen_task += 1
+        matches = {g for t in tasks.TASKS.values() for g in group_of(t, prompt)}
+        assert matches == {"pretrain"}, prompt
+    assert seen_task > 300
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_held_out_distractor_style_only_in_test(split: str) -> None:
+    # The held-out style of `length` ("letters") proposes twice the length, which no other
+    # style of that task can produce for n >= 4.
+    samples = [s for s in tasks.generate(split, 200) if s["task"] == "length"]
+    for s in samples:
+        n = int(s["choices"][s["answer"]])
+        if n >= 5:
+            assert str(2 * n) not in s["choices"], s
+    test = [s for s in tasks.generate("test", 200) if s["task"] == "length"]
+    assert any(
+        str(2 * int(s["choices"][s["answer"]])) in s["choices"]
+        for s in test
+        if int(s["choices"][s["answer"]]) >= 5
+    )

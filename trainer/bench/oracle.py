@@ -1,0 +1,162 @@
+"""The routing oracle: the best accuracy that re-routing one token can reach (C3PO-style).
+
+For each test sample the router logits of the tuned layers at the chosen prompt token become
+free variables, initialised at the base router's logits (a delta of 0 is added), and ``steps``
+Adam steps minimise the gold answer's negative log-likelihood
+``-sum_t log p(gold token t | prompt, earlier gold tokens)`` with the rest of the model frozen.
+The sample is then scored with the optimised routing. Top-k selection is recomputed from the
+moved logits on every forward, so the oracle may switch experts as well as re-weight them.
+
+The delta of a sample is shared by all its choice sequences (they share the prompt, so the
+routed token is the same). Adam is element-wise, so optimising a whole batch of samples at once
+is exactly per-sample optimisation. The gold answer is used: this is an upper bound, not a
+method. The hooks assume OLMoE/Qwen3's router output ``(logits, top-k weights, top-k
+indices)`` (``OlmoeTopKRouter``), which the benchmark model has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roma_trainer.data import Sample
+from roma_trainer.routers import find_routers
+from roma_trainer.scoring import encode_pairs, max_length, score_encoded, token_position
+
+
+@dataclass
+class OracleResult:
+    correct: list[bool]  # per sample, after optimisation
+    correct_before: list[bool]  # per sample, base routing
+    gold_nll_before: float  # mean over samples
+    gold_nll_after: float
+
+
+class _RoutingDelta:
+    """Forward hooks that add ``delta[sample, layer]`` to the router logits of chosen rows."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
+        self.routers = find_routers(model)
+        self.layers = list(layers)
+        self.rows: torch.Tensor | None = None  # flat (sequence, position) rows to move
+        self.owner: torch.Tensor | None = None  # which sample each row belongs to
+        self.delta: torch.Tensor | None = None  # [n_samples, n_layers, n_experts]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _RoutingDelta:
+        for slot, layer in enumerate(self.layers):
+            self._handles.append(self.routers[layer].register_forward_hook(self._hook(slot)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, slot: int):
+        def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
+            if self.delta is None:
+                return output
+            logits = output[0]
+            shift = torch.zeros_like(logits)
+            shift = shift.index_put((self.rows,), self.delta[self.owner, slot].to(logits.dtype))
+            logits = logits + shift
+            probs = F.softmax(logits, dim=-1, dtype=torch.float)
+            top_value, top_index = torch.topk(probs, module.top_k, dim=-1)
+            if getattr(module, "norm_topk_prob", False):
+                top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+            return logits, top_value.to(logits.dtype), top_index
+
+        return hook
+
+
+def oracle_batch(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    layers: Sequence[int],
+    token: str = "last",
+    steps: int = 10,
+    lr: float = 0.5,
+) -> OracleResult:
+    """Optimise the routing of ``samples`` one token each; see the module docstring."""
+    pairs, owner_of_row, gold_rows = [], [], []
+    for i, sample in enumerate(samples):
+        gold_rows.append(len(pairs) + sample.answer)
+        pairs.extend((sample.prompt, choice) for choice in sample.choices)
+        owner_of_row.extend([i] * len(sample.choices))
+    enc = encode_pairs(tokenizer, pairs, max_length(model))
+    width = enc.input_ids.shape[1]
+    positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
+    owner = torch.tensor(owner_of_row)
+    gold = torch.tensor(gold_rows)
+    n_experts = find_routers(model)[layers[0]].weight.shape[0]
+
+    def accuracy(logprob: torch.Tensor) -> list[bool]:
+        out, cursor = [], 0
+        for sample in samples:
+            scores = logprob[cursor : cursor + len(sample.choices)]
+            out.append(int(scores.argmax()) == sample.answer)
+            cursor += len(sample.choices)
+        return out
+
+    with _RoutingDelta(model, layers) as hooks:
+        hooks.rows = torch.arange(len(pairs)) * width + positions
+        hooks.owner = owner
+        delta = torch.zeros(len(samples), len(layers), n_experts, requires_grad=True)
+        hooks.delta = delta
+        opt = torch.optim.Adam([delta], lr=lr)
+        first_nll: float | None = None
+        correct_before: list[bool] = []
+        for _ in range(steps):
+            scores = score_encoded(model, enc)
+            nll = -scores.logprob[gold]
+            if first_nll is None:
+                first_nll = nll.detach().mean().item()
+                correct_before = accuracy(scores.logprob.detach())
+            opt.zero_grad(set_to_none=True)
+            nll.sum().backward()
+            opt.step()
+        with torch.no_grad():
+            final = score_encoded(model, enc)
+    return OracleResult(
+        correct=accuracy(final.logprob),
+        correct_before=correct_before,
+        gold_nll_before=first_nll if first_nll is not None else float("nan"),
+        gold_nll_after=float(-final.logprob[gold].mean()),
+    )
+
+
+def run_oracle(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    layers: Sequence[int],
+    token: str = "last",
+    steps: int = 10,
+    lr: float = 0.5,
+    batch_size: int = 32,
+) -> OracleResult:
+    """:func:`oracle_batch` over ``samples`` in batches; only routing deltas get gradients."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        parts = [
+            oracle_batch(model, tokenizer, samples[i : i + batch_size], layers, token, steps, lr)
+            for i in range(0, len(samples), batch_size)
+        ]
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    sizes = [len(p.correct) for p in parts]
+    n = sum(sizes)
+    return OracleResult(
+        correct=[c for p in parts for c in p.correct],
+        correct_before=[c for p in parts for c in p.correct_before],
+        gold_nll_before=sum(p.gold_nll_before * s for p, s in zip(parts, sizes, strict=True)) / n,
+        gold_nll_after=sum(p.gold_nll_after * s for p, s in zip(parts, sizes, strict=True)) / n,
+    )

@@ -1,0 +1,359 @@
+"""The routing-gap benchmark: base, regularised baselines, RoMA and the oracle, plus ablations.
+
+Protocol (the same for every method, so the comparison is fair):
+
+1. Data (``tasks.py``): a training pool (pretraining + adaptation phrasings), a validation split
+   and a test split, each with its own held-out phrasings. Only the pool feeds training, the
+   success set and neighbour search; only the validation split picks hyper-parameters.
+2. Search: every method trains with every learning rate of ``lr_grid`` (and, for methods with a
+   regulariser, every lambda of its ``lam_grid``: three values per method, on a scale where the
+   regulariser is comparable to the CE) for ``steps`` optimiser steps with seed 0; the setting
+   with the best validation accuracy wins (ties: the earlier grid point).
+3. Final: each method's winning setting is run with every seed; the test accuracy is reported as
+   mean and std over seeds, with the share of the base->oracle gap it closes.
+4. Ablations (RoMA k-NN's winning setting, one factor changed, every seed): tuned layers, token
+   position, k, training-data fraction, embedder.
+5. Oracle (``oracle.py``) on the test split, its Adam step size picked on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Any
+
+from roma_models import default_model_dir
+from roma_trainer.bench import tasks
+from roma_trainer.bench.embedders import build_random_minilm
+from roma_trainer.bench.runs import Ledger, Scorer, train_and_score
+from roma_trainer.data import Sample, load_samples
+
+log = logging.getLogger("roma_trainer.bench")
+
+# Method name -> TrainConfig fields. "random" is RoMA's loss with random members of S.
+METHODS: dict[str, dict[str, Any]] = {
+    "ce": {"objective": "ce"},
+    "l1": {"objective": "l1"},
+    "l2": {"objective": "l2"},
+    "entropy": {"objective": "entropy"},
+    "random": {"objective": "manifold", "neighbours": "random", "k": 3},
+    "roma_knn": {"objective": "manifold", "neighbours": "knn", "k": 3},
+    "roma_eps": {"objective": "manifold", "neighbours": "eps", "eps": 0.5},
+}
+LABELS = {
+    "base": "Base",
+    "ce": "CE only",
+    "l1": "L1",
+    "l2": "L2",
+    "entropy": "Entropy",
+    "random": "Random neighbours",
+    "roma_knn": "RoMA k-NN (k=3)",
+    "roma_eps": "RoMA eps-ball",
+    "oracle": "Oracle",
+}
+
+
+@dataclass
+class QualityConfig:
+    model: str | None = None  # None: the embedded benchmark model
+    out: Path = Path("results")
+    data_seed: int = 0
+    n_train: int = 100  # per task
+    n_val: int = 30
+    n_test: int = 60
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 100
+    batch_size: int = 16
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    # Three lambdas per regulariser, spanning two decades around where it matches the CE.
+    lam_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "l1": (1e-4, 1e-3, 1e-2),
+            "l2": (1e-3, 1e-2, 1e-1),
+            "entropy": (0.01, 0.1, 1.0),
+            "manifold": (0.1, 1.0, 10.0),
+        }
+    )
+    oracle_steps: int = 10
+    oracle_lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0)
+    ablations: bool = True
+    ablation_k: tuple[int, ...] = (1, 5, 10)
+    ablation_fractions: tuple[float, ...] = (0.1, 0.3)
+    ablation_seeds: tuple[int, ...] | None = None  # None: the same seeds as the methods
+    plots: bool = True
+    # One intra-op thread: on shared cores two threads spin against each other and a run
+    # takes 5-20x longer (measured); on an idle machine it costs at most 2x.
+    threads: int = 1
+
+    @classmethod
+    def small(cls, out: Path = Path("results/small")) -> QualityConfig:
+        """A few minutes on two cores: tiny splits, two seeds, one grid point per method."""
+        return cls(
+            out=out,
+            n_train=12,
+            n_val=4,
+            n_test=6,
+            seeds=(0, 1),
+            steps=4,
+            batch_size=8,
+            lr_grid=(3e-3,),
+            lam_grid={"l1": (1e-3,), "l2": (1e-2,), "entropy": (0.1,), "manifold": (1.0,)},
+            oracle_steps=3,
+            oracle_lr_grid=(0.3,),
+            ablation_k=(1,),
+            ablation_fractions=(0.5,),
+            ablation_seeds=(0,),
+        )
+
+
+def lam_grid(cfg: QualityConfig, method: str) -> tuple[float | None, ...]:
+    objective = METHODS[method]["objective"]
+    return (None,) if objective == "ce" else cfg.lam_grid[objective]
+
+
+class Quality:
+    """Runs the protocol of the module docstring and collects everything the report needs."""
+
+    def __init__(self, cfg: QualityConfig) -> None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.model = str(cfg.model or default_model_dir())
+        self.out = Path(cfg.out)
+        self.data_dir = self.out / "data"
+        self.paths = tasks.write_splits(
+            self.data_dir, cfg.data_seed, cfg.n_train, cfg.n_val, cfg.n_test
+        )
+        self.samples = {split: load_samples(path) for split, path in self.paths.items()}
+        self.ledger = Ledger(self.out / "runs.jsonl")
+        self.scorer = Scorer(self.model, {"val": self.samples["val"], "test": self.samples["test"]})
+        self.patch_dir = self.out / "patches"
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ runs
+    def train_config(self, method: str, **overrides: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        base = {
+            "model": self.model,
+            "data": str(self.paths["train"]),
+            "layers": "last5",
+            "token": "last",
+            "max_steps": cfg.steps,
+            "epochs": 1000,  # max_steps decides
+            "batch_size": cfg.batch_size,
+            **METHODS[method],
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return base
+
+    def run(self, method: str, **overrides: Any) -> dict[str, Any]:
+        return train_and_score(
+            self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
+        )
+
+    # ------------------------------------------------------------------------------ steps
+    def search(self, method: str) -> dict[str, Any]:
+        """Grid search on validation accuracy with seed 0; returns the winning overrides."""
+        best: tuple[float, dict[str, Any]] | None = None
+        grid = []
+        for lr in self.cfg.lr_grid:
+            for lam in lam_grid(self.cfg, method):
+                setting = {"lr": lr, "lam": lam}
+                record = self.run(method, seed=self.cfg.seeds[0], **setting)
+                grid.append({**setting, "val": record["val"]["average"]})
+                if best is None or record["val"]["average"] > best[0]:
+                    best = (record["val"]["average"], setting)
+        assert best is not None
+        return {"best": best[1], "grid": grid}
+
+    def seeds(
+        self, method: str, seeds: tuple[int, ...] | None = None, **overrides: Any
+    ) -> list[dict[str, Any]]:
+        return [self.run(method, seed=s, **overrides) for s in seeds or self.cfg.seeds]
+
+    def oracle(self) -> dict[str, Any]:
+        from roma_trainer.bench.oracle import run_oracle
+        from roma_trainer.routers import find_routers, select_layers
+
+        model = self.scorer.loaded.model
+        tok = self.scorer.loaded.tokenizer
+        layers = select_layers(list(find_routers(model)), "last5")
+        self.scorer.reset()
+        val = {}
+        for lr in self.cfg.oracle_lr_grid:
+            res = run_oracle(
+                model, tok, self.samples["val"], layers, "last", self.cfg.oracle_steps, lr
+            )
+            val[lr] = accuracy_by_task(self.samples["val"], res.correct)["average"]
+        lr = max(self.cfg.oracle_lr_grid, key=lambda x: (val[x], -self.cfg.oracle_lr_grid.index(x)))
+        res = run_oracle(
+            model, tok, self.samples["test"], layers, "last", self.cfg.oracle_steps, lr
+        )
+        return {
+            "lr": lr,
+            "val_by_lr": {str(k): v for k, v in val.items()},
+            "test": accuracy_by_task(self.samples["test"], res.correct),
+            "test_before": accuracy_by_task(self.samples["test"], res.correct_before),
+            "gold_nll_before": res.gold_nll_before,
+            "gold_nll_after": res.gold_nll_after,
+        }
+
+    def fraction_data(self, fraction: float) -> str:
+        """A seeded subset of the pool, stratified by task, written beside the splits."""
+        rng = random.Random(f"fraction/{fraction}/{self.cfg.data_seed}")
+        by_task: dict[str, list[Sample]] = {}
+        for s in self.samples["train"]:
+            by_task.setdefault(s.task, []).append(s)
+        keep = []
+        for rows in by_task.values():
+            keep += rng.sample(rows, max(2, round(fraction * len(rows))))
+        path = self.data_dir / f"train_{round(fraction * 100)}pct.jsonl"
+        tasks.write_jsonl([sample_json(s) for s in keep], path)
+        return str(path)
+
+    def ablations(self, best: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        cfg = self.cfg
+        weak = build_random_minilm(self.out / "embedders" / "random-minilm")
+        plan: dict[str, dict[str, dict[str, Any]]] = {
+            "layers": {"last1": {"layers": "last1"}, "last5": {}, "all": {"layers": "all"}},
+            "token": {"last": {}, "first": {"token": "first"}, "middle": {"token": "middle"}},
+            "k": {str(k): {"k": k} for k in sorted({*cfg.ablation_k, 3})},
+            "fraction": {
+                **{
+                    f"{round(f * 100)}%": {"data": self.fraction_data(f)}
+                    for f in cfg.ablation_fractions
+                },
+                "100%": {},
+            },
+            "embedder": {"MiniLM": {}, "random-init MiniLM": {"embedder": str(weak)}},
+        }
+        return {
+            factor: {
+                name: self.seeds("roma_knn", cfg.ablation_seeds, **best, **o)
+                for name, o in options.items()
+            }
+            for factor, options in plan.items()
+        }
+
+    # ------------------------------------------------------------------------------ all
+    def run_all(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        base = self.scorer.score(None)
+        oracle = self.oracle()
+        searches = {m: self.search(m) for m in METHODS}
+        finals = {m: self.seeds(m, **searches[m]["best"]) for m in METHODS}
+        ablations = self.ablations(searches["roma_knn"]["best"]) if self.cfg.ablations else {}
+        summary = summarise(base, oracle, finals)
+        self.results = {
+            "config": {
+                k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()
+            },
+            "model": self.model,
+            "sizes": {s: len(v) for s, v in self.samples.items()},
+            "base": base,
+            "oracle": oracle,
+            "search": searches,
+            "methods": summary,
+            "ablations": {
+                factor: {name: seed_stats(runs, base, oracle) for name, runs in opts.items()}
+                for factor, opts in ablations.items()
+            },
+            "success_set": finals["roma_knn"][0]["train_metrics"].get("success_set_size"),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        return self.results
+
+
+def sample_json(s: Sample) -> dict[str, Any]:
+    return {"task": s.task, "prompt": s.prompt, "choices": list(s.choices), "answer": s.answer}
+
+
+def accuracy_by_task(samples: list[Sample], correct: list[bool]) -> dict[str, Any]:
+    by_task: dict[str, list[bool]] = {}
+    for s, ok in zip(samples, correct, strict=True):
+        by_task.setdefault(s.task, []).append(ok)
+    accs = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    return {"tasks": accs, "average": mean(accs.values())}
+
+
+def gap_closed(acc: float, base: float, oracle: float) -> float | None:
+    return None if oracle <= base else (acc - base) / (oracle - base)
+
+
+def seed_stats(runs: list[dict[str, Any]], base: dict, oracle: dict) -> dict[str, Any]:
+    """Mean/std over seeds of the test (and val) accuracy, per task and on average."""
+    test = [r["test"]["average"] for r in runs]
+    task_names = list(runs[0]["test"]["tasks"])
+    return {
+        "test_mean": mean(test),
+        "test_std": pstdev(test),
+        "test_runs": test,
+        "val_mean": mean(r["val"]["average"] for r in runs),
+        "tasks_mean": {t: mean(r["test"]["tasks"][t] for r in runs) for t in task_names},
+        "gap_closed": gap_closed(mean(test), base["test"]["average"], oracle["test"]["average"]),
+        "train_acc_after": mean(r["train_metrics"].get("train_acc_after", 0.0) for r in runs),
+        "train_seconds": mean(r["train_seconds"] for r in runs),
+        "patches": [r["patch"] for r in runs],
+    }
+
+
+def summarise(base: dict, oracle: dict, finals: dict[str, list[dict]]) -> dict[str, Any]:
+    return {m: seed_stats(runs, base, oracle) for m, runs in finals.items()}
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def routing_snapshot(
+    scorer: Scorer, samples: list[Sample], patch: str | None, layers_spec: str = "last5"
+) -> tuple[Any, list[int]]:
+    """Routing weights ``[n, layers, experts]`` at the last prompt token of ``samples`` under
+    the base routers (``patch=None``) or a patch, captured by the trainer's RoutingCapture."""
+    import torch
+
+    from roma_trainer.apply import apply_patch
+    from roma_trainer.routers import RoutingCapture, find_routers, select_layers
+    from roma_trainer.scoring import score_samples
+
+    model, tok = scorer.loaded.model, scorer.loaded.tokenizer
+    layers = select_layers(list(find_routers(model)), layers_spec)
+    scorer.reset()
+    if patch is not None:
+        apply_patch(model, patch, scorer.loaded.model_id)
+    try:
+        with torch.no_grad(), RoutingCapture(model, layers) as capture:
+            routing = score_samples(model, tok, samples, "last", capture).routing
+    finally:
+        scorer.reset()
+    assert routing is not None
+    return routing.numpy(), layers
+
+
+def run_quality(cfg: QualityConfig) -> dict[str, Any]:
+    """Everything: the runs, then quality.json, quality.md and the two plots in ``cfg.out``."""
+    from roma_trainer.bench import report
+
+    quality = Quality(cfg)
+    results = quality.run_all()
+    out = Path(cfg.out)
+    if cfg.plots:
+        report.accuracy_plot(results, out / "quality_accuracy.png")
+        # The test task where RoMA k-NN gained most over the base, seed-0 patch.
+        roma = results["methods"]["roma_knn"]
+        base_tasks = results["base"]["test"]["tasks"]
+        task = max(base_tasks, key=lambda t: roma["tasks_mean"][t] - base_tasks[t])
+        samples = [s for s in quality.samples["test"] if s.task == task]
+        before, layers = routing_snapshot(quality.scorer, samples, None)
+        after, _ = routing_snapshot(quality.scorer, samples, roma["patches"][0])
+        report.routing_plot(before, after, layers, task, out / "quality_routing.png")
+        results["routing_plot_task"] = task
+    write_json(results, out / "quality.json")
+    (out / "quality.md").write_text(report.markdown(results))
+    return results

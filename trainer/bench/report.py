@@ -1,0 +1,130 @@
+"""Render the quality results: ``quality.md`` (tables), and the two PNG plots.
+
+Plots: test accuracy of every method (mean over seeds, error bars = std over seeds, dashed lines
+at base and oracle), and the routing distribution of one test task under the base routers and
+under a RoMA patch (mean routing weight per expert at the routed token, one panel per tuned
+layer), which shows what the patch changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from roma_trainer.bench.quality import LABELS, METHODS
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    base, oracle, methods = results["base"], results["oracle"], results["methods"]
+    task_names = list(base["test"]["tasks"])
+    cfg = results["config"]
+    lines = [
+        "# Routing-gap benchmark",
+        "",
+        f"Model `{Path(results['model']).name}`; splits: {results['sizes']} samples "
+        f"(train pool / val / test), {len(task_names)} tasks; "
+        f"success set |S| = {results['success_set']}; {cfg['steps']} steps of batch "
+        f"{cfg['batch_size']} per run; seeds {cfg['seeds']}; total {results['seconds']:.0f} s.",
+        "",
+        "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
+        "",
+        "| method | " + " | ".join(task_names) + " | average | gap closed |",
+        "|---" * (len(task_names) + 3) + "|",
+    ]
+    row = lambda label, tasks, avg, gap: (  # noqa: E731
+        f"| {label} | " + " | ".join(_pct(tasks[t]) for t in task_names) + f" | {avg} | {gap} |"
+    )
+    lines.append(row(LABELS["base"], base["test"]["tasks"], _pct(base["test"]["average"]), "0"))
+    for m in METHODS:
+        s = methods[m]
+        lines.append(
+            row(
+                LABELS[m],
+                s["tasks_mean"],
+                f"{_pct(s['test_mean'])} ± {_pct(s['test_std'])}",
+                _pct(s["gap_closed"]),
+            )
+        )
+    lines.append(
+        row(LABELS["oracle"], oracle["test"]["tasks"], _pct(oracle["test"]["average"]), "100")
+    )
+    lines += ["", "## Chosen hyper-parameters (validation accuracy, seed 0)", ""]
+    lines += [
+        "| method | lr | lambda | val acc (%) | train acc after (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        best = results["search"][m]["best"]
+        lines.append(
+            f"| {LABELS[m]} | {best['lr']:g} | {best['lam'] if best['lam'] is not None else '-'} "
+            f"| {_pct(methods[m]['val_mean'])} | {_pct(methods[m]['train_acc_after'])} |"
+        )
+    lines.append(
+        f"| Oracle | {oracle['lr']:g} (Adam on logits, {cfg['oracle_steps']} steps) | - | "
+        f"{_pct(max(oracle['val_by_lr'].values()))} | - |"
+    )
+    if results["ablations"]:
+        lines += ["", "## Ablations (RoMA k-NN, test accuracy %, mean ± std over seeds)", ""]
+        for factor, options in results["ablations"].items():
+            lines += [f"**{factor}**", "", "| setting | test acc | gap closed |", "|---|---|---|"]
+            for name, s in options.items():
+                lines.append(
+                    f"| {name} | {_pct(s['test_mean'])} ± {_pct(s['test_std'])} "
+                    f"| {_pct(s['gap_closed'])} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(METHODS)
+    means = [100 * results["methods"][m]["test_mean"] for m in names]
+    stds = [100 * results["methods"][m]["test_std"] for m in names]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colors = ["tab:gray"] * 5 + ["tab:blue", "tab:blue"]
+    colors[4] = "tab:olive"
+    ax.bar([LABELS[m] for m in names], means, yerr=stds, capsize=4, color=colors)
+    ax.axhline(100 * results["base"]["test"]["average"], ls="--", color="k", label="base")
+    ax.axhline(100 * results["oracle"]["test"]["average"], ls=":", color="tab:red", label="oracle")
+    ax.set_ylabel("test accuracy (%)")
+    low = min([*means, 100 * results["base"]["test"]["average"]]) - 10
+    ax.set_ylim(max(0, low), 100)
+    ax.legend(loc="upper left")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.set_title("Routing-gap benchmark: held-out phrasings (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def routing_plot(before: Any, after: Any, layers: list[int], task: str, path: Path) -> None:
+    """``before``/``after``: [n_samples, n_layers, n_experts] routing weights of one task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(layers)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), sharey=True)
+    axes = [axes] if n == 1 else axes
+    experts = range(before.shape[-1])
+    for ax, slot, layer in zip(axes, range(n), layers, strict=True):
+        ax.bar([e - 0.2 for e in experts], before[:, slot].mean(0), width=0.4, label="base")
+        ax.bar([e + 0.2 for e in experts], after[:, slot].mean(0), width=0.4, label="RoMA patch")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("expert")
+    axes[0].set_ylabel("mean routing weight")
+    axes[0].legend()
+    fig.suptitle(f"Routing at the last prompt token, test task '{task}'")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""One benchmark run = train a patch with the trainer's own recipe, then score it on val and test.
+
+Training goes through :func:`roma_trainer.recipe.run` with a :class:`TrainConfig`, exactly what
+``roma-train train`` does, so the benchmark measures the product and not a re-implementation.
+Scoring goes through :func:`roma_trainer.evaluate.evaluate` on one base model kept in memory:
+its routers are reset to the base tensors, then the patch is applied (and validated against
+them) with :func:`roma_trainer.apply.apply_patch`.
+
+Every finished run is appended to a ledger (``runs.jsonl``) keyed by its full configuration, so
+a long benchmark that is interrupted resumes where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roma_trainer.apply import apply_patch, model_routers
+from roma_trainer.config import load_config
+from roma_trainer.data import Sample
+from roma_trainer.evaluate import EvalReport, HFBackend, evaluate
+from roma_trainer.modeling import load_model
+from roma_trainer.recipe import run as train_patch
+
+log = logging.getLogger("roma_trainer.bench")
+
+
+def report_json(report: EvalReport) -> dict[str, Any]:
+    """Accuracy (raw log-likelihood) per task plus the task average."""
+    return {"tasks": {t: s.acc for t, s in report.tasks.items()}, "average": report.average.acc}
+
+
+class Scorer:
+    """The base model, loaded once, scoring the base or any patch on fixed sample sets."""
+
+    def __init__(self, model: str, splits: dict[str, Sequence[Sample]], batch_size: int = 64):
+        self.loaded = load_model(model, dtype="auto")
+        self.splits = splits
+        self.batch_size = batch_size
+        self.base = {n: w.detach().clone() for n, w in model_routers(self.loaded.model).items()}
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for name, weight in model_routers(self.loaded.model).items():
+                weight.copy_(self.base[name])
+
+    def score(self, patch: Path | None = None) -> dict[str, dict[str, Any]]:
+        """``{split: {"tasks": {task: acc}, "average": acc}}`` for the base or ``patch``."""
+        self.reset()
+        if patch is not None:
+            apply_patch(self.loaded.model, patch, self.loaded.model_id)
+        backend = HFBackend(self.loaded.model, self.loaded.tokenizer, self.batch_size)
+        try:
+            return {name: report_json(evaluate(backend, s)) for name, s in self.splits.items()}
+        finally:
+            self.reset()
+
+
+@dataclass
+class Ledger:
+    """Finished runs, one JSON object a line, looked up by the hash of their configuration."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[record["key"]] = record
+
+    @staticmethod
+    def key(config: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        return self.records.get(self.key(config))
+
+    def add(self, config: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        record = {"key": self.key(config), "config": config, **result}
+        self.records[record["key"]] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return record
+
+
+def train_and_score(
+    scorer: Scorer, ledger: Ledger, train_config: dict[str, Any], patch_dir: Path
+) -> dict[str, Any]:
+    """Train one patch with ``train_config`` (TrainConfig fields) and score it; cached."""
+    cached = ledger.get(train_config)
+    if cached is not None:
+        return cached
+    key = Ledger.key(train_config)
+    patch_path = patch_dir / f"{key}.safetensors"
+    cfg = load_config(None, {**train_config, "out": patch_path})
+    started = time.perf_counter()
+    train_patch(cfg)
+    train_seconds = time.perf_counter() - started
+    from roma_patch import read_patch
+
+    metrics = read_patch(patch_path).meta.metrics
+    scores = scorer.score(patch_path)
+    log.info(
+        "run %s val %.3f test %.3f (%.0f s)",
+        key,
+        scores["val"]["average"],
+        scores["test"]["average"],
+        train_seconds,
+    )
+    return ledger.add(
+        train_config,
+        {
+            "patch": str(patch_path),
+            "train_seconds": round(train_seconds, 1),
+            "train_metrics": metrics,
+            **scores,
+        },
+    )
