@@ -64,8 +64,8 @@ class QualityConfig:
     out: Path = Path("results")
     data_seed: int = 0
     n_train: int = 100  # per task
-    n_val: int = 30
-    n_test: int = 60
+    n_val: int = 40
+    n_test: int = 100
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 100
     batch_size: int = 16
