@@ -178,24 +178,36 @@ class Quality:
         return [self.run(method, seed=s, **overrides) for s in seeds or self.cfg.seeds]
 
     def oracle(self) -> dict[str, Any]:
+        """The oracle on the test split, its step size chosen on val; cached in the ledger."""
         from roma_trainer.bench.oracle import run_oracle
         from roma_trainer.routers import find_routers, select_layers
 
+        cfg = self.cfg
+        key = {
+            "oracle": True,
+            "model": self.model,
+            "val": str(self.paths["val"]),
+            "test": str(self.paths["test"]),
+            "sizes": [cfg.n_val, cfg.n_test, cfg.data_seed],
+            "steps": cfg.oracle_steps,
+            "lr_grid": list(cfg.oracle_lr_grid),
+        }
+        cached = self.ledger.get(key)
+        if cached is not None:
+            return cached["result"]
         model = self.scorer.loaded.model
         tok = self.scorer.loaded.tokenizer
         layers = select_layers(list(find_routers(model)), "last5")
         self.scorer.reset()
         val = {}
-        for lr in self.cfg.oracle_lr_grid:
-            res = run_oracle(
-                model, tok, self.samples["val"], layers, "last", self.cfg.oracle_steps, lr
-            )
+        for lr in cfg.oracle_lr_grid:
+            res = run_oracle(model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr)
             val[lr] = accuracy_by_task(self.samples["val"], res.correct)["average"]
-        lr = max(self.cfg.oracle_lr_grid, key=lambda x: (val[x], -self.cfg.oracle_lr_grid.index(x)))
-        res = run_oracle(
-            model, tok, self.samples["test"], layers, "last", self.cfg.oracle_steps, lr
-        )
-        return {
+            log.info("oracle lr=%g val accuracy %.3f", lr, val[lr])
+        grid = cfg.oracle_lr_grid
+        lr = max(grid, key=lambda x: (val[x], -grid.index(x)))  # ties: the earlier grid point
+        res = run_oracle(model, tok, self.samples["test"], layers, "last", cfg.oracle_steps, lr)
+        result = {
             "lr": lr,
             "val_by_lr": {str(k): v for k, v in val.items()},
             "test": accuracy_by_task(self.samples["test"], res.correct),
@@ -203,6 +215,9 @@ class Quality:
             "gold_nll_before": res.gold_nll_before,
             "gold_nll_after": res.gold_nll_after,
         }
+        log.info("oracle test accuracy %.3f (lr %g)", result["test"]["average"], lr)
+        self.ledger.add(key, {"result": result})
+        return result
 
     def fraction_data(self, fraction: float) -> str:
         """A seeded subset of the pool, stratified by task, written beside the splits."""
@@ -298,6 +313,13 @@ def seed_stats(runs: list[dict[str, Any]], base: dict, oracle: dict) -> dict[str
         "tasks_mean": {t: mean(r["test"]["tasks"][t] for r in runs) for t in task_names},
         "gap_closed": gap_closed(mean(test), base["test"]["average"], oracle["test"]["average"]),
         "train_acc_after": mean(r["train_metrics"].get("train_acc_after", 0.0) for r in runs),
+        # Share of the pool with at least one neighbour in S (manifold objectives only).
+        "with_neighbours": mean(
+            1 - m["samples_without_neighbours"] / m["num_samples"]
+            for m in (r["train_metrics"] for r in runs)
+        )
+        if "samples_without_neighbours" in runs[0]["train_metrics"]
+        else None,
         "train_seconds": mean(r["train_seconds"] for r in runs),
         "patches": [r["patch"] for r in runs],
     }

@@ -54,18 +54,26 @@ def markdown(results: dict[str, Any]) -> str:
     )
     lines += ["", "## Chosen hyper-parameters (validation accuracy, seed 0)", ""]
     lines += [
-        "| method | lr | lambda | val acc (%) | train acc after (%) |",
-        "|---|---|---|---|---|",
+        "| method | lr | lambda | val acc (%) | train acc after (%) | pool with neighbours (%) |",
+        "|---|---|---|---|---|---|",
     ]
     for m in METHODS:
-        best = results["search"][m]["best"]
+        best, s = results["search"][m]["best"], methods[m]
+        covered = s.get("with_neighbours")
         lines.append(
             f"| {LABELS[m]} | {best['lr']:g} | {best['lam'] if best['lam'] is not None else '-'} "
-            f"| {_pct(methods[m]['val_mean'])} | {_pct(methods[m]['train_acc_after'])} |"
+            f"| {_pct(s['val_mean'])} | {_pct(s['train_acc_after'])} "
+            f"| {'-' if covered is None else _pct(covered)} |"
         )
     lines.append(
-        f"| Oracle | {oracle['lr']:g} (Adam on logits, {cfg['oracle_steps']} steps) | - | "
-        f"{_pct(max(oracle['val_by_lr'].values()))} | - |"
+        f"| {LABELS['oracle']} | {oracle['lr']:g} (Adam on logits, {cfg['oracle_steps']} steps) "
+        f"| - | {_pct(max(oracle['val_by_lr'].values()))} | - | - |"
+    )
+    lines.append(
+        f"\nBase: val {_pct(results['base']['val']['average'])}, "
+        f"test {_pct(results['base']['test']['average'])}; oracle test "
+        f"{_pct(oracle['test']['average'])}. Validation picks every setting; the test split "
+        "only reports."
     )
     if results["ablations"]:
         lines += ["", "## Ablations (RoMA k-NN, test accuracy %, mean ± std over seeds)", ""]
