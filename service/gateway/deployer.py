@@ -207,6 +207,8 @@ class Deployer:
                     await self._all(
                         targets, lambda e: e.client.pause("wait", self.settings.drain_timeout_s)
                     )
+            self.pool.swap_starting(targets)
+            await self._announce(version, targets)
             try:
                 failures, rejected = await self._apply_all(targets, version, data, want, timings)
                 if not failures:
@@ -242,6 +244,14 @@ class Deployer:
                    "engines": [e.url for e in targets], "timings_ms": timings.total()},
         )  # fmt: skip
         return [e.url for e in targets]
+
+    async def _announce(self, version: int, targets: list[EngineHandle]) -> None:
+        """Tell other gateways that these engines' routers are about to change, so that their
+        own responses in flight learn it too (best effort: the activation event follows)."""
+        event = {"type": "swapping", "version": version, "by": self.settings.gateway_id,
+                 "engines": [e.url for e in targets]}  # fmt: skip
+        with contextlib.suppress(*REDIS_DOWN):
+            await self.registry.publish(event)
 
     async def _other_gateways(self) -> list[str]:
         """Gateways sharing this Redis (their heartbeats); any of them may be sending traffic

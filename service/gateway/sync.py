@@ -127,12 +127,18 @@ class Synchroniser:
             self.wake()  # anything may have changed while we were not listening
 
     def _on_event(self, event: dict) -> None:
-        if event.get("type") != "activated" or event.get("by") == self.settings.gateway_id:
+        if event.get("by") == self.settings.gateway_id:
+            return
+        urls = event.get("engines") or []
+        urls = urls if isinstance(urls, list) else []  # Lua's cjson turns [] into {}
+        shared = [e for e in self.pool.engines if e.url in urls and e.healthy]
+        if event.get("type") == "swapping":
+            self.pool.swap_starting(shared)
+            self.wake()  # the reconcile after that swap (lock) says what the engines hold
+            return
+        if event.get("type") != "activated":
             return
         version = int(event["version"])
-        verified = event.get("engines") or []
-        verified = verified if isinstance(verified, list) else []
-        shared = [e for e in self.pool.engines if e.url in verified and e.healthy]
         log.info("activation by another gateway", extra={"version": version, "by": event["by"]})
         self.pool.set_active(version)
         for engine in shared:

@@ -2,7 +2,8 @@
 
 * header ``X-Router-Version: <n>`` on every response (streamed or not);
 * header ``X-Router-Version-Changed: <n>-><m>`` on a non-streamed response generated across a
-  swap (``immediate`` policy; ``drain`` never produces one);
+  swap (``immediate`` policy; ``drain`` never produces one); ``<m>`` is ``?`` when the swap was
+  still under way as the response ended;
 * streamed responses end with SSE comment lines before ``data: [DONE]``:
   ``: x-router-version <n>`` always, and ``: x-router-version-changed <n>-><m>`` when the stream
   spanned a swap. SSE clients (the openai package included) ignore comment lines.

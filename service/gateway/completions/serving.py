@@ -2,8 +2,9 @@
 
 Bodies go through untouched (no re-serialisation: the engine validates them) and SSE chunks are
 forwarded as they arrive, never buffered. Under the ``drain`` policy each request holds a
-reader slot of the swap gate until its last byte is out. Each response remembers the engine's
-swap generation at its start; if it differs at the end, the response spanned a swap and says so.
+reader slot of the swap gate until its last byte is out. Each request notes the engine's swap
+generation as it goes in; if a swap started, ended or was under way between then and its last
+byte, the response may mix router versions and says so.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ class CompletionsProxy:
 
         done = _Release(release)
         try:
-            engine, upstream = await self._send(request, path, body)
+            engine, upstream, (version, generation, was_swapping) = await self._send(
+                request, path, body
+            )
         except BaseException:
             await done()
             raise
-        version, generation = engine.version, engine.generation
         request_version.set(version)
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in _RETURN_HEADERS}
         headers[VERSION_HEADER] = str(version)
@@ -108,7 +110,7 @@ class CompletionsProxy:
             labels = (route, str(version))
             self.gw.metrics.requests.labels(*labels, str(status)).inc()
             self.gw.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
-            changed = engine.generation != generation
+            changed = engine.changed_since(generation, was_swapping)
             if changed:
                 self.gw.metrics.version_changed.inc()
             return changed
@@ -120,7 +122,7 @@ class CompletionsProxy:
                 await upstream.aclose()
                 await done()
             if finish(upstream.status_code):
-                headers[CHANGED_HEADER] = f"{version}->{engine.version}"
+                headers[CHANGED_HEADER] = f"{version}->{_now_holding(engine)}"
             log.info("proxied", extra={"route": route, "status": upstream.status_code,
                                        "engine": engine.url})  # fmt: skip
             return Response(content, upstream.status_code, headers=headers)
@@ -137,7 +139,7 @@ class CompletionsProxy:
                     if chunk.endswith(DONE):
                         if head := chunk[: -len(DONE)]:
                             yield head
-                        yield self._trailer(version, generation, engine)
+                        yield self._trailer(version, generation, was_swapping, engine)
                         yield DONE
                     else:
                         yield chunk
@@ -151,15 +153,17 @@ class CompletionsProxy:
             body_iter(), done, status_code=200, headers=headers, media_type="text/event-stream"
         )
 
-    def _trailer(self, version: int | None, generation: int, engine: EngineHandle) -> bytes:
+    def _trailer(
+        self, version: int | None, generation: int, was_swapping: bool, engine: EngineHandle
+    ) -> bytes:
         out = version_comment(version)
-        if engine.generation != generation:
-            out += changed_comment(version, engine.version)
+        if engine.changed_since(generation, was_swapping):
+            out += changed_comment(version, _now_holding(engine))
         return out
 
     async def _send(
         self, request: Request, path: str, body: bytes
-    ) -> tuple[EngineHandle, httpx.Response]:
+    ) -> tuple[EngineHandle, httpx.Response, tuple[int | None, int, bool]]:
         """Send to the least-loaded engine in rotation; an engine that refuses the connection
         goes out of rotation and the next one is tried (nothing reached the first one)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
@@ -167,6 +171,9 @@ class CompletionsProxy:
         for _ in range(len(self.gw.pool.engines)):
             try:
                 engine = self.gw.pool.pick()
+                # What the engine holds as the request goes in: a non-streamed answer's headers
+                # only arrive once it is generated, too late to tell.
+                stamp = engine.stamp()
             except NoEngine as exc:
                 raise APIError(503, str(exc), "no_engine", headers={"Retry-After": "5"}) from exc
             engine.inflight += 1
@@ -182,7 +189,7 @@ class CompletionsProxy:
             try:
                 upstream = await self.gw.pool.http.send(upstream_request, stream=True)
                 self.gw.metrics.engine_requests.labels(engine.url).inc()
-                return engine, upstream
+                return engine, upstream, stamp
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 engine.inflight -= 1
                 tried.append(engine.url)
@@ -197,6 +204,11 @@ class CompletionsProxy:
             503, f"no engine reachable (tried {', '.join(tried)})", "no_engine",
             headers={"Retry-After": "5"},
         )  # fmt: skip
+
+
+def _now_holding(engine: EngineHandle) -> str:
+    """The version the engine holds now; "?" while a swap on it is still under way."""
+    return "?" if engine.swapping else str(engine.version)
 
 
 def _wants_stream(body: bytes) -> bool:
