@@ -31,7 +31,7 @@ curl -sf "$URL/ready" > /dev/null || { echo "roma-serve not ready after 10 minut
 MODEL=$(curl -s "$URL/v1/models" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 complete() {
   curl -s -i "$URL/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"model\": \"$MODEL\", \"prompt\": \"Question: what is 12 + 7?\", \"max_tokens\": 8, \"temperature\": 0}" \
+    -d "{\"model\": \"$MODEL\", \"prompt\": \"What is 5 plus 15? Answer:\", \"max_tokens\": 8, \"temperature\": 0}" \
     | grep -iE '^x-router-version|"text"' | sed 's/^/    /'
 }
 echo "== 3. a completion under the base routers (version 0)"
