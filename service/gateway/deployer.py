@@ -162,7 +162,8 @@ class Deployer:
         wait = self.settings.deploy_lock_timeout_s if wait_s is None else wait_s
         with timings.phase("lock"):
             try:
-                await asyncio.wait_for(self._lock.acquire(), local_wait_s or wait)
+                async with asyncio.timeout(local_wait_s or wait):
+                    await self._lock.acquire()
             except TimeoutError as exc:
                 raise LockError("another deploy is in progress in this gateway") from exc
         try:

@@ -36,6 +36,7 @@ class Synchroniser:
         self.problem: str | None = "starting"
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     def start(self) -> None:
         self._tasks = [
@@ -44,20 +45,32 @@ class Synchroniser:
         ]
 
     async def stop(self) -> None:
+        """Cancel the background tasks. Python 3.11's ``wait_for`` can swallow a cancellation
+        that races with its inner future, so keep cancelling (the loops also check
+        ``_stopping``) rather than wait forever on one cancel."""
+        self._stopping = True
+        pending = {t for t in self._tasks if not t.done()}
+        for _ in range(20):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending:
+            log.warning("background tasks did not stop", extra={"tasks": len(pending)})
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("background task failed", extra={"error": repr(task.exception())})
 
     def wake(self) -> None:
         self._wake.set()
 
     async def _run(self) -> None:
         await self._start_up()
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
+                async with asyncio.timeout(self.settings.reconcile_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._heartbeat()
@@ -74,7 +87,7 @@ class Synchroniser:
     async def _start_up(self) -> None:
         """Retry until the base routers are recorded and the engines hold the active version."""
         delay = 0.5
-        while True:
+        while not self._stopping:
             try:
                 await self._heartbeat()
                 await self._learn_base()
@@ -113,7 +126,7 @@ class Synchroniser:
         """Follow the registry's events; reconnect (with back-off) whenever Redis goes away."""
         await self.started.wait()
         delay = 0.5
-        while True:
+        while not self._stopping:
             try:
                 async for event in self.registry.events():
                     delay = 0.5
