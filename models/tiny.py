@@ -119,7 +119,12 @@ def tiny_config(family: Family, vocab_size: int, **overrides: object):  # -> Pre
 # Fields that transformers drops or saves as null but vLLM reads from config.json.
 _VLLM_CONFIG_FIXES: dict[str, dict[str, object]] = {
     "deepseek_v2": {"n_group": 1, "topk_group": 1, "topk_method": "greedy"},
-    "deepseek_v3": {"n_group": 4, "topk_group": 2, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    "deepseek_v3": {
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    },
 }
 
 

@@ -242,7 +242,9 @@ def raw_from_torch(tensor: torch.Tensor) -> RawTensor:
 
 def fingerprint(specs: Mapping[str, TensorSpec]) -> str:
     """sha256 over (name, dtype, shape, content hash) of each tensor, in name order."""
-    lines = [f"{n}|{s.dtype}|{','.join(map(str, s.shape))}|{s.sha256}" for n, s in sorted(specs.items())]
+    lines = [
+        f"{n}|{s.dtype}|{','.join(map(str, s.shape))}|{s.sha256}" for n, s in sorted(specs.items())
+    ]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -258,7 +260,9 @@ def write_patch(
 
     for name in tensors:
         router_layer(name)
-    data = save({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, meta.to_metadata())
+    data = save(
+        {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, meta.to_metadata()
+    )
     if path is not None:
         Path(path).write_bytes(data)
     return data
@@ -266,7 +270,9 @@ def write_patch(
 
 def _header(data: bytes) -> dict[str, Any]:
     if len(data) < 8:
-        raise PatchError("not_safetensors", f"{len(data)} bytes is too short to be a safetensors file")
+        raise PatchError(
+            "not_safetensors", f"{len(data)} bytes is too short to be a safetensors file"
+        )
     (n,) = struct.unpack("<Q", data[:8])
     if n == 0 or n > min(len(data) - 8, 100 * 1024 * 1024):
         # A pickle (torch.save) starts with 0x80 0x02..0x05: its first 8 bytes read as an
@@ -321,7 +327,7 @@ def read_patch(source: bytes | str | Path, max_bytes: int = MAX_PATCH_BYTES) -> 
 def _check_finite(name: str, raw: RawTensor) -> None:
     if raw.dtype not in _FLOAT_BITS:
         raise PatchError("dtype_mismatch", f"{name}: dtype {raw.dtype} is not a float type", name)
-    width, view, mask = _FLOAT_BITS[raw.dtype]
+    _, view, mask = _FLOAT_BITS[raw.dtype]
     bits = np.frombuffer(raw.data, dtype=np.dtype(view).newbyteorder("<"))
     if np.any((bits & view(mask)) == view(mask)):
         raise PatchError("non_finite", f"{name} holds NaN or infinite values", name)
