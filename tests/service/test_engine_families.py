@@ -14,12 +14,14 @@ patched routers: that is what we assert, plus the read-back and that the patch c
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from roma_service.engine.client import EngineClient
+from roma_service.registry import LocalRedis
 from tests.fixtures.engine import (
     engine_greedy,
     engine_logprobs,
@@ -30,6 +32,7 @@ from tests.fixtures.engine import (
     prompt_ids,
     start,
 )
+from tests.service.gateway_support import AUTH, gateway_settings, running_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +46,10 @@ def _group_is_gone(pgid: int) -> bool:
 
 
 async def test_qwen3_moe_patched_outputs_equal_transformers(
-    tiny_models: dict[str, Path], tmp_path: Path
+    tiny_models: dict[str, Path], tmp_path: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
+    """On the engine directly, then through the gateway (POST /routers, activate 0) on the same
+    engine: one engine start covers both."""
     model_dir = tiny_models["qwen3_moe"]
     prompts = prompt_ids(model_dir)
     routers = perturbed_routers(model_dir)
@@ -62,6 +67,19 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
             assert engine_greedy(process.url, model_dir, prompts) == patched_hf
             assert (await client.apply(None, 0)).verified
             assert engine_greedy(process.url, model_dir, prompts) == base_hf
+
+        settings = gateway_settings(redis_prefix)
+        async with running_gateway(settings, redis_server.url, [process.url]) as gw:
+            url = str(gw.base_url).rstrip("/")
+            deployed = await gw.post(
+                "/routers", headers=AUTH, files={"patch": patch_bytes(model_dir, routers)}
+            )
+            assert deployed.status_code == 201, deployed.text
+            # Sync helpers run in a thread: the gateway serves from this event loop.
+            assert await asyncio.to_thread(engine_greedy, url, model_dir, prompts) == patched_hf
+            rolled = await gw.post("/routers/0/activate", headers=AUTH)
+            assert rolled.status_code == 200, rolled.text
+            assert await asyncio.to_thread(engine_greedy, url, model_dir, prompts) == base_hf
     finally:
         process.stop()
     assert _group_is_gone(pgid), "stop() must end the engine core and workers too"
