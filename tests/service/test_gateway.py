@@ -5,14 +5,12 @@ work unchanged, and each response names its router version."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -27,13 +25,6 @@ from tests.service.gateway_support import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    """The engine is shared by the session: leave it on the base routers."""
-    yield
-    engine.reset()
 
 
 async def test_deploy_matches_transformers_and_rollback_restores_base(

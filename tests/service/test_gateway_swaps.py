@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -27,12 +25,6 @@ from tests.service.gateway_support import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
 LONG = 400  # tokens: a stream that lasts long enough to deploy in the middle of it
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    yield
-    engine.reset()
 
 
 async def _long_stream(gw: httpx.AsyncClient, started: asyncio.Event) -> dict:

@@ -20,7 +20,7 @@ import pytest
 from roma_service.engine.client import EngineClient
 from roma_service.engine.process import EngineProcess
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine, start
+from tests.fixtures.engine import start
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -33,12 +33,6 @@ from tests.service.gateway_support import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    yield
-    engine.reset()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ are still the active patch's, token for token."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,6 @@ from safetensors.torch import save
 
 from roma_patch import PatchMeta
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -28,12 +26,6 @@ from tests.service.gateway_support import (
 
 pytestmark = pytest.mark.slow
 LIMIT = 64 * 1024
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    yield
-    engine.reset()
 
 
 def _pickle(legacy: bool) -> bytes:

@@ -5,7 +5,6 @@ the gateway's completions API as it does offline in transformers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,11 @@ from roma_trainer.evaluate import HFBackend, evaluate
 from roma_trainer.evaluate_remote import CompletionsBackend, completion_payload, parse_choice
 from roma_trainer.push import push_patch
 from roma_trainer.recipe import run
-from tests.fixtures.engine import RunningEngine
 from tests.service.gateway_support import ADMIN_TOKEN, gateway_settings, running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
 
 SAMPLE_DATA = Path(__file__).parents[2] / "trainer" / "data" / "sample.jsonl"
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    yield
-    engine.reset()
 
 
 def test_parse_choice_sums_the_continuation_and_checks_greedy() -> None:
