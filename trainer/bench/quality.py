@@ -219,6 +219,33 @@ class Quality:
         self.ledger.add(key, {"result": result})
         return result
 
+    def in_distribution(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Diagnostic: the final patches on fresh instances of the pool's own phrasings
+        (pretraining and adaptation frames, prompts not in the pool). Tells "the routers learnt
+        nothing" apart from "what they learnt does not transfer to held-out phrasings"."""
+        pool = {s.prompt for s in self.samples["train"]}
+        splits = {}
+        for group in ("pretrain", "adapt"):
+            rows = tasks.generate("train", self.cfg.n_val, self.cfg.data_seed + 1, (group,))
+            splits[group] = [
+                Sample(r["task"], r["prompt"], tuple(r["choices"]), r["answer"])
+                for r in rows
+                if r["prompt"] not in pool
+            ]
+        scorer = Scorer(self.model, splits)
+        out: dict[str, Any] = {"sizes": {g: len(v) for g, v in splits.items()}}
+        out["base"] = {g: v["average"] for g, v in scorer.score(None).items()}
+        for method, runs in finals.items():
+            scores = [scorer.score(Path(r["patch"])) for r in runs]
+            out[method] = {
+                g: {
+                    "mean": mean(s[g]["average"] for s in scores),
+                    "std": pstdev([s[g]["average"] for s in scores]),
+                }
+                for g in splits
+            }
+        return out
+
     def fraction_data(self, fraction: float) -> str:
         """A seeded subset of the pool, stratified by task, written beside the splits."""
         rng = random.Random(f"fraction/{fraction}/{self.cfg.data_seed}")
@@ -264,6 +291,7 @@ class Quality:
         searches = {m: self.search(m) for m in METHODS}
         finals = {m: self.seeds(m, **searches[m]["best"]) for m in METHODS}
         ablations = self.ablations(searches["roma_knn"]["best"]) if self.cfg.ablations else {}
+        in_distribution = self.in_distribution(finals)
         summary = summarise(base, oracle, finals)
         self.results = {
             "config": {
@@ -273,6 +301,7 @@ class Quality:
             "sizes": {s: len(v) for s, v in self.samples.items()},
             "base": base,
             "oracle": oracle,
+            "in_distribution": in_distribution,
             "search": searches,
             "methods": summary,
             "ablations": {

@@ -28,7 +28,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model `{Path(results['model']).name}`; splits: {results['sizes']} samples "
         f"(train pool / val / test), {len(task_names)} tasks; "
         f"success set |S| = {results['success_set']}; {cfg['steps']} steps of batch "
-        f"{cfg['batch_size']} per run; seeds {cfg['seeds']}; total {results['seconds']:.0f} s.",
+        f"{cfg['batch_size']} per run; seeds {cfg['seeds']}. This invocation took "
+        f"{results['seconds']:.0f} s (runs already in runs.jsonl are reused, not retrained).",
         "",
         "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
         "",
@@ -75,6 +76,27 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_pct(oracle['test']['average'])}. Validation picks every setting; the test split "
         "only reports."
     )
+    iid = results.get("in_distribution")
+    if iid:
+        lines += [
+            "",
+            "## In-distribution check: fresh instances of the pool's own phrasings (%)",
+            "",
+            f"Pretraining phrasings ({iid['sizes']['pretrain']} samples) and adaptation "
+            f"phrasings ({iid['sizes']['adapt']}), prompts not in the pool; final patches, "
+            "mean ± std over seeds.",
+            "",
+            "| method | pretraining phrasings | adaptation phrasings |",
+            "|---|---|---|",
+            f"| {LABELS['base']} | {_pct(iid['base']['pretrain'])} "
+            f"| {_pct(iid['base']['adapt'])} |",
+        ]
+        for m in METHODS:
+            cells = [
+                f"{_pct(iid[m][g]['mean'])} ± {_pct(iid[m][g]['std'])}"
+                for g in ("pretrain", "adapt")
+            ]
+            lines.append(f"| {LABELS[m]} | {cells[0]} | {cells[1]} |")
     if results["ablations"]:
         lines += ["", "## Ablations (RoMA k-NN, test accuracy %, mean ± std over seeds)", ""]
         for factor, options in results["ablations"].items():

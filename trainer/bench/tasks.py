@@ -462,16 +462,25 @@ def make_sample(task: Task, rng: random.Random, frame: str, styles: tuple[str, .
     }
 
 
-def generate(split: Split, n_per_task: int, seed: int = 0) -> list[dict]:
+def generate(
+    split: Split,
+    n_per_task: int,
+    seed: int = 0,
+    groups: tuple[TemplateGroup, ...] | None = None,
+) -> list[dict]:
     """``n_per_task`` samples of every domain for ``split``, phrasings cycled evenly.
 
     No prompt repeats within a split; the splits cannot share a prompt because their frames
-    differ (``tests/bench`` checks both).
+    differ (``tests/bench`` checks both). ``groups`` narrows the split to some of its frame
+    groups (the in-distribution diagnostic draws pretraining and adaptation frames apart).
     """
     out: list[dict] = []
+    chosen = groups or SPLIT_GROUPS[split]
+    if not set(chosen) <= set(SPLIT_GROUPS[split]):
+        raise ValueError(f"split {split} has frame groups {SPLIT_GROUPS[split]}, not {chosen}")
     for task in TASKS.values():
-        rng = _rng(seed, task.name, split)
-        groups = [task.frames[g] for g in SPLIT_GROUPS[split]]
+        rng = _rng(seed, task.name, split, *([] if groups is None else chosen))
+        groups_frames = [task.frames[g] for g in chosen]
         styles = task.styles if split == "test" else task.styles[:-1]
         seen: set[str] = set()
         for _ in range(50 * n_per_task):
@@ -479,8 +488,8 @@ def generate(split: Split, n_per_task: int, seed: int = 0) -> list[dict]:
                 break
             # Groups in turn (the pool is half pretraining, half adaptation phrasings), then
             # the frames of the group in turn.
-            group = groups[len(seen) % len(groups)]
-            frame = group[(len(seen) // len(groups)) % len(group)]
+            group = groups_frames[len(seen) % len(groups_frames)]
+            frame = group[(len(seen) // len(groups_frames)) % len(group)]
             sample = make_sample(task, rng, frame, styles)
             if sample["prompt"] not in seen:
                 seen.add(sample["prompt"])
