@@ -51,3 +51,33 @@ def test_oracle_moves_only_the_chosen_token(tiny_olmoe) -> None:
     first = run_oracle(loaded.model, loaded.tokenizer, data, layers, "first", steps=4, lr=1.0)
     assert last.gold_nll_before == first.gold_nll_before  # same base forward
     assert last.gold_nll_after != first.gold_nll_after
+
+
+def test_routing_transplant_with_the_base_routing_is_the_base_model(tiny_olmoe) -> None:
+    """Setting the routing to what the base routers give changes nothing, and the per-task
+    success-set means are the means of the correctly answered samples' base routing."""
+    from roma_trainer.bench.oracle import correct_with_routing, success_routing_by_task
+    from roma_trainer.routers import RoutingCapture
+    from roma_trainer.scoring import score_samples
+
+    loaded = load_model(tiny_olmoe, "float32")
+    model, tok = loaded.model, loaded.tokenizer
+    data = samples(3)
+    layers = select_layers(list(find_routers(model)), "last2")
+    with torch.no_grad(), RoutingCapture(model, layers) as capture:
+        base = score_samples(model, tok, data, "last", capture)
+    assert base.routing is not None
+    base_correct = [int(lp.argmax()) == s.answer for lp, s in zip(base.logprob, data, strict=True)]
+
+    assert correct_with_routing(model, tok, data, layers, base.routing) == base_correct
+
+    means = success_routing_by_task(model, tok, data, layers)
+    expected_tasks = {s.task for s, ok in zip(data, base_correct, strict=True) if ok}
+    assert set(means) == expected_tasks
+    for task, mean in means.items():
+        rows = [
+            i
+            for i, (s, ok) in enumerate(zip(data, base_correct, strict=True))
+            if ok and s.task == task
+        ]
+        assert torch.allclose(mean, base.routing[rows].mean(0), atol=1e-6)

@@ -99,13 +99,15 @@ def test_pretraining_stream_uses_only_pretraining_frames() -> None:
     stream = tasks.pretraining_pairs(0)
     seen_task = 0
     for _ in range(400):
-        prompt, answer = next(stream)
-        if not answer:  # a background sentence: words only, no cue
+        prompt, answer, domain = next(stream)
+        if not answer:  # a background sentence: words only, no cue, no domain
             assert not any(prompt.endswith(c) for c in tasks.CUES)
+            assert domain is None
             continue
         seen_task += 1
         matches = {g for t in tasks.TASKS.values() for g in group_of(t, prompt)}
         assert matches == {"pretrain"}, prompt
+        assert group_of(tasks.TASKS[domain], prompt) == {"pretrain"}, (domain, prompt)
     assert seen_task > 300
 
 

@@ -5,12 +5,14 @@ the gateway's completions API as it does offline in transformers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from roma_models import default_model_dir
 from roma_patch import read_patch
 from roma_service.registry import LocalRedis
 from roma_trainer.apply import apply_patch
@@ -20,6 +22,7 @@ from roma_trainer.evaluate import HFBackend, evaluate
 from roma_trainer.evaluate_remote import CompletionsBackend, completion_payload, parse_choice
 from roma_trainer.push import push_patch
 from roma_trainer.recipe import run
+from tests.fixtures.engine import start
 from tests.service.gateway_support import ADMIN_TOKEN, gateway_settings, running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
@@ -100,3 +103,73 @@ async def test_trained_patch_scores_the_same_served_and_offline(
         ).loglikelihood(requests)
     ]
     assert max(abs(a - b.logprob) for a, b in zip(base_scores, remote_scores, strict=True)) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def bench_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second real engine, on the benchmark model (the embedded default)."""
+    process = start(default_model_dir(), tmp_path_factory.mktemp("bench-engine-logs"))
+    try:
+        yield process.url
+    finally:
+        process.stop()
+
+
+async def test_benchmark_roma_patch_scores_the_same_served_and_offline(
+    bench_engine: str, redis_server: LocalRedis, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Issue 5 on the benchmark itself: a RoMA k-NN patch of the benchmark model, trained with
+    the benchmark's settings on a slice of its pool, has the same test-split accuracy through
+    the gateway as offline."""
+    from roma_trainer.bench import tasks
+    from roma_trainer.bench.quality import METHODS
+
+    model_dir = default_model_dir()
+    data = tasks.write_splits(tmp_path / "data", seed=0, n_train=8, n_val=1, n_test=4)
+    cfg = load_config(
+        None,
+        {
+            "model": str(model_dir),
+            "data": str(data["train"]),
+            "out": str(tmp_path / "roma.safetensors"),
+            "layers": "last5",
+            "lr": 0.01,
+            "lam": 1.0,
+            "max_steps": 8,
+            "epochs": 100,
+            "batch_size": 16,
+            "seed": 0,
+            **METHODS["roma_knn"],
+        },
+    )
+    patch_path = await asyncio.to_thread(run, cfg)
+    test = load_samples(str(data["test"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    requests = [(s.prompt, c) for s in test for c in s.choices]
+    base_scores = HFBackend(model, tokenizer).loglikelihood(requests)
+    apply_patch(model, patch_path, str(model_dir))
+    offline_backend = HFBackend(model, tokenizer)
+    offline = evaluate(offline_backend, test)
+    offline_scores = offline_backend.loglikelihood(requests)
+
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [bench_engine]) as gw:
+        url = str(gw.base_url)
+        backend = await asyncio.to_thread(CompletionsBackend, url, tokenizer)
+        answer = await asyncio.to_thread(push_patch, patch_path, url, ADMIN_TOKEN)
+        backend.router_versions.clear()
+        served = await asyncio.to_thread(evaluate, backend, test)
+        served_scores = await asyncio.to_thread(backend.loglikelihood, requests)
+        assert backend.router_versions == {str(answer["version"])}
+        backend.close()
+
+    assert served.to_json() == offline.to_json()
+    for remote, local in zip(served_scores, offline_scores, strict=True):
+        assert remote.logprob == pytest.approx(local.logprob, abs=1e-3, rel=1e-4)
+    # The patch is really in effect: its scores moved away from the base model's.
+    moved = max(
+        abs(a.logprob - b.logprob) for a, b in zip(offline_scores, base_scores, strict=True)
+    )
+    assert moved > 1e-3

@@ -37,7 +37,9 @@ class OracleResult:
 
 
 class _RoutingDelta:
-    """Forward hooks that add ``delta[sample, layer]`` to the router logits of chosen rows."""
+    """Forward hooks that add ``delta[sample, layer]`` to the router logits of chosen rows, or,
+    when ``target`` is set, make the routing of those rows exactly ``target[sample, layer]``
+    (logits = log target, so softmax gives target back)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
         self.routers = find_routers(model)
@@ -45,6 +47,7 @@ class _RoutingDelta:
         self.rows: torch.Tensor | None = None  # flat (sequence, position) rows to move
         self.owner: torch.Tensor | None = None  # which sample each row belongs to
         self.delta: torch.Tensor | None = None  # [n_samples, n_layers, n_experts]
+        self.target: torch.Tensor | None = None  # [n_samples, n_layers, n_experts], probs
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _RoutingDelta:
@@ -58,12 +61,17 @@ class _RoutingDelta:
 
     def _hook(self, slot: int):
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
-            if self.delta is None:
+            if self.delta is None and self.target is None:
                 return output
             logits = output[0]
-            shift = torch.zeros_like(logits)
-            shift = shift.index_put((self.rows,), self.delta[self.owner, slot].to(logits.dtype))
-            logits = logits + shift
+            if self.target is not None:
+                wanted = self.target[self.owner, slot].clamp_min(1e-12).log()
+                logits = logits.index_put((self.rows,), wanted.to(logits.dtype))
+            else:
+                assert self.delta is not None
+                shift = torch.zeros_like(logits)
+                shift = shift.index_put((self.rows,), self.delta[self.owner, slot].to(logits.dtype))
+                logits = logits + shift
             probs = F.softmax(logits, dim=-1, dtype=torch.float)
             top_value, top_index = torch.topk(probs, module.top_k, dim=-1)
             if getattr(module, "norm_topk_prob", False):
@@ -160,3 +168,62 @@ def run_oracle(
         gold_nll_before=sum(p.gold_nll_before * s for p, s in zip(parts, sizes, strict=True)) / n,
         gold_nll_after=sum(p.gold_nll_after * s for p, s in zip(parts, sizes, strict=True)) / n,
     )
+
+
+@torch.no_grad()
+def success_routing_by_task(
+    model: nn.Module, tokenizer, pool: Sequence[Sample], layers: Sequence[int], token: str = "last"
+) -> dict[str, torch.Tensor]:
+    """Mean base routing ``[layers, experts]`` at ``token`` of the pool samples the base model
+    answers correctly (the success set S), per task."""
+    from roma_trainer.routers import RoutingCapture
+    from roma_trainer.scoring import score_samples
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    with RoutingCapture(model, layers) as capture:
+        for i in range(0, len(pool), 32):
+            batch = list(pool[i : i + 32])
+            scores = score_samples(model, tokenizer, batch, token, capture)
+            assert scores.routing is not None
+            for sample, logprob, routing in zip(batch, scores.logprob, scores.routing, strict=True):
+                if int(logprob.argmax()) == sample.answer:
+                    sums[sample.task] = sums.get(sample.task, 0) + routing
+                    counts[sample.task] = counts.get(sample.task, 0) + 1
+    return {task: total / counts[task] for task, total in sums.items()}
+
+
+@torch.no_grad()
+def correct_with_routing(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    layers: Sequence[int],
+    targets: torch.Tensor,
+    token: str = "last",
+    batch_size: int = 32,
+) -> list[bool]:
+    """Whether each sample is answered correctly when the routing of ``layers`` at ``token`` is
+    set to ``targets[i]`` (``[n, layers, experts]`` probabilities): routing transplanted, the
+    rest of the model as it is."""
+    correct: list[bool] = []
+    with _RoutingDelta(model, layers) as hooks:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            pairs, owner = [], []
+            for i, sample in enumerate(batch):
+                pairs.extend((sample.prompt, choice) for choice in sample.choices)
+                owner.extend([i] * len(sample.choices))
+            enc = encode_pairs(tokenizer, pairs, max_length(model))
+            width = enc.input_ids.shape[1]
+            positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
+            hooks.rows = torch.arange(len(pairs)) * width + positions
+            hooks.owner = torch.tensor(owner)
+            hooks.target = targets[start : start + batch_size]
+            logprob = score_encoded(model, enc).logprob
+            cursor = 0
+            for sample in batch:
+                scores = logprob[cursor : cursor + len(sample.choices)]
+                correct.append(int(scores.argmax()) == sample.answer)
+                cursor += len(sample.choices)
+    return correct

@@ -30,7 +30,7 @@ from typing import Any
 from roma_models import default_model_dir
 from roma_trainer.bench import tasks
 from roma_trainer.bench.embedders import build_random_minilm
-from roma_trainer.bench.runs import Ledger, Scorer, train_and_score
+from roma_trainer.bench.runs import Ledger, Scorer, train_and_score, weights_fingerprint
 from roma_trainer.data import Sample, load_samples
 
 log = logging.getLogger("roma_trainer.bench")
@@ -131,8 +131,8 @@ class Quality:
             self.data_dir, cfg.data_seed, cfg.n_train, cfg.n_val, cfg.n_test
         )
         self.samples = {split: load_samples(path) for split, path in self.paths.items()}
-        self.ledger = Ledger(self.out / "runs.jsonl")
         self.scorer = Scorer(self.model, {"val": self.samples["val"], "test": self.samples["test"]})
+        self.ledger = Ledger(self.out / "runs.jsonl", weights_fingerprint(self.scorer.loaded.model))
         self.patch_dir = self.out / "patches"
         self.results: dict[str, Any] = {}
 
@@ -219,6 +219,34 @@ class Quality:
         self.ledger.add(key, {"result": result})
         return result
 
+    def domain_routing(self) -> dict[str, Any]:
+        """Diagnostic bound (uses the task label, so not a method): every val/test sample's
+        routing at the tuned layers' last prompt token set to the mean base routing of its
+        task's success-set members. How much of the oracle's gap is "route like the samples of
+        this task that work", the kind of correction RoMA's neighbours can teach."""
+        import torch
+
+        from roma_trainer.bench.oracle import correct_with_routing, success_routing_by_task
+        from roma_trainer.routers import find_routers, select_layers
+
+        key = {"domain_routing": True, **{s: str(p) for s, p in self.paths.items()}}
+        cached = self.ledger.get(key)
+        if cached is not None:
+            return cached["result"]
+        model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+        layers = select_layers(list(find_routers(model)), "last5")
+        self.scorer.reset()
+        means = success_routing_by_task(model, tok, self.samples["train"], layers)
+        result = {}
+        for split in ("val", "test"):
+            samples = self.samples[split]
+            targets = torch.stack([means[s.task] for s in samples])
+            correct = correct_with_routing(model, tok, samples, layers, targets)
+            result[split] = accuracy_by_task(samples, correct)
+        log.info("domain-routing bound: test accuracy %.3f", result["test"]["average"])
+        self.ledger.add(key, {"result": result})
+        return result
+
     def in_distribution(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Diagnostic: the final patches on fresh instances of the pool's own phrasings
         (pretraining and adaptation frames, prompts not in the pool). Tells "the routers learnt
@@ -288,6 +316,7 @@ class Quality:
         started = time.perf_counter()
         base = self.scorer.score(None)
         oracle = self.oracle()
+        domain_routing = self.domain_routing()
         searches = {m: self.search(m) for m in METHODS}
         finals = {m: self.seeds(m, **searches[m]["best"]) for m in METHODS}
         ablations = self.ablations(searches["roma_knn"]["best"]) if self.cfg.ablations else {}
@@ -301,6 +330,14 @@ class Quality:
             "sizes": {s: len(v) for s, v in self.samples.items()},
             "base": base,
             "oracle": oracle,
+            "domain_routing": {
+                **domain_routing,
+                "gap_closed": gap_closed(
+                    domain_routing["test"]["average"],
+                    base["test"]["average"],
+                    oracle["test"]["average"],
+                ),
+            },
             "in_distribution": in_distribution,
             "search": searches,
             "methods": summary,

@@ -53,6 +53,24 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(
         row(LABELS["oracle"], oracle["test"]["tasks"], _pct(oracle["test"]["average"]), "100")
     )
+    domain = results.get("domain_routing")
+    if domain:
+        lines += [
+            "",
+            "Diagnostic, not a method (it uses the task label): routing each test sample at the "
+            "tuned layers' last prompt token like the mean of its task's success-set samples "
+            "gives the row below, i.e. how much of the gap is the kind of correction that "
+            "aligning with successful neighbours can teach.",
+            "",
+            "| diagnostic | " + " | ".join(task_names) + " | average | gap closed |",
+            "|---" * (len(task_names) + 3) + "|",
+            row(
+                "Domain routing",
+                domain["test"]["tasks"],
+                _pct(domain["test"]["average"]),
+                _pct(domain["gap_closed"]),
+            ),
+        ]
     lines += ["", "## Chosen hyper-parameters (validation accuracy, seed 0)", ""]
     lines += [
         "| method | lr | lambda | val acc (%) | train acc after (%) | pool with neighbours (%) |",

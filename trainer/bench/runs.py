@@ -64,11 +64,25 @@ class Scorer:
             self.reset()
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter (name, dtype, bytes): what the model *is*, not where it lives."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class Ledger:
-    """Finished runs, one JSON object a line, looked up by the hash of their configuration."""
+    """Finished runs, one JSON object a line, looked up by the hash of their configuration.
+
+    ``salt`` (the base model's weights fingerprint) is part of every key: a model regenerated
+    at the same path must not reuse runs of the old one.
+    """
 
     path: Path
+    salt: str = ""
 
     def __post_init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}
@@ -78,9 +92,9 @@ class Ledger:
                     record = json.loads(line)
                     self.records[record["key"]] = record
 
-    @staticmethod
-    def key(config: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    def key(self, config: dict[str, Any]) -> str:
+        text = json.dumps(config, sort_keys=True) + self.salt
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def get(self, config: dict[str, Any]) -> dict[str, Any] | None:
         return self.records.get(self.key(config))
@@ -101,7 +115,7 @@ def train_and_score(
     cached = ledger.get(train_config)
     if cached is not None:
         return cached
-    key = Ledger.key(train_config)
+    key = ledger.key(train_config)
     patch_path = patch_dir / f"{key}.safetensors"
     cfg = load_config(None, {**train_config, "out": patch_path})
     started = time.perf_counter()

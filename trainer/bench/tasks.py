@@ -518,24 +518,26 @@ def background(rng: random.Random, words: list[str]) -> str:
     return " ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) + "."
 
 
-def pretraining_pairs(seed: int = 0) -> Iterator[tuple[str, str]]:
-    """An endless, deterministic stream of ``(prompt, answer)`` pairs: the pretraining frames
-    of every domain in turn, and ``BACKGROUND_SHARE`` background sentences (answer "")."""
+def pretraining_pairs(seed: int = 0) -> Iterator[tuple[str, str, str | None]]:
+    """An endless, deterministic stream of ``(prompt, answer, domain)``: the pretraining frames
+    of every domain in turn, and ``BACKGROUND_SHARE`` background sentences (answer "", domain
+    None)."""
     rng = _rng(seed, "pretrain")
     words = lexicon()
     while True:
         for task in TASKS.values():
             if rng.random() < BACKGROUND_SHARE:
-                yield background(rng, words), ""
+                yield background(rng, words), "", None
             inst = task.draw(rng)
-            yield render(rng.choice(task.frames["pretrain"]), inst.fields, rng), inst.answer
+            prompt = render(rng.choice(task.frames["pretrain"]), inst.fields, rng)
+            yield prompt, inst.answer, task.name
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     """Text to train the byte-level BPE on: the pretraining stream, prompts and answers apart
     (as the trainer tokenizes them), plus the lexicon."""
     stream = pretraining_pairs(seed)
-    pairs = [next(stream) for _ in range(n)]
+    pairs = [next(stream)[:2] for _ in range(n)]
     return [t for pair in pairs for t in pair if t] + lexicon()
 
 
