@@ -16,8 +16,8 @@ the last prompt token to the mean routing of the domain's correctly answered poo
 validation accuracy by -0.9 points (65.9 -> 65.0), so routing there selected no skill, and no
 router method could be told apart from another. With it (this configuration) the same
 transplant gains +3.5 points on validation (57.8 -> 61.3). The other variants tried gave less:
-answer tokens only +3.1, coefficient 1.0 +0.3 and +1.5, wider experts (intermediate 128)
-+1.2 (each a full pretraining, scored with the same transplant on the validation split; the
+answer tokens only +3.1, coefficient 1.0 +1.5 (answer tokens only: +0.3), wider experts
+(intermediate 128) +1.2 (each a full pretraining, scored with the same transplant on the validation split; the
 transplant is the ``domain_routing`` diagnostic of ``roma-train bench quality``).
 
 Deterministic for a given seed and thread count: seeded data stream and init, deterministic
