@@ -17,8 +17,8 @@ validation accuracy by -0.9 points (65.9 -> 65.0), so routing there selected no 
 router method could be told apart from another. With it (this configuration) the same
 transplant gains +3.5 points on validation (57.8 -> 61.3). The other variants tried gave less:
 answer tokens only +3.1, coefficient 1.0 +1.5 (answer tokens only: +0.3), wider experts
-(intermediate 128) +1.2 (each a full pretraining, scored with the same transplant on the validation split; the
-transplant is the ``domain_routing`` diagnostic of ``roma-train bench quality``).
+(intermediate 128) +1.2; each a full pretraining, scored with the same transplant on the
+validation split (the ``domain_routing`` diagnostic of ``roma-train bench quality``).
 
 Deterministic for a given seed and thread count: seeded data stream and init, deterministic
 algorithms on. The saved checkpoint (float32 safetensors, about 15 MB) is the project's embedded
