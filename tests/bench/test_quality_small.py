@@ -42,6 +42,11 @@ def test_outputs_exist_and_are_well_formed(small_results: Path) -> None:
     assert results["oracle"]["test_before"]["average"] == pytest.approx(base)
     for factor in ("layers", "token", "k", "fraction", "embedder"):
         assert len(results["ablations"][factor]) >= 2, factor
+    # Diagnostics: routing transplant and weight on the domain's own experts are fractions.
+    assert 0.0 <= results["domain_routing"]["test"]["average"] <= 1.0
+    assert 0.0 < results["domain_mass"]["base"] < 1.0
+    for name in METHODS:
+        assert 0.0 < results["domain_mass"][name]["mean"] < 1.0, name
     for png in ("quality_accuracy.png", "quality_routing.png"):
         assert (small_results / png).read_bytes().startswith(PNG)
 

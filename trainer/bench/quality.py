@@ -247,6 +247,32 @@ class Quality:
         self.ledger.add(key, {"result": result})
         return result
 
+    def domain_mass(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Diagnostic: the routing weight each test sample puts on its own domain's experts (the
+        ones pretraining gave that domain, ``pretrain.domain_experts``) at the last prompt token,
+        mean over the tuned layers, under the base routers and under every final patch. Says
+        whether a method moved routing toward the experts that hold the skill or away."""
+        import numpy as np
+
+        from roma_trainer.bench.pretrain import domain_experts
+
+        samples = self.samples["test"]
+        names = list(tasks.TASKS)
+
+        def mass(patch: str | None) -> float:
+            routing, _ = routing_snapshot(self.scorer, samples, patch)
+            groups = [
+                domain_experts(names.index(s.task), len(names), routing.shape[-1]) for s in samples
+            ]
+            # routing[i][:, g], not routing[i, :, g]: numpy would put the expert axis first.
+            return float(np.mean([routing[i][:, g].sum(-1).mean() for i, g in enumerate(groups)]))
+
+        out: dict[str, Any] = {"base": mass(None)}
+        for method, runs in finals.items():
+            values = [mass(r["patch"]) for r in runs]
+            out[method] = {"mean": mean(values), "std": pstdev(values)}
+        return out
+
     def in_distribution(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Diagnostic: the final patches on fresh instances of the pool's own phrasings
         (pretraining and adaptation frames, prompts not in the pool). Tells "the routers learnt
@@ -321,6 +347,7 @@ class Quality:
         finals = {m: self.seeds(m, **searches[m]["best"]) for m in METHODS}
         ablations = self.ablations(searches["roma_knn"]["best"]) if self.cfg.ablations else {}
         in_distribution = self.in_distribution(finals)
+        domain_mass = self.domain_mass(finals)
         summary = summarise(base, oracle, finals)
         self.results = {
             "config": {
@@ -339,6 +366,7 @@ class Quality:
                 ),
             },
             "in_distribution": in_distribution,
+            "domain_mass": domain_mass,
             "search": searches,
             "methods": summary,
             "ablations": {

@@ -115,6 +115,21 @@ def markdown(results: dict[str, Any]) -> str:
                 for g in ("pretrain", "adapt")
             ]
             lines.append(f"| {LABELS[m]} | {cells[0]} | {cells[1]} |")
+    dm = results.get("domain_mass")
+    if dm:
+        lines += [
+            "",
+            "## Routing weight on the sample's own domain experts (test split)",
+            "",
+            "At the last prompt token, mean over the tuned layers: the experts pretraining gave "
+            "the sample's domain. Above base = the patch moved routing toward them.",
+            "",
+            "| method | weight on own domain's experts |",
+            "|---|---|",
+            f"| {LABELS['base']} | {dm['base']:.3f} |",
+        ]
+        for m in METHODS:
+            lines.append(f"| {LABELS[m]} | {dm[m]['mean']:.3f} ± {dm[m]['std']:.3f} |")
     if results["ablations"]:
         lines += ["", "## Ablations (RoMA k-NN, test accuracy %, mean ± std over seeds)", ""]
         for factor, options in results["ablations"].items():
