@@ -3,9 +3,19 @@ whose training text is tokenized exactly as the trainer scores it."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
+import torch
 from safetensors.torch import load_file
 
-from roma_trainer.bench.pretrain import PretrainConfig, encode, pretrain
+from roma_trainer.bench.pretrain import (
+    PretrainConfig,
+    domain_experts,
+    encode,
+    pretrain,
+    specialisation_loss,
+)
 from roma_trainer.modeling import load_model
 from roma_trainer.routers import find_routers
 
@@ -47,3 +57,24 @@ def test_pretraining_sequences_match_the_trainer_tokenization(tmp_path) -> None:
     ids = encode(tok, prompt, answer)
     assert ids[:-1] == enc.input_ids[0].tolist()
     assert ids[-1] == tok.eos_token_id
+
+
+def test_each_domain_owns_its_experts_and_the_loss_asks_for_them() -> None:
+    groups = [domain_experts(d, 8, 16) for d in range(8)]
+    assert groups[0] == [0, 1] and groups[7] == [14, 15]
+    assert sorted(e for g in groups for e in g) == list(range(16))  # a partition
+    assert domain_experts(5, 8, 4) == [1]  # fewer experts than domains: shared round-robin
+
+    selected = torch.tensor([True, True, False])
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[:, [2, 3]] = True
+    uniform = (torch.zeros(3, 16),)
+    # Uniform routing puts 2/16 of the weight on the group: loss = log 8.
+    assert specialisation_loss(uniform, selected, mask).item() == pytest.approx(math.log(8))
+    peaked = torch.full((3, 16), -30.0)
+    peaked[:, 2] = 10.0
+    assert specialisation_loss((peaked, peaked), selected, mask).item() < 1e-6
+    # Tokens not selected do not count, and nothing selected is a zero loss.
+    peaked[2, :] = 0.0
+    assert specialisation_loss((peaked,), selected, mask).item() < 1e-6
+    assert specialisation_loss(uniform, torch.zeros(3, dtype=torch.bool), mask).item() == 0.0

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -63,7 +64,7 @@ class PretrainConfig:
     specialise_coef: float = 0.1
     # Which tokens of a task sequence the specialisation loss applies to: "answer" (the last
     # prompt token and the answer tokens) or "all" (every prompt and answer token).
-    specialise_tokens: str = "all"
+    specialise_tokens: Literal["answer", "all"] = "all"
     # One intra-op thread: bit-reproducible across machines, and on shared cores far faster than
     # two threads fighting over them (measured: 0.6-0.8 s vs 1.5-5 s a step under load).
     threads: int = 1
@@ -128,7 +129,7 @@ def _batches(
     stream: Iterator[tuple[str, str, str | None]], tokenizer, cfg: PretrainConfig
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of similar-length sequences, in a seeded order, with the expert group
-    (``experts_mask`` [B*S, E]) the specialisation loss asks for at each answer-producing token
+    (``experts_mask`` [B*S, E]) the specialisation loss asks for at each token it covers
     (``specialise`` [B*S])."""
     rng = random.Random(cfg.seed)
     names = list(tasks.TASKS)
@@ -152,7 +153,8 @@ def _batches(
                 ids[i, : len(row.ids)] = torch.tensor(row.ids)
                 mask[i, : len(row.ids)] = 1
                 if row.domain >= 0:
-                    # the last prompt token and the answer tokens (not eos: it predicts nothing)
+                    # "answer": from the last prompt token, "all": from the first; never the
+                    # eos position (it predicts nothing)
                     first = row.answer_from if cfg.specialise_tokens == "answer" else 0
                     specialise[i, first : len(row.ids) - 1] = True
                     group = domain_experts(row.domain, len(names), cfg.experts)
