@@ -25,7 +25,13 @@ from torch import nn
 
 from roma_trainer.data import Sample
 from roma_trainer.routers import find_routers
-from roma_trainer.scoring import encode_pairs, max_length, score_encoded, token_position
+from roma_trainer.scoring import (
+    Encoded,
+    encode_pairs,
+    max_length,
+    score_encoded,
+    token_position,
+)
 
 
 @dataclass
@@ -81,6 +87,30 @@ class _RoutingDelta:
         return hook
 
 
+def _encode_routed(
+    model: nn.Module, tokenizer, samples: Sequence[Sample], token: str
+) -> tuple[Encoded, torch.Tensor, torch.Tensor]:
+    """Every (prompt, choice) sequence of ``samples``, the flat row of each sequence's routed
+    token, and the sample each sequence belongs to (what :class:`_RoutingDelta` needs)."""
+    pairs, owner = [], []
+    for i, sample in enumerate(samples):
+        pairs.extend((sample.prompt, choice) for choice in sample.choices)
+        owner.extend([i] * len(sample.choices))
+    enc = encode_pairs(tokenizer, pairs, max_length(model))
+    positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
+    rows = torch.arange(len(pairs)) * enc.input_ids.shape[1] + positions
+    return enc, rows, torch.tensor(owner)
+
+
+def _correct(samples: Sequence[Sample], logprob: torch.Tensor) -> list[bool]:
+    """Per sample: is the best-scored of its choices (consecutive rows of ``logprob``) gold?"""
+    out, cursor = [], 0
+    for sample in samples:
+        out.append(int(logprob[cursor : cursor + len(sample.choices)].argmax()) == sample.answer)
+        cursor += len(sample.choices)
+    return out
+
+
 def oracle_batch(
     model: nn.Module,
     tokenizer,
@@ -91,28 +121,18 @@ def oracle_batch(
     lr: float = 0.5,
 ) -> OracleResult:
     """Optimise the routing of ``samples`` one token each; see the module docstring."""
-    pairs, owner_of_row, gold_rows = [], [], []
-    for i, sample in enumerate(samples):
-        gold_rows.append(len(pairs) + sample.answer)
-        pairs.extend((sample.prompt, choice) for choice in sample.choices)
-        owner_of_row.extend([i] * len(sample.choices))
-    enc = encode_pairs(tokenizer, pairs, max_length(model))
-    width = enc.input_ids.shape[1]
-    positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
-    owner = torch.tensor(owner_of_row)
-    gold = torch.tensor(gold_rows)
+    enc, rows, owner = _encode_routed(model, tokenizer, samples, token)
+    starts = [0]
+    for sample in samples[:-1]:
+        starts.append(starts[-1] + len(sample.choices))
+    gold = torch.tensor([start + s.answer for start, s in zip(starts, samples, strict=True)])
     n_experts = find_routers(model)[layers[0]].weight.shape[0]
 
     def accuracy(logprob: torch.Tensor) -> list[bool]:
-        out, cursor = [], 0
-        for sample in samples:
-            scores = logprob[cursor : cursor + len(sample.choices)]
-            out.append(int(scores.argmax()) == sample.answer)
-            cursor += len(sample.choices)
-        return out
+        return _correct(samples, logprob)
 
     with _RoutingDelta(model, layers) as hooks:
-        hooks.rows = torch.arange(len(pairs)) * width + positions
+        hooks.rows = rows
         hooks.owner = owner
         delta = torch.zeros(len(samples), len(layers), n_experts, requires_grad=True)
         hooks.delta = delta
@@ -210,20 +230,7 @@ def correct_with_routing(
     with _RoutingDelta(model, layers) as hooks:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            pairs, owner = [], []
-            for i, sample in enumerate(batch):
-                pairs.extend((sample.prompt, choice) for choice in sample.choices)
-                owner.extend([i] * len(sample.choices))
-            enc = encode_pairs(tokenizer, pairs, max_length(model))
-            width = enc.input_ids.shape[1]
-            positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
-            hooks.rows = torch.arange(len(pairs)) * width + positions
-            hooks.owner = torch.tensor(owner)
+            enc, hooks.rows, hooks.owner = _encode_routed(model, tokenizer, batch, token)
             hooks.target = targets[start : start + batch_size]
-            logprob = score_encoded(model, enc).logprob
-            cursor = 0
-            for sample in batch:
-                scores = logprob[cursor : cursor + len(sample.choices)]
-                correct.append(int(scores.argmax()) == sample.answer)
-                cursor += len(sample.choices)
+            correct += _correct(batch, score_encoded(model, enc).logprob)
     return correct
