@@ -49,6 +49,12 @@ class EngineOptions(BaseModel):
     dtype: str | None = Field(None, description="default: float32 on the CPU, auto on GPUs")
     enforce_eager: bool | None = Field(None, description="default: on for the CPU")
     kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on the CPU")
+    cpu_cores: str | None = Field(
+        None,
+        description="VLLM_CPU_OMP_THREADS_BIND on the CPU: the cores its worker is pinned to "
+        "('0-3', '5'); default: vLLM's auto binding, which pins every engine on a host to the "
+        "same first cores, so engines sharing a host need disjoint sets",
+    )
     max_model_len: int | None = None
     served_model_name: str | None = None
     extra_args: list[str] = Field(default_factory=list)
@@ -145,6 +151,8 @@ class EngineProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
+            if self.options.cpu_cores:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = self.options.cpu_cores
             if model_type(self.options.model) in _DEEPSEEK_TYPES:
                 # vLLM-CPU runs MLA only at DeepSeek's full sizes; plain attention otherwise.
                 env.setdefault("VLLM_MLA_DISABLE", "1")

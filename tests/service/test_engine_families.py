@@ -30,6 +30,7 @@ from tests.fixtures.engine import (
     patch_bytes,
     perturbed_routers,
     prompt_ids,
+    spare_core,
     start,
 )
 from tests.service.gateway_support import AUTH, gateway_settings, running_gateway
@@ -57,7 +58,7 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
     patched_hf = hf_greedy(model_dir, prompts, routers=routers)
     assert patched_hf != base_hf
 
-    process = start(model_dir, tmp_path)
+    process = start(model_dir, tmp_path, cpu_cores=spare_core())
     pgid = process.proc.pid
     try:
         async with EngineClient(process.url) as client:
@@ -94,7 +95,7 @@ async def test_deepseek_patch_applies_and_routes_like_transformers(
     singles = [ids[:1] for ids in prompt_ids(model_dir, ["Paris", "The", "Mixture", "sky"])]
     prompts = prompt_ids(model_dir)
 
-    process = start(model_dir, tmp_path)
+    process = start(model_dir, tmp_path, cpu_cores=spare_core())
     try:
         async with EngineClient(process.url) as client:
             base_out = engine_greedy(process.url, model_dir, prompts)

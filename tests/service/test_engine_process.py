@@ -55,6 +55,11 @@ def test_command_and_environment_for_the_cpu(tiny_models: dict[str, Path]) -> No
     olmoe = EngineProcess(EngineOptions(model=str(tiny_models["olmoe"]), device="cpu"))
     # Only DeepSeek gets it (an outer environment's own setting passes through untouched).
     assert olmoe.environment().get("VLLM_MLA_DISABLE") == os.environ.get("VLLM_MLA_DISABLE")
+    # vLLM's auto binding unless cores are given (engines sharing a host need disjoint ones).
+    bind = "VLLM_CPU_OMP_THREADS_BIND"
+    assert olmoe.environment().get(bind) == os.environ.get(bind)
+    pinned = EngineOptions(model=str(tiny_models["olmoe"]), device="cpu", cpu_cores="2-3")
+    assert EngineProcess(pinned).environment()[bind] == "2-3"
 
     gpu = EngineProcess(EngineOptions(model="allenai/OLMoE-1B-7B-0924", device="cuda"))
     assert "--enforce-eager" not in gpu.command()  # CUDA graphs stay on: the swap keeps them

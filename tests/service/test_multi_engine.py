@@ -20,7 +20,7 @@ import pytest
 from roma_service.engine.client import EngineClient
 from roma_service.engine.process import EngineProcess
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import start
+from tests.fixtures.engine import spare_core, start
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -40,7 +40,7 @@ def second_engine(
     tiny_olmoe: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EngineProcess]:
     """A second engine this module may kill and restart (same port)."""
-    process = start(tiny_olmoe, tmp_path_factory.mktemp("second-engine"))
+    process = start(tiny_olmoe, tmp_path_factory.mktemp("second-engine"), cpu_cores=spare_core())
     try:
         yield process
     finally:

@@ -22,7 +22,7 @@ from roma_trainer.evaluate import HFBackend, evaluate
 from roma_trainer.evaluate_remote import CompletionsBackend, completion_payload, parse_choice
 from roma_trainer.push import push_patch
 from roma_trainer.recipe import run
-from tests.fixtures.engine import start
+from tests.fixtures.engine import spare_core, start
 from tests.service.gateway_support import ADMIN_TOKEN, gateway_settings, running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
@@ -108,7 +108,9 @@ async def test_trained_patch_scores_the_same_served_and_offline(
 @pytest.fixture(scope="module")
 def bench_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second real engine, on the benchmark model (the embedded default)."""
-    process = start(default_model_dir(), tmp_path_factory.mktemp("bench-engine-logs"))
+    process = start(
+        default_model_dir(), tmp_path_factory.mktemp("bench-engine-logs"), cpu_cores=spare_core()
+    )
     try:
         yield process.url
     finally:
