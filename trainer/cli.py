@@ -114,6 +114,13 @@ def train(
         float | None,
         typer.Option(help="Gaussian kernel bandwidth (default: median neighbour distance)."),
     ] = None,
+    neighbour_routing: Annotated[
+        str | None,
+        typer.Option(
+            help="base | live: r_j is the neighbour's routing under the base routers (fixed "
+            "targets) or under the routers being trained (default: base)."
+        ),
+    ] = None,
     lam: Annotated[
         float | None,
         typer.Option(
@@ -167,6 +174,7 @@ def train(
         k=k,
         eps=eps,
         sigma=sigma,
+        neighbour_routing=neighbour_routing,
         lam=lam,
         layers=layers,
         token=token,

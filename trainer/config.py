@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
     k: int = Field(3, ge=1)
     eps: float = Field(0.5, gt=0)
     sigma: float | None = Field(None, gt=0, description="kernel bandwidth; None = median distance")
+    neighbour_routing: Literal["base", "live"] = Field(
+        "base",
+        description="r_j of a neighbour: its routing under the base routers (fixed targets) or "
+        "under the routers being trained (recomputed every step, with gradient)",
+    )
     lam: float = Field(1.0, ge=0)
     lam_warmup_steps: int = Field(10, ge=0)
     layers: str | list[int] = "last5"

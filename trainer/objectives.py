@@ -30,15 +30,20 @@ def choice_cross_entropy(scores: torch.Tensor, answers: torch.Tensor) -> torch.T
 
 
 def manifold_term(
-    routing: torch.Tensor, neighbour_routing: torch.Tensor, weights: torch.Tensor
+    routing: torch.Tensor,
+    neighbour_routing: torch.Tensor,
+    weights: torch.Tensor,
+    detach_neighbours: bool = True,
 ) -> torch.Tensor:
     """mean_i sum_{j in N(i)} W_ij ||r_i - r_j||^2.
 
-    ``routing`` [B, D] (live, with grad); ``neighbour_routing`` [B, K, D] under the base
-    routers (detached here, whatever the caller passes); ``weights`` [B, K], 0 for padded
-    slots, so a sample without neighbours contributes 0.
+    ``routing`` [B, D] (live, with grad); ``neighbour_routing`` [B, K, D]: fixed targets
+    (detached here) or, with ``detach_neighbours=False``, live routing whose gradient moves the
+    neighbours too; ``weights`` [B, K], 0 for padded slots, so a sample without neighbours
+    contributes 0.
     """
-    diff = routing[:, None, :] - neighbour_routing.detach()
+    targets = neighbour_routing.detach() if detach_neighbours else neighbour_routing
+    diff = routing[:, None, :] - targets
     return (weights * diff.pow(2).sum(-1)).sum(-1).mean()
 
 

@@ -154,6 +154,23 @@ class RomaRecipe:
         warmup = self.cfg.lam_warmup_steps
         return self.cfg.lam * (1.0 if warmup == 0 else min(1.0, (step + 1) / warmup))
 
+    def live_routing(self, nb_index: torch.Tensor) -> torch.Tensor:
+        """Routing ``[B, K, D]`` of success-set members ``nb_index`` under the routers being
+        trained, with gradient. The routed token is in the prompt, so one choice per sample
+        is enough (causal attention: the choices never reach it)."""
+        members = sorted(set(nb_index.flatten().tolist()))
+        batch = [self.samples[self.success[m]] for m in members]
+        batch = [Sample(s.task, s.prompt, s.choices[:1], 0) for s in batch]
+        routing = score_samples(
+            self.model, self.loaded.tokenizer, batch, self.cfg.token, self.capture
+        ).routing
+        assert routing is not None
+        slot = {m: i for i, m in enumerate(members)}
+        flat = routing.flatten(1)
+        return flat[torch.tensor([slot[m] for m in nb_index.flatten().tolist()])].view(
+            *nb_index.shape, -1
+        )
+
     def loss(self, idx: Sequence[int], lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         """CE + lam * regulariser for the samples ``idx``; see roma_trainer.objectives."""
         objective = self.cfg.objective
@@ -167,10 +184,16 @@ class RomaRecipe:
         elif objective == "manifold":
             assert self.neighbours is not None and scores.routing is not None
             nb_index = self.neighbours.index[list(idx)]
-            nb_routing = self.success_routing[nb_index.clamp_min(0)]
             weights = self.neighbours.weight[list(idx)]
+            if self.cfg.neighbour_routing == "live":
+                nb_routing = self.live_routing(nb_index.clamp_min(0))
+            else:
+                nb_routing = self.success_routing[nb_index.clamp_min(0)]
             reg = objectives.manifold_term(
-                scores.routing.flatten(1), nb_routing.to(ce.device), weights.to(ce.device)
+                scores.routing.flatten(1),
+                nb_routing.to(ce.device),
+                weights.to(ce.device),
+                detach_neighbours=self.cfg.neighbour_routing == "base",
             )
         elif objective == "l1":
             reg = objectives.l1_term(self.params, self.base_params)

@@ -36,6 +36,12 @@ def test_manifold_term_matches_formula_and_detaches_neighbours() -> None:
     assert r.grad is not None and r.grad[0].abs().sum() > 0
     assert r.grad[1].abs().sum() == 0
 
+    # Live neighbours: the same value, and the gradient now reaches them too.
+    live = objectives.manifold_term(r, nb, w, detach_neighbours=False)
+    assert math.isclose(live.item(), d0 / 2, rel_tol=1e-6)
+    live.backward()
+    assert nb.grad is not None and nb.grad[0].abs().sum() > 0
+
 
 def test_l1_and_l2_pull_toward_base() -> None:
     w = [torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5]])]

@@ -8,6 +8,7 @@ a fresh base model and is fingerprinted like the gateway will fingerprint the ch
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,36 @@ def test_every_objective_trains_with_a_live_regulariser(
         assert all(part["reg"] > 0 for part in losses)
     if changes.get("layers") == "all":
         assert recipe.layers == [0, 1, 2, 3, 4, 5]
+
+
+def test_live_neighbour_routing_starts_equal_to_base_and_trains_the_neighbours_too(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """At the base routers live r_j equal the stored base r_j, so the first loss is the same;
+    after training they differ (the stored targets never move, live ones do)."""
+    recipes = {}
+    for mode in ("base", "live"):
+        cfg = config(
+            tiny_olmoe, small_data, tmp_path / f"{mode}.safetensors", max_steps=3,
+            lam=5.0, lam_warmup_steps=0, neighbour_routing=mode,
+        )  # fmt: skip
+        recipe = RomaRecipe(cfg)
+        recipe.setup()
+        recipes[mode] = recipe
+    try:
+        idx = list(range(8))
+        first = {m: r.loss(idx, 5.0)[1]["reg"] for m, r in recipes.items()}
+        assert first["base"] > 0
+        assert math.isclose(first["live"], first["base"], rel_tol=1e-4)
+        live = recipes["live"]
+        nb = live.neighbours.index[idx].clamp_min(0)
+        live_before = live.live_routing(nb).detach()
+        torch.testing.assert_close(live_before, live.success_routing[nb], rtol=1e-4, atol=1e-6)
+        live.train()
+        assert not torch.allclose(live.live_routing(nb).detach(), live_before, atol=1e-4)
+    finally:
+        for recipe in recipes.values():
+            recipe.cleanup()
 
 
 def test_deepseek_v3_round_trip(
