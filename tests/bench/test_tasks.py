@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -126,3 +127,22 @@ def test_held_out_distractor_style_only_in_test(split: str) -> None:
         for s in test
         if int(s["choices"][s["answer"]]) >= 5
     )
+
+
+def test_topping_up_distractors_never_uses_an_excluded_style() -> None:
+    """A style with too few distinct values is topped up from the split's own styles only:
+    the held-out style must not reach training or validation through the top-up."""
+    task = tasks.Task(
+        "toy",
+        {"pretrain": ("{a}",), "adapt": ("{a}",), "val": ("{a}",), "test": ("{a}",)},
+        lambda rng: tasks.Instance(
+            {"a": "1"}, "0", {"few": ["1"], "many": ["2", "3", "4"], "held": ["7", "8", "9"]}
+        ),
+        n_choices=4,
+        styles=("few", "many", "held"),
+    )
+    rng = random.Random(0)
+    for _ in range(50):
+        sample = tasks.make_sample(task, rng, "{a}", ("few", "many"))
+        assert len(sample["choices"]) == 4
+        assert not {"7", "8", "9"} & set(sample["choices"]), sample

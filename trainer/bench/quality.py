@@ -31,7 +31,7 @@ from roma_models import default_model_dir
 from roma_trainer.bench import tasks
 from roma_trainer.bench.embedders import build_random_minilm
 from roma_trainer.bench.runs import Ledger, Scorer, train_and_score, weights_fingerprint
-from roma_trainer.data import Sample, load_samples
+from roma_trainer.data import Sample, data_fingerprint, load_samples
 
 log = logging.getLogger("roma_trainer.bench")
 
@@ -132,7 +132,12 @@ class Quality:
         )
         self.samples = {split: load_samples(path) for split, path in self.paths.items()}
         self.scorer = Scorer(self.model, {"val": self.samples["val"], "test": self.samples["test"]})
-        self.ledger = Ledger(self.out / "runs.jsonl", weights_fingerprint(self.scorer.loaded.model))
+        # The splits' content is part of every key too: runs name their data by path, and a
+        # changed generator rewrites the same paths.
+        data = "".join(data_fingerprint(self.samples[s]) for s in ("train", "val", "test"))
+        self.ledger = Ledger(
+            self.out / "runs.jsonl", weights_fingerprint(self.scorer.loaded.model) + data
+        )
         self.patch_dir = self.out / "patches"
         self.results: dict[str, Any] = {}
 

@@ -77,8 +77,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 class Ledger:
     """Finished runs, one JSON object a line, looked up by the hash of their configuration.
 
-    ``salt`` (the base model's weights fingerprint) is part of every key: a model regenerated
-    at the same path must not reuse runs of the old one.
+    ``salt`` (the base model's weights fingerprint, and the data's) is part of every key: a
+    model or data set regenerated at the same path must not reuse runs of the old one.
     """
 
     path: Path

@@ -449,8 +449,9 @@ def make_sample(task: Task, rng: random.Random, frame: str, styles: tuple[str, .
     style = rng.choice(styles)
     need = task.n_choices - 1
     distractors = _unique(inst.distractors[style], inst.answer, need, rng)
-    if len(distractors) < need:  # a style can yield too few distinct values: top up
-        others = [d for s in task.styles for d in inst.distractors[s] if d not in distractors]
+    if len(distractors) < need:  # a style can yield too few distinct values: top up (from
+        # this split's styles only: the held-out one must not leak into training)
+        others = [d for s in styles for d in inst.distractors[s] if d not in distractors]
         distractors += _unique(others, inst.answer, need - len(distractors), rng)
     choices = [*distractors, inst.answer]
     rng.shuffle(choices)
