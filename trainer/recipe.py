@@ -158,18 +158,14 @@ class RomaRecipe:
         """Routing ``[B, K, D]`` of success-set members ``nb_index`` under the routers being
         trained, with gradient. The routed token is in the prompt, so one choice per sample
         is enough (causal attention: the choices never reach it)."""
-        members = sorted(set(nb_index.flatten().tolist()))
-        batch = [self.samples[self.success[m]] for m in members]
+        members, slot = torch.unique(nb_index, return_inverse=True)  # each member scored once
+        batch = [self.samples[self.success[m]] for m in members.tolist()]
         batch = [Sample(s.task, s.prompt, s.choices[:1], 0) for s in batch]
         routing = score_samples(
             self.model, self.loaded.tokenizer, batch, self.cfg.token, self.capture
         ).routing
         assert routing is not None
-        slot = {m: i for i, m in enumerate(members)}
-        flat = routing.flatten(1)
-        return flat[torch.tensor([slot[m] for m in nb_index.flatten().tolist()])].view(
-            *nb_index.shape, -1
-        )
+        return routing.flatten(1)[slot]
 
     def loss(self, idx: Sequence[int], lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         """CE + lam * regulariser for the samples ``idx``; see roma_trainer.objectives."""
