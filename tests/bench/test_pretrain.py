@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from roma_trainer.bench.pretrain import (
+    FORCE_BIAS,
+    DomainForcing,
     PretrainConfig,
+    build_model,
     domain_experts,
     encode,
     pretrain,
@@ -78,3 +81,30 @@ def test_each_domain_owns_its_experts_and_the_loss_asks_for_them() -> None:
     peaked[2, :] = 0.0
     assert specialisation_loss((peaked,), selected, mask).item() < 1e-6
     assert specialisation_loss(uniform, torch.zeros(3, dtype=torch.bool), mask).item() == 0.0
+
+
+def test_forcing_runs_the_domain_experts_only_where_asked() -> None:
+    cfg = PretrainConfig(layers=3, experts=4, hidden_size=64, intermediate_size=32)
+    model = build_model(cfg, vocab_size=50)
+    forcing = DomainForcing(model, first_layer=1)
+    first, routed = forcing.routers[0], forcing.routers[1]
+    assert "forward" not in vars(first) and "forward" in vars(routed)  # layer 0 left alone
+    torch.manual_seed(0)
+    with torch.no_grad():
+        routed.weight.normal_()
+        hidden = torch.randn(3, 64)
+        plain = hidden @ routed.weight.T
+        group = [2, 3] if set(plain[0].topk(2).indices.tolist()) != {2, 3} else [0, 1]
+        bias = torch.zeros(3, 4)
+        bias[0, group] = FORCE_BIAS
+        forcing.set(bias)
+        _, weights, index = routed(hidden)
+    assert sorted(index[0].tolist()) == group  # forced: not what the router would pick
+    assert weights[0].sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert index[1:].sort(-1).values.tolist() == plain[1:].topk(2).indices.sort(-1).values.tolist()
+    # the specialisation loss sees the router's own logits, not the forced ones
+    assert torch.allclose(forcing.free_logits[0], plain, atol=1e-5)
+    forcing.set(None)
+    with torch.no_grad():
+        _, _, index = routed(hidden)
+    assert index.sort(-1).values.tolist() == plain.topk(2).indices.sort(-1).values.tolist()

@@ -7,18 +7,26 @@ the domains. Only the ``pretrain`` templates are used (``tasks.py``), which leav
 ``adapt``/``val``/``test`` phrasings unseen.
 
 Experts specialise by domain *by construction*, as in domain-expert MoEs (DEMix): each domain
-owns ``experts // domains`` experts, and a third loss term, ``specialise_coef`` times
-``-log sum_{e in G(domain)} p_e`` (p = the router's softmax, every layer), is added for every
-token of a task sequence (``specialise_tokens="all"``; ``"answer"``: only the last prompt token
-and the answer tokens). Background sentences route freely (load balancing only). Without it the
-first benchmark model spread every skill over all experts: setting the tuned layers' routing at
-the last prompt token to the mean routing of the domain's correctly answered pool samples moved
-validation accuracy by -0.9 points (65.9 -> 65.0), so routing there selected no skill, and no
-router method could be told apart from another. With it (this configuration) the same
-transplant gains +3.5 points on validation (57.8 -> 61.3). The other variants tried gave less:
-answer tokens only +3.1, coefficient 1.0 +1.5 (answer tokens only: +0.3), wider experts
-(intermediate 128) +1.2; each a full pretraining, scored with the same transplant on the
-validation split (the ``domain_routing`` diagnostic of ``roma-train bench quality``).
+owns ``experts // domains`` experts of the specialising layers (the last five, the layers the
+trainer tunes by default). At the tokens where the answer is decided (``specialise_tokens=
+"answer"``: the last prompt token and the answer tokens) those layers *run* the domain's experts
+(``routing="forced"``: a large bias on their logits before the top-k, ``DomainForcing``), so the
+experts only ever see their own domain there, and a third loss term, ``specialise_coef`` times
+``-log sum_{e in G(domain)} p_e`` on the router's own logits, teaches the router to pick them by
+itself. Nothing is forced after pretraining: the saved checkpoint is a plain OLMoE, and on a
+phrasing it has not seen its router can pick the wrong domain's experts, which is the failure
+the benchmark is about. Background sentences and the early layers route freely (load balancing
+only).
+
+Why this configuration: variants were scored on the **validation** split (the test split was not
+looked at) by how much routing at the tuned layers decides the answer. The domain-routing
+transplant (``roma-train bench quality``'s diagnostic: routing at the last prompt token set to
+the mean routing of the task's correctly answered pool samples) gains +4.1 points here (57.5 ->
+61.6; the oracle reaches 69.4), against +2.5 for the previous model (soft loss only, every token
+and layer: 56.9 -> 59.4, oracle 75.0) and +1.3 for forcing in all eight layers (57.2 -> 58.4,
+where only forcing the first three layers too moves accuracy). Without any specialisation the
+first benchmark model's transplant moved validation by -0.9 points: routing selected no skill.
+``docs/quality.md`` has every variant.
 
 Deterministic for a given seed and thread count: seeded data stream and init, deterministic
 algorithms on. The saved checkpoint (float32 safetensors, about 15 MB) is the project's embedded
@@ -64,7 +72,15 @@ class PretrainConfig:
     specialise_coef: float = 0.1
     # Which tokens of a task sequence the specialisation loss applies to: "answer" (the last
     # prompt token and the answer tokens) or "all" (every prompt and answer token).
-    specialise_tokens: Literal["answer", "all"] = "all"
+    specialise_tokens: Literal["answer", "all"] = "answer"
+    # "soft": the specialisation loss only pulls the router toward the domain's experts.
+    # "forced": besides, at every covered token the domain's experts are the ones that run
+    # (their logits get a large bias before the top-k, as DEMix routes by domain in training),
+    # so those experts see their own domain only; the router still learns to pick them by
+    # itself from the specialisation loss, and nothing is forced after pretraining.
+    routing: Literal["soft", "forced"] = "forced"
+    # The layers that specialise (loss and forcing): the last ``specialise_layers``, or all.
+    specialise_layers: int | None = 5
     # One intra-op thread: bit-reproducible across machines, and on shared cores far faster than
     # two threads fighting over them (measured: 0.6-0.8 s vs 1.5-5 s a step under load).
     threads: int = 1
@@ -181,6 +197,44 @@ def specialisation_loss(
     return torch.stack(losses).mean()
 
 
+FORCE_BIAS = 100.0  # far above any learnt logit gap: the forced experts always win the top-k
+
+
+class DomainForcing:
+    """Routes the covered tokens of a batch to their domain's experts in every layer, and keeps
+    each router's own (unbiased) logits for the specialisation loss.
+
+    Wraps each OLMoE router's forward in place (same module, same parameters, so the saved
+    checkpoint is an ordinary OLMoE); ``set`` gives the bias of the next forward pass."""
+
+    def __init__(self, model: torch.nn.Module, first_layer: int = 0) -> None:
+        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+
+        self.bias: torch.Tensor | None = None
+        self.free_logits: list[torch.Tensor] = []
+        self.routers = [m for m in model.modules() if isinstance(m, OlmoeTopKRouter)]
+        for router in self.routers[first_layer:]:
+            router.forward = self._forward(router)
+
+    def set(self, bias: torch.Tensor | None) -> None:
+        self.bias = bias
+        self.free_logits = []
+
+    def _forward(self, router):
+        def forward(hidden_states: torch.Tensor):
+            hidden = hidden_states.reshape(-1, router.hidden_dim)
+            logits = torch.nn.functional.linear(hidden, router.weight)
+            self.free_logits.append(logits)
+            routed = logits if self.bias is None else logits + self.bias
+            probs = torch.softmax(routed, dim=-1, dtype=torch.float)
+            top_value, top_index = torch.topk(probs, router.top_k, dim=-1)
+            if router.norm_topk_prob:
+                top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+            return routed, top_value.to(logits.dtype), top_index
+
+        return forward
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Train and save the model + tokenizer into ``cfg.out``; returns that directory."""
     from tqdm import tqdm
@@ -196,6 +250,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = build_model(cfg, len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = _batches(tasks.pretraining_pairs(cfg.seed), tokenizer, cfg)
+    first = 0 if cfg.specialise_layers is None else max(0, cfg.layers - cfg.specialise_layers)
+    forcing = DomainForcing(model, first) if cfg.routing == "forced" else None
     started = time.perf_counter()
     history: list[dict[str, float]] = []
 
@@ -206,8 +262,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
+        if forcing is not None:
+            covered = (specialise[:, None] & experts_mask).float()
+            forcing.set(covered * FORCE_BIAS)
         output = model(**batch, labels=labels, output_router_logits=True)
-        spec = specialisation_loss(output.router_logits, specialise, experts_mask)
+        router_logits = output.router_logits[first:] if forcing is None else forcing.free_logits
+        spec = specialisation_loss(router_logits, specialise, experts_mask)
         (output.loss + cfg.specialise_coef * spec).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
