@@ -71,9 +71,10 @@ def markdown(results: dict[str, Any]) -> str:
                 _pct(domain["gap_closed"]),
             ),
         ]
-    lines += ["", "## Chosen hyper-parameters (validation accuracy, seed 0)", ""]
+    lines += ["", "## Chosen hyper-parameters (picked on validation with seed 0)", ""]
     lines += [
-        "| method | lr | lambda | val acc (%) | train acc after (%) | pool with neighbours (%) |",
+        "| method | lr | lambda | val acc (%, mean of seeds) | train acc after (%) "
+        "| pool with neighbours (%) |",
         "|---|---|---|---|---|---|",
     ]
     for m in METHODS:
