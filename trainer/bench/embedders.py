@@ -44,7 +44,10 @@ def build_random_minilm(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(backbone)
     transformer = Transformer(str(backbone), max_seq_length=128)
-    pooling = Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    # sentence-transformers 6 renamed the method; 5.x only has the old name
+    dimension = getattr(transformer, "get_embedding_dimension", None)
+    dimension = dimension or transformer.get_word_embedding_dimension
+    pooling = Pooling(dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(str(out))
     shutil.rmtree(backbone)
     return out

@@ -272,12 +272,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        lm = float(output.loss - cfg.aux_loss_coef * output.aux_loss)
-        aux = float(output.aux_loss)
-        bar.set_postfix(lm=f"{lm:.3f}", aux=f"{aux:.3f}", spec=f"{float(spec):.3f}")
+        lm = (output.loss - cfg.aux_loss_coef * output.aux_loss).item()
+        aux = output.aux_loss.item()
+        bar.set_postfix(lm=f"{lm:.3f}", aux=f"{aux:.3f}", spec=f"{spec.item():.3f}")
         if step % 50 == 0 or step == cfg.steps - 1:
             history.append(
-                {"step": step, "lm_loss": lm, "aux_loss": aux, "specialise_loss": float(spec)}
+                {"step": step, "lm_loss": lm, "aux_loss": aux, "specialise_loss": spec.item()}
             )
 
     seconds = time.perf_counter() - started
