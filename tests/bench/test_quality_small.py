@@ -44,6 +44,11 @@ def test_outputs_exist_and_are_well_formed(small_results: Path) -> None:
         assert len(results["ablations"][factor]) >= 2, factor
     # Diagnostics: routing transplant and weight on the domain's own experts are fractions.
     assert 0.0 <= results["domain_routing"]["test"]["average"] <= 1.0
+    # ... broken down by the held-out phrasing each test prompt was rendered from
+    frames = results["domain_routing"]["test"]["frames"]
+    assert sum(f["n"] for f in frames) == results["sizes"]["test"]
+    assert all(f["frame"] != "?" for f in frames)
+    assert {f["task"] for f in frames} == tasks
     assert 0.0 < results["domain_mass"]["base"] < 1.0
     for name in METHODS:
         assert 0.0 < results["domain_mass"][name]["mean"] < 1.0, name
@@ -56,6 +61,7 @@ def test_markdown_has_a_row_per_method(small_results: Path) -> None:
     for label in LABELS.values():
         assert f"| {label} |" in text, label
     assert "gap closed" in text
+    assert "Per held-out test phrasing" in text
 
 
 def test_every_run_is_a_distinct_real_patch(small_results: Path) -> None:

@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 import random
-import re
 
 import pytest
 
 from roma_trainer.bench import tasks
 from roma_trainer.data import load_samples
-
-FIELDS = {
-    "a": r"\d+",
-    "b": r"\d+",
-    "s": r"[a-p](?: [a-p])*",
-    "xs": r"\d+(?:,? \d+)*",
-    "seq": r"\d+(?: \d+)*",
-    "facts": r"(?:[A-Z][a-z]+ has the [a-z]+\.)(?: [A-Z][a-z]+ has the [a-z]+\.)*",
-    "obj": r"[a-z]+",
-    "text": r"[a-z]+(?: [a-z]+)*",
-}
-
-
-def frame_regex(frame: str) -> re.Pattern[str]:
-    """A regex matching any rendering of ``frame`` (any field values of the right kind, any
-    shared prefix and cue)."""
-    body = re.escape(frame)
-    body = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?:{FIELDS[m.group(1)]})", body)
-    prefixes = "|".join(re.escape(p) for p in tasks.PREFIXES if p)
-    cues = "|".join(re.escape(c) for c in tasks.CUES)
-    return re.compile(rf"^(?:(?:{prefixes}) )?{body} (?:{cues})$", re.S)
 
 
 def group_of(task: tasks.Task, prompt: str) -> set[str]:
@@ -37,7 +15,7 @@ def group_of(task: tasks.Task, prompt: str) -> set[str]:
         group
         for group, frames in task.frames.items()
         for frame in frames
-        if frame_regex(frame).match(prompt)
+        if tasks.frame_regex(frame).match(prompt)
     }
 
 
@@ -91,7 +69,7 @@ def test_test_split_is_disjoint_and_uses_only_held_out_frames() -> None:
         (s["task"], f)
         for s in test
         for f in tasks.TASKS[s["task"]].frames["test"]
-        if frame_regex(f).match(s["prompt"])
+        if tasks.frame_regex(f).match(s["prompt"])
     }
     assert len(used) == sum(len(t.frames["test"]) for t in tasks.TASKS.values())
 
@@ -146,3 +124,15 @@ def test_topping_up_distractors_never_uses_an_excluded_style() -> None:
         sample = tasks.make_sample(task, rng, "{a}", ("few", "many"))
         assert len(sample["choices"]) == 4
         assert not {"7", "8", "9"} & set(sample["choices"]), sample
+
+
+def test_frame_of_finds_the_frame_a_prompt_was_rendered_from() -> None:
+    rng = random.Random(7)
+    for task in tasks.TASKS.values():
+        styles = task.styles[:-1]
+        for group, frames in task.frames.items():
+            for frame in frames:
+                for _ in range(3):
+                    sample = tasks.make_sample(task, rng, frame, styles)
+                    assert tasks.frame_of(task.name, sample["prompt"]) == (group, frame)
+    assert tasks.frame_of("reverse", "Add 2 and 3. Answer:") is None

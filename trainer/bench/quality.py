@@ -234,7 +234,11 @@ class Quality:
         from roma_trainer.bench.oracle import correct_with_routing, success_routing_by_task
         from roma_trainer.routers import find_routers, select_layers
 
-        key = {"domain_routing": True, **{s: str(p) for s, p in self.paths.items()}}
+        key = {
+            "domain_routing": True,
+            "by_frame": True,
+            **{s: str(p) for s, p in self.paths.items()},
+        }
         cached = self.ledger.get(key)
         if cached is not None:
             return cached["result"]
@@ -248,6 +252,7 @@ class Quality:
             targets = torch.stack([means[s.task] for s in samples])
             correct = correct_with_routing(model, tok, samples, layers, targets)
             result[split] = accuracy_by_task(samples, correct)
+            result[split]["frames"] = by_frame(samples, base_correct(model, tok, samples), correct)
         log.info("domain-routing bound: test accuracy %.3f", result["test"]["average"])
         self.ledger.add(key, {"result": result})
         return result
@@ -394,6 +399,42 @@ def accuracy_by_task(samples: list[Sample], correct: list[bool]) -> dict[str, An
         by_task.setdefault(s.task, []).append(ok)
     accs = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
     return {"tasks": accs, "average": mean(accs.values())}
+
+
+def base_correct(model: Any, tokenizer: Any, samples: list[Sample], batch: int = 32) -> list[bool]:
+    """Whether the model, as it is, answers each sample."""
+    import torch
+
+    from roma_trainer.scoring import score_samples
+
+    correct: list[bool] = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        with torch.no_grad():
+            scores = score_samples(model, tokenizer, chunk, "last", None)
+        correct += [
+            int(lp.argmax()) == s.answer for s, lp in zip(chunk, scores.logprob, strict=True)
+        ]
+    return correct
+
+
+def by_frame(samples: list[Sample], base: list[bool], routed: list[bool]) -> list[dict[str, Any]]:
+    """Base and domain-routing accuracy per (task, frame): which phrasings routing can fix."""
+    cells: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    for sample, b, r in zip(samples, base, routed, strict=True):
+        found = tasks.frame_of(sample.task, sample.prompt)
+        frame = found[1] if found else "?"
+        cells.setdefault((sample.task, frame), []).append((b, r))
+    return [
+        {
+            "task": task,
+            "frame": frame,
+            "n": len(pairs),
+            "base": mean(b for b, _ in pairs),
+            "domain_routing": mean(r for _, r in pairs),
+        }
+        for (task, frame), pairs in sorted(cells.items())
+    ]
 
 
 def gap_closed(acc: float, base: float, oracle: float) -> float | None:

@@ -71,6 +71,21 @@ def markdown(results: dict[str, Any]) -> str:
                 _pct(domain["gap_closed"]),
             ),
         ]
+    frames = (domain or {}).get("test", {}).get("frames")
+    if frames:
+        lines += [
+            "",
+            "Per held-out test phrasing: base accuracy and accuracy with domain routing (%), "
+            "i.e. which phrasings routing at the last prompt token can fix.",
+            "",
+            "| task | phrasing | n | base | domain routing |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f['task']} | {f['frame']} | {f['n']} | {_pct(f['base'])} "
+            f"| {_pct(f['domain_routing'])} |"
+            for f in frames
+        ]
     lines += ["", "## Chosen hyper-parameters (picked on validation with seed 0)", ""]
     lines += [
         "| method | lr | lambda | val acc (%, mean of seeds) | train acc after (%) "

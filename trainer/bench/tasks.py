@@ -29,6 +29,7 @@ Everything is deterministic from ``seed`` (string seeds hash with SHA-512 in ``r
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -498,6 +499,42 @@ def generate(
         else:
             raise ValueError(f"{task.name}: cannot draw {n_per_task} distinct {split} prompts")
     return out
+
+
+# What each frame field renders to: lets a prompt be traced back to its frame (``frame_of``).
+FIELD_PATTERNS = {
+    "a": r"\d+",
+    "b": r"\d+",
+    "s": r"[a-p](?: [a-p])*",
+    "xs": r"\d+(?:,? \d+)*",
+    "seq": r"\d+(?: \d+)*",
+    "facts": r"(?:[A-Z][a-z]+ has the [a-z]+\.)(?: [A-Z][a-z]+ has the [a-z]+\.)*",
+    "obj": r"[a-z]+",
+    "text": r"[a-z]+(?: [a-z]+)*",
+}
+
+
+@functools.cache
+def frame_regex(frame: str) -> re.Pattern[str]:
+    """A regex matching any rendering of ``frame`` (any field values of the right kind, any
+    shared prefix and cue)."""
+    body = re.escape(frame)
+    body = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?:{FIELD_PATTERNS[m.group(1)]})", body)
+    prefixes = "|".join(re.escape(p) for p in PREFIXES if p)
+    cues = "|".join(re.escape(c) for c in CUES)
+    return re.compile(rf"^(?:(?:{prefixes}) )?{body} (?:{cues})$", re.S)
+
+
+def frame_of(task: str, prompt: str) -> tuple[TemplateGroup, str] | None:
+    """The frame group and frame a prompt of ``task`` was rendered from (the longest frame when
+    a shorter one also matches, e.g. "Reverse {s}." inside "Reverse the letters {s}.")."""
+    found = [
+        (group, frame)
+        for group, frames in TASKS[task].frames.items()
+        for frame in frames
+        if frame_regex(frame).match(prompt)
+    ]
+    return max(found, key=lambda gf: len(gf[1])) if found else None
 
 
 def lexicon() -> list[str]:
