@@ -234,3 +234,18 @@ def correct_with_routing(
             hooks.target = targets[start : start + batch_size]
             correct += _correct(batch, score_encoded(model, enc).logprob)
     return correct
+
+
+@torch.no_grad()
+def base_correct(
+    model: nn.Module, tokenizer, samples: Sequence[Sample], batch_size: int = 32
+) -> list[bool]:
+    """Whether each sample is answered correctly by the model as it is (no routing changed):
+    the baseline ``correct_with_routing`` is compared with."""
+    correct: list[bool] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        pairs = [(s.prompt, c) for s in batch for c in s.choices]
+        enc = encode_pairs(tokenizer, pairs, max_length(model))
+        correct += _correct(batch, score_encoded(model, enc).logprob)
+    return correct

@@ -231,7 +231,11 @@ class Quality:
         this task that work", the kind of correction RoMA's neighbours can teach."""
         import torch
 
-        from roma_trainer.bench.oracle import correct_with_routing, success_routing_by_task
+        from roma_trainer.bench.oracle import (
+            base_correct,
+            correct_with_routing,
+            success_routing_by_task,
+        )
         from roma_trainer.routers import find_routers, select_layers
 
         key = {
@@ -399,23 +403,6 @@ def accuracy_by_task(samples: list[Sample], correct: list[bool]) -> dict[str, An
         by_task.setdefault(s.task, []).append(ok)
     accs = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
     return {"tasks": accs, "average": mean(accs.values())}
-
-
-def base_correct(model: Any, tokenizer: Any, samples: list[Sample], batch: int = 32) -> list[bool]:
-    """Whether the model, as it is, answers each sample."""
-    import torch
-
-    from roma_trainer.scoring import score_samples
-
-    correct: list[bool] = []
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        with torch.no_grad():
-            scores = score_samples(model, tokenizer, chunk, "last", None)
-        correct += [
-            int(lp.argmax()) == s.answer for s, lp in zip(chunk, scores.logprob, strict=True)
-        ]
-    return correct
 
 
 def by_frame(samples: list[Sample], base: list[bool], routed: list[bool]) -> list[dict[str, Any]]:
