@@ -52,6 +52,17 @@ def test_outputs_exist_and_are_well_formed(small_results: Path) -> None:
     assert 0.0 < results["domain_mass"]["base"] < 1.0
     for name in METHODS:
         assert 0.0 < results["domain_mass"][name]["mean"] < 1.0, name
+    # In distribution: the oracle and the domain-routing diagnostic on the pool's phrasings.
+    iid = results["in_distribution"]
+    for group in ("pretrain", "adapt"):
+        assert 0.0 <= iid["oracle"][group] <= 1.0 and 0.0 <= iid["domain_routing"][group] <= 1.0
+    # Paired differences to CE: same seeds, so their mean is the difference of the means.
+    ce = results["methods"]["ce"]
+    assert ce["vs_ce"] is None
+    for name in set(METHODS) - {"ce"}:
+        d = results["methods"][name]["vs_ce"]
+        assert d["mean"] == pytest.approx(results["methods"][name]["test_mean"] - ce["test_mean"])
+        assert d["low"] <= d["mean"] <= d["high"], name
     for png in ("quality_accuracy.png", "quality_routing.png"):
         assert (small_results / png).read_bytes().startswith(PNG)
 
@@ -62,6 +73,8 @@ def test_markdown_has_a_row_per_method(small_results: Path) -> None:
         assert f"| {label} |" in text, label
     assert "gap closed" in text
     assert "Per held-out test phrasing" in text
+    assert "| vs CE |" in text
+    assert "Domain routing (diagnostic)" in text
 
 
 def test_every_run_is_a_distinct_real_patch(small_results: Path) -> None:

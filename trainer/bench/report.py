@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from roma_trainer.bench.quality import LABELS, METHODS
+from roma_trainer.bench.quality import LABELS, METHODS, gap_closed
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _difference(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "-"
+    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -33,11 +39,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
         "",
-        "| method | " + " | ".join(task_names) + " | average | gap closed |",
-        "|---" * (len(task_names) + 3) + "|",
+        "vs CE: the difference to CE-only in points, paired by seed (same batches), with its "
+        "95 % Student-t interval over the seeds; an interval that contains 0 is no evidence "
+        "of a difference.",
+        "",
+        "| method | " + " | ".join(task_names) + " | average | gap closed | vs CE |",
+        "|---" * (len(task_names) + 4) + "|",
     ]
-    row = lambda label, tasks, avg, gap: (  # noqa: E731
-        f"| {label} | " + " | ".join(_pct(tasks[t]) for t in task_names) + f" | {avg} | {gap} |"
+    row = lambda label, tasks, avg, gap, vs="-": (  # noqa: E731
+        f"| {label} | "
+        + " | ".join(_pct(tasks[t]) for t in task_names)
+        + f" | {avg} | {gap} | {vs} |"
     )
     lines.append(row(LABELS["base"], base["test"]["tasks"], _pct(base["test"]["average"]), "0"))
     for m in METHODS:
@@ -48,6 +60,7 @@ def markdown(results: dict[str, Any]) -> str:
                 s["tasks_mean"],
                 f"{_pct(s['test_mean'])} ± {_pct(s['test_std'])}",
                 _pct(s["gap_closed"]),
+                _difference(s.get("vs_ce")),
             )
         )
     lines.append(
@@ -62,8 +75,8 @@ def markdown(results: dict[str, Any]) -> str:
             "gives the row below, i.e. how much of the gap is the kind of correction that "
             "aligning with successful neighbours can teach.",
             "",
-            "| diagnostic | " + " | ".join(task_names) + " | average | gap closed |",
-            "|---" * (len(task_names) + 3) + "|",
+            "| diagnostic | " + " | ".join(task_names) + " | average | gap closed | vs CE |",
+            "|---" * (len(task_names) + 4) + "|",
             row(
                 "Domain routing",
                 domain["test"]["tasks"],
@@ -120,17 +133,32 @@ def markdown(results: dict[str, Any]) -> str:
             f"phrasings ({iid['sizes']['adapt']}), prompts not in the pool; final patches, "
             "mean ± std over seeds.",
             "",
-            "| method | pretraining phrasings | adaptation phrasings |",
-            "|---|---|---|",
-            f"| {LABELS['base']} | {_pct(iid['base']['pretrain'])} "
-            f"| {_pct(iid['base']['adapt'])} |",
+            "| method | pretraining phrasings | gap closed | adaptation phrasings | gap closed |",
+            "|---|---|---|---|---|",
+            f"| {LABELS['base']} | {_pct(iid['base']['pretrain'])} | 0 "
+            f"| {_pct(iid['base']['adapt'])} | 0 |",
         ]
         for m in METHODS:
             cells = [
-                f"{_pct(iid[m][g]['mean'])} ± {_pct(iid[m][g]['std'])}"
+                f"{_pct(iid[m][g]['mean'])} ± {_pct(iid[m][g]['std'])} "
+                f"| {_pct(iid[m][g].get('gap_closed'))}"
                 for g in ("pretrain", "adapt")
             ]
             lines.append(f"| {LABELS[m]} | {cells[0]} | {cells[1]} |")
+        if "oracle" in iid:
+            lines.append(
+                f"| {LABELS['oracle']} (step {oracle['lr']:g}) | {_pct(iid['oracle']['pretrain'])} "
+                f"| 100 | {_pct(iid['oracle']['adapt'])} | 100 |"
+            )
+            dr = iid["domain_routing"]
+            gaps = {
+                g: _pct(gap_closed(dr[g], iid["base"][g], iid["oracle"][g]))
+                for g in ("pretrain", "adapt")
+            }
+            lines.append(
+                f"| Domain routing (diagnostic) | {_pct(dr['pretrain'])} | {gaps['pretrain']} "
+                f"| {_pct(dr['adapt'])} | {gaps['adapt']} |"
+            )
     dm = results.get("domain_mass")
     if dm:
         lines += [
