@@ -81,3 +81,34 @@ def test_routing_transplant_with_the_base_routing_is_the_base_model(tiny_olmoe) 
             if ok and s.task == task
         ]
         assert torch.allclose(mean, base.routing[rows].mean(0), atol=1e-6)
+
+
+def test_shared_oracle_starts_at_its_init_and_lowers_the_tasks_gold_loss(tiny_olmoe) -> None:
+    """The task-shared routing oracle: before any step it is the routing transplant of its
+    init (the same scores as correct_with_routing), and its steps lower the gold NLL."""
+    from roma_trainer.bench.oracle import correct_with_routing, run_shared_oracle
+
+    loaded = load_model(tiny_olmoe, "float32")
+    model, tok = loaded.model, loaded.tokenizer
+    data = samples(4)
+    layers = select_layers(list(find_routers(model)), "last2")
+    n_experts = find_routers(model)[layers[0]].weight.shape[0]
+    # A different, non-uniform start per task, so that a mix-up of tasks would show.
+    gen = torch.Generator().manual_seed(0)
+    init = {
+        t: torch.rand(len(layers), n_experts, generator=gen).softmax(-1)
+        for t in sorted({s.task for s in data})
+    }
+    targets = torch.stack([init[s.task] for s in data])
+    transplant = correct_with_routing(model, tok, data, layers, targets)
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    trainable = [p.requires_grad for p in model.parameters()]
+    result = run_shared_oracle(
+        model, tok, data, layers, init, "last", steps=10, lr=0.5, batch_size=3
+    )
+    assert result.correct_before == transplant
+    assert result.gold_nll_after < result.gold_nll_before
+    # Only the shared routing moved: the weights and their requires_grad flags are as before.
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
+    assert [p.requires_grad for p in model.parameters()] == trainable

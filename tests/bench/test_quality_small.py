@@ -49,6 +49,10 @@ def test_outputs_exist_and_are_well_formed(small_results: Path) -> None:
     assert sum(f["n"] for f in frames) == results["sizes"]["test"]
     assert all(f["frame"] != "?" for f in frames)
     assert {f["task"] for f in frames} == tasks
+    # The task-shared routing oracle starts from the domain routing and has its own step size.
+    shared = results["shared_routing"]
+    assert 0.0 <= shared["test"]["average"] <= 1.0
+    assert float(next(iter(shared["val_by_lr"]))) == shared["lr"]
     assert 0.0 < results["domain_mass"]["base"] < 1.0
     for name in METHODS:
         assert 0.0 < results["domain_mass"][name]["mean"] < 1.0, name
@@ -75,6 +79,7 @@ def test_markdown_has_a_row_per_method(small_results: Path) -> None:
     assert "Per held-out test phrasing" in text
     assert "| vs CE |" in text
     assert "Domain routing (diagnostic)" in text
+    assert "| Best task-shared routing" in text
 
 
 def test_every_run_is_a_distinct_real_patch(small_results: Path) -> None:

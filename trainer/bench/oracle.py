@@ -249,3 +249,92 @@ def base_correct(
         enc = encode_pairs(tokenizer, pairs, max_length(model))
         correct += _correct(batch, score_encoded(model, enc).logprob)
     return correct
+
+
+def run_shared_oracle(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    layers: Sequence[int],
+    init: dict[str, torch.Tensor],
+    token: str = "last",
+    steps: int = 30,
+    lr: float = 0.3,
+    batch_size: int = 32,
+) -> OracleResult:
+    """The best routing *shared by all samples of a task*, found with their gold answers.
+
+    One routing distribution per task and tuned layer (logits initialised at ``init[task]``,
+    e.g. the success-set mean of ``success_routing_by_task``) is optimised by full-batch Adam
+    on the summed gold NLL of the task's samples, and every sample of the task is scored with
+    its routing at ``token`` set to it. An upper bound, with the labels in hand, on what routing
+    each sample like the other samples of its task can do: the correction RoMA's neighbours
+    (nearly all of the same task) teach. Not a method. ``correct_before`` is the accuracy
+    with the initial routing (with the success-set mean: the domain-routing diagnostic).
+    """
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_task: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(i)
+    correct, before = [False] * len(samples), [False] * len(samples)
+    nll_before = nll_after = 0.0
+    try:
+        with _RoutingDelta(model, layers) as hooks:
+
+            def logprob(chunk: _Chunk, probs: torch.Tensor) -> torch.Tensor:
+                hooks.rows, hooks.owner = chunk.rows, chunk.owner
+                hooks.target = probs.expand(len(chunk.samples), *probs.shape)
+                return score_encoded(model, chunk.enc).logprob
+
+            def evaluate(chunks: list[_Chunk], probs: torch.Tensor, out: list[bool]) -> float:
+                nll = 0.0
+                with torch.no_grad():
+                    for chunk in chunks:
+                        scores = logprob(chunk, probs)
+                        nll -= float(scores[chunk.gold].sum())
+                        for i, ok in zip(chunk.index, _correct(chunk.samples, scores), strict=True):
+                            out[i] = ok
+                return nll
+
+            for task, index in by_task.items():
+                chunks = [
+                    _Chunk.of(model, tokenizer, samples, index[i : i + batch_size], token)
+                    for i in range(0, len(index), batch_size)
+                ]
+                logits = init[task].clamp_min(1e-12).log().clone().requires_grad_(True)
+                nll_before += evaluate(chunks, logits.softmax(-1), before)
+                opt = torch.optim.Adam([logits], lr=lr)
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    for chunk in chunks:  # full-batch gradient, accumulated chunk by chunk
+                        (-logprob(chunk, logits.softmax(-1))[chunk.gold].sum()).backward()
+                    opt.step()
+                nll_after += evaluate(chunks, logits.softmax(-1), correct)
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    return OracleResult(correct, before, nll_before / len(samples), nll_after / len(samples))
+
+
+@dataclass
+class _Chunk:
+    """Some samples of one task, encoded for :class:`_RoutingDelta`, with their gold rows."""
+
+    index: list[int]
+    samples: list[Sample]
+    enc: Encoded
+    rows: torch.Tensor
+    owner: torch.Tensor
+    gold: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, tokenizer, samples: Sequence[Sample], index: list[int], token: str
+    ) -> _Chunk:
+        batch = [samples[i] for i in index]
+        enc, rows, owner = _encode_routed(model, tokenizer, batch, token)
+        firsts = torch.tensor([0, *[len(s.choices) for s in batch[:-1]]]).cumsum(0)
+        gold = firsts + torch.tensor([s.answer for s in batch])
+        return cls(index, batch, enc, rows, owner, gold)

@@ -83,6 +83,9 @@ class QualityConfig:
     )
     oracle_steps: int = 10
     oracle_lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0)
+    # The task-shared routing oracle (a diagnostic): full-batch Adam steps per task.
+    shared_steps: int = 30
+    shared_lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0)
     ablations: bool = True
     ablation_k: tuple[int, ...] = (1, 5, 10)
     ablation_fractions: tuple[float, ...] = (0.1, 0.3)
@@ -107,6 +110,8 @@ class QualityConfig:
             lam_grid={"l1": (1e-3,), "l2": (1e-2,), "entropy": (0.1,), "manifold": (1.0,)},
             oracle_steps=3,
             oracle_lr_grid=(0.3,),
+            shared_steps=3,
+            shared_lr_grid=(0.3,),
             ablation_k=(1,),
             ablation_fractions=(0.5,),
             ablation_seeds=(0,),
@@ -263,6 +268,45 @@ class Quality:
         self.ledger.add(key, {"result": result})
         return result
 
+    def shared_routing(self) -> dict[str, Any]:
+        """Diagnostic bound (uses the labels): the best routing shared by all samples of a task
+        (``oracle.run_shared_oracle``, started from the success-set mean), its step size picked
+        on val. How much of the oracle's gap any "route like the other samples of your task"
+        correction can close, with the answers in hand; cached."""
+        from roma_trainer.bench.oracle import run_shared_oracle, success_routing_by_task
+        from roma_trainer.routers import find_routers, select_layers
+
+        cfg = self.cfg
+        key = {
+            "shared_routing": True,
+            **{s: str(p) for s, p in self.paths.items()},
+            "steps": cfg.shared_steps,
+            "lr_grid": list(cfg.shared_lr_grid),
+        }
+        cached = self.ledger.get(key)
+        if cached is not None:
+            return cached["result"]
+        model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+        layers = select_layers(list(find_routers(model)), "last5")
+        self.scorer.reset()
+        means = success_routing_by_task(model, tok, self.samples["train"], layers)
+
+        def accuracy(split: str, lr: float) -> dict[str, Any]:
+            samples = self.samples[split]
+            res = run_shared_oracle(
+                model, tok, samples, layers, means, "last", cfg.shared_steps, lr
+            )
+            return accuracy_by_task(samples, res.correct)
+
+        val = {lr: accuracy("val", lr)["average"] for lr in cfg.shared_lr_grid}
+        grid = cfg.shared_lr_grid
+        lr = max(grid, key=lambda x: (val[x], -grid.index(x)))  # ties: the earlier grid point
+        result = {"lr": lr, "val_by_lr": {str(k): v for k, v in val.items()}}
+        result["test"] = accuracy("test", lr)
+        log.info("task-shared routing oracle: test accuracy %.3f", result["test"]["average"])
+        self.ledger.add(key, {"result": result})
+        return result
+
     def domain_mass(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Diagnostic: the routing weight each test sample puts on its own domain's experts (the
         ones pretraining gave that domain, ``pretrain.domain_experts``) at the last prompt token,
@@ -407,6 +451,7 @@ class Quality:
         base = self.scorer.score(None)
         oracle = self.oracle()
         domain_routing = self.domain_routing()
+        shared_routing = self.shared_routing()
         searches = {m: self.search(m) for m in METHODS}
         finals = {m: self.seeds(m, **searches[m]["best"]) for m in METHODS}
         ablations = self.ablations(searches["roma_knn"]["best"]) if self.cfg.ablations else {}
@@ -425,6 +470,14 @@ class Quality:
                 **domain_routing,
                 "gap_closed": gap_closed(
                     domain_routing["test"]["average"],
+                    base["test"]["average"],
+                    oracle["test"]["average"],
+                ),
+            },
+            "shared_routing": {
+                **shared_routing,
+                "gap_closed": gap_closed(
+                    shared_routing["test"]["average"],
                     base["test"]["average"],
                     oracle["test"]["average"],
                 ),

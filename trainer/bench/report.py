@@ -84,6 +84,24 @@ def markdown(results: dict[str, Any]) -> str:
                 _pct(domain["gap_closed"]),
             ),
         ]
+        shared = results.get("shared_routing")
+        if shared:
+            lines.append(
+                row(
+                    f"Best task-shared routing (step {shared['lr']:g})",
+                    shared["test"]["tasks"],
+                    _pct(shared["test"]["average"]),
+                    _pct(shared["gap_closed"]),
+                )
+            )
+            lines += [
+                "",
+                "Best task-shared routing: one routing per task and tuned layer, optimised on "
+                "the gold answers of all the task's test samples (from the domain routing "
+                "above), every sample of the task routed with it. What routing each sample like "
+                "the other samples of its task could give at most; the oracle adapts the routing "
+                "to each sample.",
+            ]
     frames = (domain or {}).get("test", {}).get("frames")
     if frames:
         lines += [
