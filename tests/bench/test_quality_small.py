@@ -104,3 +104,23 @@ def test_every_run_is_a_distinct_real_patch(small_results: Path) -> None:
     assert len(weights) == len(seed0)
     results = json.loads((small_results / "quality.json").read_text())
     assert all(r["train_metrics"]["steps"] == results["config"]["steps"] for r in runs)
+
+
+def test_a_rerun_reuses_the_ledger_and_reports_the_same(small_results: Path) -> None:
+    """A second invocation on the same --out trains and scores nothing again (every run,
+    oracle and per-patch diagnostic is in runs.jsonl) and writes the same numbers."""
+    ledger = (small_results / "runs.jsonl").read_text()
+    configs = [json.loads(line)["config"] for line in ledger.splitlines()]
+    patches = sum(1 for c in configs if "objective" in c)
+    # Per final patch: its in-distribution scores and its weight on the domain's experts.
+    assert sum("in_distribution_score" in c for c in configs) > 0
+    assert sum("domain_mass" in c for c in configs) > 0
+    assert sum("domain_mass" in c for c in configs) <= patches + 1  # + the base routers
+    before = json.loads((small_results / "quality.json").read_text())
+    result = CliRunner().invoke(app, ["bench", "quality", "--small", "--out", str(small_results)])
+    assert result.exit_code == 0, result.output
+    assert (small_results / "runs.jsonl").read_text() == ledger
+    after = json.loads((small_results / "quality.json").read_text())
+    for key in ("base", "oracle", "methods", "ablations", "in_distribution", "domain_mass"):
+        assert after[key] == before[key], key
+    assert after["shared_routing"] == before["shared_routing"]

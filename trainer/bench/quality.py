@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, pstdev, stdev
@@ -169,6 +170,16 @@ class Quality:
             self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
         )
 
+    def cached(self, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its value from the ledger: the diagnostics re-score every final
+        patch, and a re-run of the benchmark should not spend minutes on scores it has."""
+        found = self.ledger.get(key)
+        if found is not None:
+            return found["result"]
+        value = compute()
+        self.ledger.add(key, {"result": value})
+        return value
+
     # ------------------------------------------------------------------------------ steps
     def search(self, method: str) -> dict[str, Any]:
         """Grid search on validation accuracy with seed 0; returns the winning overrides."""
@@ -204,32 +215,33 @@ class Quality:
             "steps": cfg.oracle_steps,
             "lr_grid": list(cfg.oracle_lr_grid),
         }
-        cached = self.ledger.get(key)
-        if cached is not None:
-            return cached["result"]
-        model = self.scorer.loaded.model
-        tok = self.scorer.loaded.tokenizer
-        layers = select_layers(list(find_routers(model)), "last5")
-        self.scorer.reset()
-        val = {}
-        for lr in cfg.oracle_lr_grid:
-            res = run_oracle(model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr)
-            val[lr] = accuracy_by_task(self.samples["val"], res.correct)["average"]
-            log.info("oracle lr=%g val accuracy %.3f", lr, val[lr])
-        grid = cfg.oracle_lr_grid
-        lr = max(grid, key=lambda x: (val[x], -grid.index(x)))  # ties: the earlier grid point
-        res = run_oracle(model, tok, self.samples["test"], layers, "last", cfg.oracle_steps, lr)
-        result = {
-            "lr": lr,
-            "val_by_lr": {str(k): v for k, v in val.items()},
-            "test": accuracy_by_task(self.samples["test"], res.correct),
-            "test_before": accuracy_by_task(self.samples["test"], res.correct_before),
-            "gold_nll_before": res.gold_nll_before,
-            "gold_nll_after": res.gold_nll_after,
-        }
-        log.info("oracle test accuracy %.3f (lr %g)", result["test"]["average"], lr)
-        self.ledger.add(key, {"result": result})
-        return result
+
+        def compute() -> Any:
+            model = self.scorer.loaded.model
+            tok = self.scorer.loaded.tokenizer
+            layers = select_layers(list(find_routers(model)), "last5")
+            self.scorer.reset()
+            val = {}
+            for lr in cfg.oracle_lr_grid:
+                res = run_oracle(
+                    model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr
+                )
+                val[lr] = accuracy_by_task(self.samples["val"], res.correct)["average"]
+                log.info("oracle lr=%g val accuracy %.3f", lr, val[lr])
+            lr = best_on_val(cfg.oracle_lr_grid, val)
+            res = run_oracle(model, tok, self.samples["test"], layers, "last", cfg.oracle_steps, lr)
+            result = {
+                "lr": lr,
+                "val_by_lr": {str(k): v for k, v in val.items()},
+                "test": accuracy_by_task(self.samples["test"], res.correct),
+                "test_before": accuracy_by_task(self.samples["test"], res.correct_before),
+                "gold_nll_before": res.gold_nll_before,
+                "gold_nll_after": res.gold_nll_after,
+            }
+            log.info("oracle test accuracy %.3f (lr %g)", result["test"]["average"], lr)
+            return result
+
+        return self.cached(key, compute)
 
     def domain_routing(self) -> dict[str, Any]:
         """Diagnostic bound (uses the task label, so not a method): every val/test sample's
@@ -250,23 +262,25 @@ class Quality:
             "by_frame": True,
             **{s: str(p) for s, p in self.paths.items()},
         }
-        cached = self.ledger.get(key)
-        if cached is not None:
-            return cached["result"]
-        model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-        layers = select_layers(list(find_routers(model)), "last5")
-        self.scorer.reset()
-        means = success_routing_by_task(model, tok, self.samples["train"], layers)
-        result = {}
-        for split in ("val", "test"):
-            samples = self.samples[split]
-            targets = torch.stack([means[s.task] for s in samples])
-            correct = correct_with_routing(model, tok, samples, layers, targets)
-            result[split] = accuracy_by_task(samples, correct)
-            result[split]["frames"] = by_frame(samples, base_correct(model, tok, samples), correct)
-        log.info("domain-routing bound: test accuracy %.3f", result["test"]["average"])
-        self.ledger.add(key, {"result": result})
-        return result
+
+        def compute() -> Any:
+            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+            layers = select_layers(list(find_routers(model)), "last5")
+            self.scorer.reset()
+            means = success_routing_by_task(model, tok, self.samples["train"], layers)
+            result = {}
+            for split in ("val", "test"):
+                samples = self.samples[split]
+                targets = torch.stack([means[s.task] for s in samples])
+                correct = correct_with_routing(model, tok, samples, layers, targets)
+                result[split] = accuracy_by_task(samples, correct)
+                result[split]["frames"] = by_frame(
+                    samples, base_correct(model, tok, samples), correct
+                )
+            log.info("domain-routing bound: test accuracy %.3f", result["test"]["average"])
+            return result
+
+        return self.cached(key, compute)
 
     def shared_routing(self) -> dict[str, Any]:
         """Diagnostic bound (uses the labels): the best routing shared by all samples of a task
@@ -283,29 +297,28 @@ class Quality:
             "steps": cfg.shared_steps,
             "lr_grid": list(cfg.shared_lr_grid),
         }
-        cached = self.ledger.get(key)
-        if cached is not None:
-            return cached["result"]
-        model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-        layers = select_layers(list(find_routers(model)), "last5")
-        self.scorer.reset()
-        means = success_routing_by_task(model, tok, self.samples["train"], layers)
 
-        def accuracy(split: str, lr: float) -> dict[str, Any]:
-            samples = self.samples[split]
-            res = run_shared_oracle(
-                model, tok, samples, layers, means, "last", cfg.shared_steps, lr
-            )
-            return accuracy_by_task(samples, res.correct)
+        def compute() -> Any:
+            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+            layers = select_layers(list(find_routers(model)), "last5")
+            self.scorer.reset()
+            means = success_routing_by_task(model, tok, self.samples["train"], layers)
 
-        val = {lr: accuracy("val", lr)["average"] for lr in cfg.shared_lr_grid}
-        grid = cfg.shared_lr_grid
-        lr = max(grid, key=lambda x: (val[x], -grid.index(x)))  # ties: the earlier grid point
-        result = {"lr": lr, "val_by_lr": {str(k): v for k, v in val.items()}}
-        result["test"] = accuracy("test", lr)
-        log.info("task-shared routing oracle: test accuracy %.3f", result["test"]["average"])
-        self.ledger.add(key, {"result": result})
-        return result
+            def accuracy(split: str, lr: float) -> dict[str, Any]:
+                samples = self.samples[split]
+                res = run_shared_oracle(
+                    model, tok, samples, layers, means, "last", cfg.shared_steps, lr
+                )
+                return accuracy_by_task(samples, res.correct)
+
+            val = {lr: accuracy("val", lr)["average"] for lr in cfg.shared_lr_grid}
+            lr = best_on_val(cfg.shared_lr_grid, val)
+            result = {"lr": lr, "val_by_lr": {str(k): v for k, v in val.items()}}
+            result["test"] = accuracy("test", lr)
+            log.info("task-shared routing oracle: test accuracy %.3f", result["test"]["average"])
+            return result
+
+        return self.cached(key, compute)
 
     def domain_mass(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Diagnostic: the routing weight each test sample puts on its own domain's experts (the
@@ -320,12 +333,18 @@ class Quality:
         names = list(tasks.TASKS)
 
         def mass(patch: str | None) -> float:
-            routing, _ = routing_snapshot(self.scorer, samples, patch)
-            groups = [
-                domain_experts(names.index(s.task), len(names), routing.shape[-1]) for s in samples
-            ]
-            # routing[i][:, g], not routing[i, :, g]: numpy would put the expert axis first.
-            return float(np.mean([routing[i][:, g].sum(-1).mean() for i, g in enumerate(groups)]))
+            def compute() -> float:
+                routing, _ = routing_snapshot(self.scorer, samples, patch)
+                groups = [
+                    domain_experts(names.index(s.task), len(names), routing.shape[-1])
+                    for s in samples
+                ]
+                # routing[i][:, g], not routing[i, :, g]: numpy would put the expert axis first.
+                return float(
+                    np.mean([routing[i][:, g].sum(-1).mean() for i, g in enumerate(groups)])
+                )
+
+            return self.cached({"domain_mass": patch}, compute)
 
         out: dict[str, Any] = {"base": mass(None)}
         for method, runs in finals.items():
@@ -353,8 +372,15 @@ class Quality:
         out: dict[str, Any] = {"sizes": {g: len(v) for g, v in splits.items()}}
         out["base"] = {g: v["average"] for g, v in scorer.score(None).items()}
         out.update(self.in_distribution_bounds(splits, oracle_lr))
+        data = data_fingerprint([s for v in splits.values() for s in v])
         for method, runs in finals.items():
-            scores = [scorer.score(Path(r["patch"])) for r in runs]
+            scores = [
+                self.cached(
+                    {"in_distribution_score": r["patch"], "data": data},
+                    lambda patch=r["patch"]: scorer.score(Path(patch)),
+                )
+                for r in runs
+            ]
             out[method] = {
                 g: {
                     "mean": mean(s[g]["average"] for s in scores),
@@ -390,23 +416,25 @@ class Quality:
             "steps": self.cfg.oracle_steps,
             "lr": oracle_lr,
         }
-        cached = self.ledger.get(key)
-        if cached is not None:
-            return cached["result"]
-        model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-        layers = select_layers(list(find_routers(model)), "last5")
-        self.scorer.reset()
-        means = success_routing_by_task(model, tok, self.samples["train"], layers)
-        result: dict[str, dict[str, float]] = {"oracle": {}, "domain_routing": {}}
-        for group, samples in splits.items():
-            res = run_oracle(model, tok, samples, layers, "last", self.cfg.oracle_steps, oracle_lr)
-            result["oracle"][group] = accuracy_by_task(samples, res.correct)["average"]
-            targets = torch.stack([means[s.task] for s in samples])
-            correct = correct_with_routing(model, tok, samples, layers, targets)
-            result["domain_routing"][group] = accuracy_by_task(samples, correct)["average"]
-        log.info("in-distribution oracle %s, domain routing %s", *result.values())
-        self.ledger.add(key, {"result": result})
-        return result
+
+        def compute() -> Any:
+            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+            layers = select_layers(list(find_routers(model)), "last5")
+            self.scorer.reset()
+            means = success_routing_by_task(model, tok, self.samples["train"], layers)
+            result: dict[str, dict[str, float]] = {"oracle": {}, "domain_routing": {}}
+            for group, samples in splits.items():
+                res = run_oracle(
+                    model, tok, samples, layers, "last", self.cfg.oracle_steps, oracle_lr
+                )
+                result["oracle"][group] = accuracy_by_task(samples, res.correct)["average"]
+                targets = torch.stack([means[s.task] for s in samples])
+                correct = correct_with_routing(model, tok, samples, layers, targets)
+                result["domain_routing"][group] = accuracy_by_task(samples, correct)["average"]
+            log.info("in-distribution oracle %s, domain routing %s", *result.values())
+            return result
+
+        return self.cached(key, compute)
 
     def fraction_data(self, fraction: float) -> str:
         """A seeded subset of the pool, stratified by task, written beside the splits."""
@@ -525,6 +553,11 @@ def by_frame(samples: list[Sample], base: list[bool], routed: list[bool]) -> lis
         }
         for (task, frame), pairs in sorted(cells.items())
     ]
+
+
+def best_on_val(grid: tuple[float, ...], val: dict[float, float]) -> float:
+    """The grid point with the best validation accuracy; ties go to the earlier point."""
+    return max(grid, key=lambda x: (val[x], -grid.index(x)))
 
 
 def gap_closed(acc: float, base: float, oracle: float) -> float | None:

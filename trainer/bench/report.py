@@ -28,6 +28,11 @@ def markdown(results: dict[str, Any]) -> str:
     base, oracle, methods = results["base"], results["oracle"], results["methods"]
     task_names = list(base["test"]["tasks"])
     cfg = results["config"]
+
+    def header(first: str) -> list[str]:
+        cells = [first, *task_names, "average", "gap closed", "vs CE"]
+        return ["| " + " | ".join(cells) + " |", "|---" * len(cells) + "|"]
+
     lines = [
         "# Routing-gap benchmark",
         "",
@@ -43,8 +48,7 @@ def markdown(results: dict[str, Any]) -> str:
         "95 % Student-t interval over the seeds; an interval that contains 0 is no evidence "
         "of a difference.",
         "",
-        "| method | " + " | ".join(task_names) + " | average | gap closed | vs CE |",
-        "|---" * (len(task_names) + 4) + "|",
+        *header("method"),
     ]
     row = lambda label, tasks, avg, gap, vs="-": (  # noqa: E731
         f"| {label} | "
@@ -75,8 +79,7 @@ def markdown(results: dict[str, Any]) -> str:
             "gives the row below, i.e. how much of the gap is the kind of correction that "
             "aligning with successful neighbours can teach.",
             "",
-            "| diagnostic | " + " | ".join(task_names) + " | average | gap closed | vs CE |",
-            "|---" * (len(task_names) + 4) + "|",
+            *header("diagnostic"),
             row(
                 "Domain routing",
                 domain["test"]["tasks"],
