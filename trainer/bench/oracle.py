@@ -102,6 +102,12 @@ def _encode_routed(
     return enc, rows, torch.tensor(owner)
 
 
+def _gold_rows(samples: Sequence[Sample]) -> torch.Tensor:
+    """The row of each sample's gold choice among the consecutive choice rows of ``samples``."""
+    firsts = torch.tensor([0, *[len(s.choices) for s in samples[:-1]]]).cumsum(0)
+    return firsts + torch.tensor([s.answer for s in samples])
+
+
 def _correct(samples: Sequence[Sample], logprob: torch.Tensor) -> list[bool]:
     """Per sample: is the best-scored of its choices (consecutive rows of ``logprob``) gold?"""
     out, cursor = [], 0
@@ -122,10 +128,7 @@ def oracle_batch(
 ) -> OracleResult:
     """Optimise the routing of ``samples`` one token each; see the module docstring."""
     enc, rows, owner = _encode_routed(model, tokenizer, samples, token)
-    starts = [0]
-    for sample in samples[:-1]:
-        starts.append(starts[-1] + len(sample.choices))
-    gold = torch.tensor([start + s.answer for start, s in zip(starts, samples, strict=True)])
+    gold = _gold_rows(samples)
     n_experts = find_routers(model)[layers[0]].weight.shape[0]
 
     def accuracy(logprob: torch.Tensor) -> list[bool]:
@@ -335,6 +338,4 @@ class _Chunk:
     ) -> _Chunk:
         batch = [samples[i] for i in index]
         enc, rows, owner = _encode_routed(model, tokenizer, batch, token)
-        firsts = torch.tensor([0, *[len(s.choices) for s in batch[:-1]]]).cumsum(0)
-        gold = firsts + torch.tensor([s.answer for s in batch])
-        return cls(index, batch, enc, rows, owner, gold)
+        return cls(index, batch, enc, rows, owner, _gold_rows(batch))
