@@ -223,6 +223,17 @@ def accuracy_plot(results: dict[str, Any], path: Path) -> None:
     ax.bar([LABELS[m] for m in names], means, yerr=stds, capsize=4, color=colors)
     ax.axhline(100 * results["base"]["test"]["average"], ls="--", color="k", label="base")
     ax.axhline(100 * results["oracle"]["test"]["average"], ls=":", color="tab:red", label="oracle")
+    base, oracle = results["base"]["test"]["average"], results["oracle"]["test"]["average"]
+    # The goal (the paper's OLMoE share): 64 % of the base->oracle gap.
+    ax.axhline(100 * (base + 0.64 * (oracle - base)), ls=":", color="tab:gray", label="64 % of gap")
+    shared = results.get("shared_routing")
+    if shared:  # the most that routing a task's samples alike gives, answers in hand
+        ax.axhline(
+            100 * shared["test"]["average"],
+            ls="-.",
+            color="tab:purple",
+            label="best task-shared routing (diagnostic)",
+        )
     ax.set_ylabel("test accuracy (%)")
     low = min([*means, 100 * results["base"]["test"]["average"]]) - 10
     ax.set_ylim(max(0, low), 100)
