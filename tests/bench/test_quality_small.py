@@ -40,6 +40,9 @@ def test_outputs_exist_and_are_well_formed(small_results: Path) -> None:
     assert 0.0 <= base <= 1.0 and 0.0 <= oracle <= 1.0
     # The oracle starts from the base routing: its "before" is the base accuracy.
     assert results["oracle"]["test_before"]["average"] == pytest.approx(base)
+    # The oracle's control steers toward a wrong choice: before, it is picked when gold is not.
+    control = results["oracle_control"]
+    assert 0.0 <= control["before"] <= 1.0 - base + 1e-6 and 0.0 <= control["after"] <= 1.0
     for factor in ("layers", "token", "k", "fraction", "embedder"):
         assert len(results["ablations"][factor]) >= 2, factor
     # Diagnostics: routing transplant and weight on the domain's own experts are fractions.
@@ -121,6 +124,7 @@ def test_a_rerun_reuses_the_ledger_and_reports_the_same(small_results: Path) -> 
     assert result.exit_code == 0, result.output
     assert (small_results / "runs.jsonl").read_text() == ledger
     after = json.loads((small_results / "quality.json").read_text())
-    for key in ("base", "oracle", "methods", "ablations", "in_distribution", "domain_mass"):
+    reported = ("base", "oracle", "oracle_control", "methods", "ablations", "in_distribution")
+    for key in (*reported, "domain_mass"):
         assert after[key] == before[key], key
     assert after["shared_routing"] == before["shared_routing"]

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean, pstdev, stdev
 from typing import Any
@@ -240,6 +240,35 @@ class Quality:
             }
             log.info("oracle test accuracy %.3f (lr %g)", result["test"]["average"], lr)
             return result
+
+        return self.cached(key, compute)
+
+    def oracle_control(self, lr: float) -> dict[str, Any]:
+        """The oracle's control: the same optimisation (the step size validation picked for the
+        oracle) toward a random *wrong* choice of every test sample (seeded). If it moves that
+        choice's pick rate as much as the oracle moves the gold's, the oracle's gain measures
+        how far one token's routing can steer the answer, not knowledge that routing unlocks."""
+        from roma_trainer.bench.oracle import run_oracle
+        from roma_trainer.routers import find_routers, select_layers
+
+        cfg = self.cfg
+        key = {"oracle_control": True, "test": str(self.paths["test"]), "lr": lr}
+        key |= {"steps": cfg.oracle_steps, "seed": cfg.data_seed}
+
+        def compute() -> Any:
+            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
+            layers = select_layers(list(find_routers(model)), "last5")
+            self.scorer.reset()
+            rng = random.Random(f"oracle-control/{cfg.data_seed}")
+            wrong = [
+                replace(s, answer=rng.choice([i for i in range(len(s.choices)) if i != s.answer]))
+                for s in self.samples["test"]
+            ]
+            res = run_oracle(model, tok, wrong, layers, "last", cfg.oracle_steps, lr)
+            return {
+                "before": accuracy_by_task(wrong, res.correct_before)["average"],
+                "after": accuracy_by_task(wrong, res.correct)["average"],
+            }
 
         return self.cached(key, compute)
 
@@ -478,6 +507,7 @@ class Quality:
         started = time.perf_counter()
         base = self.scorer.score(None)
         oracle = self.oracle()
+        oracle_control = self.oracle_control(oracle["lr"])
         domain_routing = self.domain_routing()
         shared_routing = self.shared_routing()
         searches = {m: self.search(m) for m in METHODS}
@@ -494,6 +524,7 @@ class Quality:
             "sizes": {s: len(v) for s, v in self.samples.items()},
             "base": base,
             "oracle": oracle,
+            "oracle_control": oracle_control,
             "domain_routing": {
                 **domain_routing,
                 "gap_closed": gap_closed(

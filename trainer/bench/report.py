@@ -70,6 +70,17 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(
         row(LABELS["oracle"], oracle["test"]["tasks"], _pct(oracle["test"]["average"]), "100")
     )
+    control = results.get("oracle_control")
+    if control:
+        lines += [
+            "",
+            f"Oracle control: the same optimisation toward a random *wrong* choice of every test "
+            f"sample raises that choice's pick rate from {_pct(control['before'])} to "
+            f"{_pct(control['after'])} % ({100 * (control['after'] - control['before']):+.1f} "
+            f"points; the oracle: gold {_pct(oracle['test_before']['average'])} -> "
+            f"{_pct(oracle['test']['average'])} %). How far routing one token can steer the "
+            "answer, whatever the answer.",
+        ]
     domain = results.get("domain_routing")
     if domain:
         lines += [
