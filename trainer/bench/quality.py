@@ -18,6 +18,7 @@ Protocol (the same for every method, so the comparison is fair):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -170,6 +171,26 @@ class Quality:
             self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
         )
 
+    def base_model(self) -> tuple[Any, Any, list[int]]:
+        """The benchmark model with its base routers (any patch undone), its tokenizer and the
+        tuned layers (the last five): what every oracle and diagnostic works on."""
+        from roma_trainer.routers import find_routers, select_layers
+
+        model = self.scorer.loaded.model
+        self.scorer.reset()
+        layers = select_layers(list(find_routers(model)), "last5")
+        return model, self.scorer.loaded.tokenizer, layers
+
+    @functools.cached_property
+    def success_means(self) -> dict[str, Any]:
+        """Per task, the mean base routing of its success-set members at the last prompt token
+        of the tuned layers (``oracle.success_routing_by_task``): scored once, shared by the
+        diagnostics that start from it."""
+        from roma_trainer.bench.oracle import success_routing_by_task
+
+        model, tok, layers = self.base_model()
+        return success_routing_by_task(model, tok, self.samples["train"], layers)
+
     def cached(self, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
         """``compute()``, or its value from the ledger: the diagnostics re-score every final
         patch, and a re-run of the benchmark should not spend minutes on scores it has."""
@@ -203,7 +224,6 @@ class Quality:
     def oracle(self) -> dict[str, Any]:
         """The oracle on the test split, its step size chosen on val; cached in the ledger."""
         from roma_trainer.bench.oracle import run_oracle
-        from roma_trainer.routers import find_routers, select_layers
 
         cfg = self.cfg
         key = {
@@ -217,10 +237,7 @@ class Quality:
         }
 
         def compute() -> Any:
-            model = self.scorer.loaded.model
-            tok = self.scorer.loaded.tokenizer
-            layers = select_layers(list(find_routers(model)), "last5")
-            self.scorer.reset()
+            model, tok, layers = self.base_model()
             val = {}
             for lr in cfg.oracle_lr_grid:
                 res = run_oracle(
@@ -249,16 +266,13 @@ class Quality:
         choice's pick rate as much as the oracle moves the gold's, the oracle's gain measures
         how far one token's routing can steer the answer, not knowledge that routing unlocks."""
         from roma_trainer.bench.oracle import run_oracle
-        from roma_trainer.routers import find_routers, select_layers
 
         cfg = self.cfg
         key = {"oracle_control": True, "test": str(self.paths["test"]), "lr": lr}
         key |= {"steps": cfg.oracle_steps, "seed": cfg.data_seed}
 
         def compute() -> Any:
-            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-            layers = select_layers(list(find_routers(model)), "last5")
-            self.scorer.reset()
+            model, tok, layers = self.base_model()
             rng = random.Random(f"oracle-control/{cfg.data_seed}")
             wrong = [
                 replace(s, answer=rng.choice([i for i in range(len(s.choices)) if i != s.answer]))
@@ -279,12 +293,7 @@ class Quality:
         this task that work", the kind of correction RoMA's neighbours can teach."""
         import torch
 
-        from roma_trainer.bench.oracle import (
-            base_correct,
-            correct_with_routing,
-            success_routing_by_task,
-        )
-        from roma_trainer.routers import find_routers, select_layers
+        from roma_trainer.bench.oracle import base_correct, correct_with_routing
 
         key = {
             "domain_routing": True,
@@ -293,10 +302,8 @@ class Quality:
         }
 
         def compute() -> Any:
-            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-            layers = select_layers(list(find_routers(model)), "last5")
-            self.scorer.reset()
-            means = success_routing_by_task(model, tok, self.samples["train"], layers)
+            model, tok, layers = self.base_model()
+            means = self.success_means
             result = {}
             for split in ("val", "test"):
                 samples = self.samples[split]
@@ -316,8 +323,7 @@ class Quality:
         (``oracle.run_shared_oracle``, started from the success-set mean), its step size picked
         on val. How much of the oracle's gap any "route like the other samples of your task"
         correction can close, with the answers in hand; cached."""
-        from roma_trainer.bench.oracle import run_shared_oracle, success_routing_by_task
-        from roma_trainer.routers import find_routers, select_layers
+        from roma_trainer.bench.oracle import run_shared_oracle
 
         cfg = self.cfg
         key = {
@@ -328,10 +334,8 @@ class Quality:
         }
 
         def compute() -> Any:
-            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-            layers = select_layers(list(find_routers(model)), "last5")
-            self.scorer.reset()
-            means = success_routing_by_task(model, tok, self.samples["train"], layers)
+            model, tok, layers = self.base_model()
+            means = self.success_means
 
             def accuracy(split: str, lr: float) -> dict[str, Any]:
                 samples = self.samples[split]
@@ -400,8 +404,8 @@ class Quality:
         scorer = Scorer(self.model, splits)
         out: dict[str, Any] = {"sizes": {g: len(v) for g, v in splits.items()}}
         out["base"] = {g: v["average"] for g, v in scorer.score(None).items()}
-        out.update(self.in_distribution_bounds(splits, oracle_lr))
         data = data_fingerprint([s for v in splits.values() for s in v])
+        out.update(self.in_distribution_bounds(splits, data, oracle_lr))
         for method, runs in finals.items():
             scores = [
                 self.cached(
@@ -425,32 +429,25 @@ class Quality:
         return out
 
     def in_distribution_bounds(
-        self, splits: dict[str, list[Sample]], oracle_lr: float
+        self, splits: dict[str, list[Sample]], data: str, oracle_lr: float
     ) -> dict[str, dict[str, float]]:
         """The oracle (the step size validation picked) and the domain-routing diagnostic on
         the in-distribution sets, so that a method's share of the gap can be read where test
         and pool phrasings agree, the setting of the paper's benchmarks; cached."""
         import torch
 
-        from roma_trainer.bench.oracle import (
-            correct_with_routing,
-            run_oracle,
-            success_routing_by_task,
-        )
-        from roma_trainer.routers import find_routers, select_layers
+        from roma_trainer.bench.oracle import correct_with_routing, run_oracle
 
         key = {
             "in_distribution_bounds": True,
-            "data": data_fingerprint([s for v in splits.values() for s in v]),
+            "data": data,  # the splits' fingerprint
             "steps": self.cfg.oracle_steps,
             "lr": oracle_lr,
         }
 
         def compute() -> Any:
-            model, tok = self.scorer.loaded.model, self.scorer.loaded.tokenizer
-            layers = select_layers(list(find_routers(model)), "last5")
-            self.scorer.reset()
-            means = success_routing_by_task(model, tok, self.samples["train"], layers)
+            model, tok, layers = self.base_model()
+            means = self.success_means
             result: dict[str, dict[str, float]] = {"oracle": {}, "domain_routing": {}}
             for group, samples in splits.items():
                 res = run_oracle(
