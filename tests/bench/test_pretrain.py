@@ -108,3 +108,30 @@ def test_forcing_runs_the_domain_experts_only_where_asked() -> None:
     with torch.no_grad():
         _, _, index = routed(hidden)
     assert index.sort(-1).values.tolist() == plain.topk(2).indices.sort(-1).values.tolist()
+
+
+def test_read_rows_are_forced_but_left_out_of_the_router_teaching(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from roma_models.tiny import build_tokenizer
+    from roma_trainer.bench import tasks
+    from roma_trainer.bench.pretrain import _batches
+
+    cfg = PretrainConfig(batch_size=16, bucket=2, experts=16, read_share=0.5)
+    build_tokenizer(tmp_path, tasks.tokenizer_corpus(0, n=200), 400)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    stream = tasks.pretraining_pairs(0, cfg.read_share)
+    rows = [next(stream) for _ in range(cfg.batch_size * cfg.bucket)]
+    batch = next(_batches(iter(rows), tok, cfg))
+    assert batch["taught"].any() and (batch["specialise"] & ~batch["taught"]).any()
+    # every forced token of a read row is untaught, every one of a pretraining row taught
+    by_row = batch["specialise"].view(cfg.batch_size, -1), batch["taught"].view(cfg.batch_size, -1)
+    read_rows = {tuple(tok(p).input_ids) for p, a, d, taught in rows if a and not taught}
+    for ids, forced, taught in zip(batch["input_ids"], *by_row, strict=True):
+        if not forced.any():  # a background sentence
+            assert not taught.any()
+            continue
+        n_prompt = int(forced.nonzero()[0]) + 1  # forcing starts at the last prompt token
+        is_read = tuple(ids[:n_prompt].tolist()) in read_rows
+        assert bool(taught[forced].all()) is not is_read
+        assert bool(taught[forced].any()) is not is_read

@@ -22,7 +22,7 @@ def group_of(task: tasks.Task, prompt: str) -> set[str]:
 def test_at_least_six_domains_with_disjoint_frame_groups() -> None:
     assert len(tasks.TASKS) >= 6
     for task in tasks.TASKS.values():
-        groups = [set(task.frames[g]) for g in ("pretrain", "adapt", "val", "test")]
+        groups = [set(task.frames[g]) for g in ("pretrain", "adapt", "val", "test", "read")]
         assert all(groups), task.name
         for i, a in enumerate(groups):
             for b in groups[i + 1 :]:
@@ -78,16 +78,32 @@ def test_pretraining_stream_uses_only_pretraining_frames() -> None:
     stream = tasks.pretraining_pairs(0)
     seen_task = 0
     for _ in range(400):
-        prompt, answer, domain = next(stream)
+        prompt, answer, domain, taught = next(stream)
         if not answer:  # a background sentence: words only, no cue, no domain
             assert not any(prompt.endswith(c) for c in tasks.CUES)
-            assert domain is None
+            assert domain is None and not taught
             continue
         seen_task += 1
+        assert taught
         matches = {g for t in tasks.TASKS.values() for g in group_of(t, prompt)}
         assert matches == {"pretrain"}, prompt
         assert group_of(tasks.TASKS[domain], prompt) == {"pretrain"}, (domain, prompt)
     assert seen_task > 300
+
+
+def test_read_share_swaps_in_read_frames_that_the_router_is_not_taught() -> None:
+    stream = tasks.pretraining_pairs(0, read_share=0.5)
+    groups: dict[bool, set[str]] = {True: set(), False: set()}
+    for _ in range(800):
+        prompt, answer, domain, taught = next(stream)
+        if answer:
+            assert domain is not None
+            groups[taught] |= group_of(tasks.TASKS[domain], prompt)
+    assert groups == {True: {"pretrain"}, False: {"read"}}
+    # The read frames stay out of the lexicon: the tokenizer and the background sentences of
+    # the bundled model do not depend on them.
+    read_only = {"if"}  # a word only the read frames use
+    assert not read_only & set(tasks.lexicon())
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -8,7 +8,8 @@ bench_app = typer.Typer(
 )
 
 # The commands import their heavy dependencies lazily, so ``roma-train --help`` stays fast.
-from roma_trainer.bench.cli import pretrain_cmd, quality_cmd  # noqa: E402
+from roma_trainer.bench.cli import pretrain_cmd, quality_cmd, screen_cmd  # noqa: E402
 
 bench_app.command("pretrain")(pretrain_cmd)
 bench_app.command("quality")(quality_cmd)
+bench_app.command("screen")(screen_cmd)

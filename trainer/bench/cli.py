@@ -20,6 +20,16 @@ def pretrain_cmd(
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps (batch 64).")] = 2500,
     seed: Annotated[int, typer.Option(help="Seed of the data stream and the init.")] = 0,
+    read_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of task sequences drawn from the 'read' phrasings, which the model "
+            "learns to answer but its router is never taught to route (a variant; the bundled "
+            "model uses 0).",
+        ),
+    ] = 0.0,
     check_vllm: Annotated[
         bool, typer.Option(help="Afterwards, load the checkpoint in vLLM and generate once.")
     ] = False,
@@ -28,7 +38,7 @@ def pretrain_cmd(
     from roma_trainer.bench.pretrain import PretrainConfig, pretrain
     from roma_trainer.bench.pretrain import check_vllm as vllm_check
 
-    cfg = PretrainConfig(steps=steps, seed=seed)
+    cfg = PretrainConfig(steps=steps, seed=seed, read_share=read_share)
     if out is not None:
         cfg.out = out
     path = pretrain(cfg)
@@ -64,3 +74,37 @@ def quality_cmd(
     results = run_quality(cfg)
     console.print((cfg.out / "quality.md").read_text(), highlight=False)
     console.print(f"total {results['seconds']:.0f} s; wrote {cfg.out}", highlight=False)
+
+
+def screen_cmd(
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the embedded benchmark model).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Directory for the splits, the run ledger and screen.md/json.")
+    ] = Path("results/screen"),
+    run: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also train this method with seed 0 and score it on validation: "
+            "method[:lr[:lambda]], e.g. ce:0.01 or roma_knn:0.01:1. Repeatable."
+        ),
+    ] = None,
+    small: Annotated[bool, typer.Option(help="Tiny splits and budgets (for tests).")] = False,
+) -> None:
+    """How much routing can do for a model, on the validation split only (a few minutes): base,
+    domain routing, the best task-shared routing and the oracle, with the pool's base accuracy
+    by phrasing group. Screens a benchmark-model variant without touching the test split."""
+    from roma_trainer.bench.quality import QualityConfig
+    from roma_trainer.bench.screen import RunSpec, screen
+
+    try:
+        specs = [RunSpec.parse(r) for r in run or []]
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--run") from err
+    cfg = QualityConfig.small(out) if small else QualityConfig(out=out)
+    cfg.model = model
+    for noisy in ("httpx", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    screen(cfg, specs)
+    console.print((out / "screen.md").read_text(), highlight=False)

@@ -4,7 +4,8 @@ No pretrained MoE can be downloaded here, so the benchmark grows its own: a real
 (8 layers, 16 experts, top-2, hidden 128, head_dim 64 for vLLM-CPU) and a byte-level BPE trained
 on the same text, fitted with causal-LM loss plus OLMoE's load-balancing loss on a mixture of
 the domains. Only the ``pretrain`` templates are used (``tasks.py``), which leaves the
-``adapt``/``val``/``test`` phrasings unseen.
+``adapt``/``val``/``test`` phrasings unseen. (A screened variant, ``read_share``, also reads the
+``read`` frames without teaching the router where to send them; ``docs/quality.md``.)
 
 Experts specialise by domain *by construction*, as in domain-expert MoEs (DEMix): each domain
 owns ``experts // domains`` experts of the specialising layers (the last five, the layers the
@@ -86,6 +87,11 @@ class PretrainConfig:
     threads: int = 1
     # Batches are cut from a sorted block of this many batches, to pad little.
     bucket: int = 8
+    # Share of task sequences drawn from the ``read`` frames (tasks.py) instead: forced to their
+    # domain's experts and fitted by the LM loss, but left out of the specialisation loss, so
+    # the model learns to read those wrappers while its router is never taught where to send
+    # them. 0 for the bundled model (a screened variant, docs/quality.md).
+    read_share: float = 0.0
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int):  # -> OlmoeForCausalLM
@@ -139,10 +145,11 @@ class _Row:
     ids: list[int]
     domain: int  # index into tasks.TASKS, -1 for a background sentence
     answer_from: int  # first position that predicts an answer token (the last prompt token)
+    taught: bool  # whether the specialisation loss covers it (forcing covers every task row)
 
 
 def _batches(
-    stream: Iterator[tuple[str, str, str | None]], tokenizer, cfg: PretrainConfig
+    stream: Iterator[tuple[str, str, str | None, bool]], tokenizer, cfg: PretrainConfig
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of similar-length sequences, in a seeded order, with the expert group
     (``experts_mask`` [B*S, E]) the specialisation loss asks for at each token it covers
@@ -152,10 +159,11 @@ def _batches(
     while True:
         block = []
         for _ in range(cfg.batch_size * cfg.bucket):
-            prompt, answer, domain = next(stream)
+            prompt, answer, domain, taught = next(stream)
             ids = encode(tokenizer, prompt, answer)
             n_prompt = len(tokenizer(prompt).input_ids)
-            block.append(_Row(ids, -1 if domain is None else names.index(domain), n_prompt - 1))
+            row = _Row(ids, -1 if domain is None else names.index(domain), n_prompt - 1, taught)
+            block.append(row)
         block.sort(key=lambda r: len(r.ids))
         chunks = [block[i : i + cfg.batch_size] for i in range(0, len(block), cfg.batch_size)]
         rng.shuffle(chunks)
@@ -164,6 +172,7 @@ def _batches(
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             specialise = torch.zeros_like(ids, dtype=torch.bool)
+            taught = torch.zeros_like(ids, dtype=torch.bool)
             experts_mask = torch.zeros(len(chunk), width, cfg.experts, dtype=torch.bool)
             for i, row in enumerate(chunk):
                 ids[i, : len(row.ids)] = torch.tensor(row.ids)
@@ -173,12 +182,14 @@ def _batches(
                     # eos position (it predicts nothing)
                     first = row.answer_from if cfg.specialise_tokens == "answer" else 0
                     specialise[i, first : len(row.ids) - 1] = True
+                    taught[i] = row.taught
                     group = domain_experts(row.domain, len(names), cfg.experts)
                     experts_mask[i, :, group] = True
             yield {
                 "input_ids": ids,
                 "attention_mask": mask,
                 "specialise": specialise.reshape(-1),
+                "taught": taught.reshape(-1),
                 "experts_mask": experts_mask.reshape(-1, cfg.experts),
             }
 
@@ -249,7 +260,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = build_model(cfg, len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = _batches(tasks.pretraining_pairs(cfg.seed), tokenizer, cfg)
+    batches = _batches(tasks.pretraining_pairs(cfg.seed, cfg.read_share), tokenizer, cfg)
     first = 0 if cfg.specialise_layers is None else max(0, cfg.layers - cfg.specialise_layers)
     forcing = DomainForcing(model, first) if cfg.routing == "forced" else None
     started = time.perf_counter()
@@ -259,6 +270,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     for step in bar:
         batch = next(batches)
         specialise, experts_mask = batch.pop("specialise"), batch.pop("experts_mask")
+        taught = batch.pop("taught")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -267,7 +279,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             forcing.set(covered * FORCE_BIAS)
         output = model(**batch, labels=labels, output_router_logits=True)
         router_logits = output.router_logits[first:] if forcing is None else forcing.free_logits
-        spec = specialisation_loss(router_logits, specialise, experts_mask)
+        spec = specialisation_loss(router_logits, specialise & taught, experts_mask)
         (output.loss + cfg.specialise_coef * spec).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

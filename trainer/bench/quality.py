@@ -128,7 +128,7 @@ def lam_grid(cfg: QualityConfig, method: str) -> tuple[float | None, ...]:
 class Quality:
     """Runs the protocol of the module docstring and collects everything the report needs."""
 
-    def __init__(self, cfg: QualityConfig) -> None:
+    def __init__(self, cfg: QualityConfig, scored: tuple[str, ...] = ("val", "test")) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
@@ -140,12 +140,15 @@ class Quality:
             self.data_dir, cfg.data_seed, cfg.n_train, cfg.n_val, cfg.n_test
         )
         self.samples = {split: load_samples(path) for split, path in self.paths.items()}
-        self.scorer = Scorer(self.model, {"val": self.samples["val"], "test": self.samples["test"]})
+        # Runs score the splits in ``scored``: both for the benchmark, validation only for a
+        # screen (``screen.py``), whose ledger records therefore must not answer the benchmark.
+        self.scorer = Scorer(self.model, {s: self.samples[s] for s in scored})
         # The splits' content is part of every key too: runs name their data by path, and a
         # changed generator rewrites the same paths.
         data = "".join(data_fingerprint(self.samples[s]) for s in ("train", "val", "test"))
+        only = "" if scored == ("val", "test") else "/scored:" + ",".join(scored)
         self.ledger = Ledger(
-            self.out / "runs.jsonl", weights_fingerprint(self.scorer.loaded.model) + data
+            self.out / "runs.jsonl", weights_fingerprint(self.scorer.loaded.model) + data + only
         )
         self.patch_dir = self.out / "patches"
         self.results: dict[str, Any] = {}

@@ -125,13 +125,8 @@ def train_and_score(
 
     metrics = read_patch(patch_path).meta.metrics
     scores = scorer.score(patch_path)
-    log.info(
-        "run %s val %.3f test %.3f (%.0f s)",
-        key,
-        scores["val"]["average"],
-        scores["test"]["average"],
-        train_seconds,
-    )
+    accuracies = " ".join(f"{split} {r['average']:.3f}" for split, r in scores.items())
+    log.info("run %s %s (%.0f s)", key, accuracies, train_seconds)
     return ledger.add(
         train_config,
         {

@@ -13,6 +13,12 @@ four ways, and each split only ever sees its own:
 - ``test``: held-out frames for the reported numbers; never used for training, neighbour search
   or tuning. The test split also uses one distractor style per domain no other split uses.
 
+A fifth group, ``read``, is in no split: frames that reuse the held-out frames' wrappers
+("Kindly ...", "Work out ... for me", "What do you get ...") in other combinations, for the
+variant model that is pretrained to *read* them while its router is never taught where to send
+them (``pretrain.PretrainConfig.read_share``; ``docs/quality.md``, "A model that reads the
+wrappers"). The bundled model is pretrained without them.
+
 Domains come in groups that share an input format (letter strings: reverse / length; number
 lists: sorting / pattern / compare), so the frame, not the input, says which skill to apply;
 a held-out frame keeps a domain keyword ("reverse", "sort", "largest") in unfamiliar wording,
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-TemplateGroup = Literal["pretrain", "adapt", "val", "test"]
+TemplateGroup = Literal["pretrain", "adapt", "val", "test", "read"]
 Split = Literal["train", "val", "test"]
 # Which frame groups feed each split.
 SPLIT_GROUPS: dict[Split, tuple[TemplateGroup, ...]] = {
@@ -113,6 +119,12 @@ ARITHMETIC = Task(
             "{a} plus {b}",
         ),
         "adapt": ("Please add {b} to {a}.", "Find the sum of {a} and {b}."),
+        "read": (
+            "Kindly work out the sum of {a} and {b}.",
+            "Tell me what {a} plus {b} is.",
+            "What do you get for {a} plus {b}?",
+            "Show the sum of {a} and {b} for me.",
+        ),
         "val": ("How much is {a} plus {b}?", "Tell me the sum of {a} and {b}."),
         "test": (
             "Kindly add the numbers {a} and {b} together.",
@@ -159,6 +171,12 @@ REVERSE = Task(
             "{s} backwards",
         ),
         "adapt": ("Please reverse the sequence {s}.", "Give {s} written backwards."),
+        "read": (
+            "Kindly write {s} backwards.",
+            "Tell me {s} in reverse.",
+            "What do you get if you reverse {s}?",
+            "Work out the reverse of {s} for me.",
+        ),
         "val": ("How does {s} read backwards?", "Show the reverse of {s}."),
         "test": (
             "Kindly reverse the letters {s} for me.",
@@ -200,6 +218,12 @@ LENGTH = Task(
             "{s} has how many letters?",
         ),
         "adapt": ("Please count the letters in {s}.", "Find the length of {s}."),
+        "read": (
+            "Kindly count the letters of {s}.",
+            "Tell me the length of {s}.",
+            "What do you get for the length of {s}?",
+            "Work out how many letters {s} has.",
+        ),
         "val": ("How long is the sequence {s}?", "Tell me how many letters {s} has."),
         "test": (
             "Kindly count how many letters are in {s}.",
@@ -243,6 +267,12 @@ SORTING = Task(
             "{xs} sorted",
         ),
         "adapt": ("Please sort the digits {xs}.", "Arrange {xs} in increasing order."),
+        "read": (
+            "Kindly put {xs} in increasing order.",
+            "Tell me {xs} sorted.",
+            "What do you get if you order {xs}?",
+            "Work out {xs} in order for me.",
+        ),
         "val": ("How do {xs} look when sorted?", "Show {xs} in order from small to large."),
         "test": (
             "Kindly sort the numbers {xs} for me.",
@@ -285,6 +315,12 @@ PATTERN = Task(
             "{seq} then",
         ),
         "adapt": ("Please continue {seq}.", "Find the next number after {seq}."),
+        "read": (
+            "Kindly give the next number after {seq}.",
+            "Tell me what comes after {seq}.",
+            "What do you get after {seq}?",
+            "Work out the next number in {seq} for me.",
+        ),
         "val": ("How does the sequence {seq} go on?", "Show what comes next in {seq}."),
         "test": (
             "Kindly continue the numbers {seq} for me.",
@@ -323,6 +359,12 @@ COMPARE = Task(
             "{xs} largest",
         ),
         "adapt": ("Please find the largest of {xs}.", "Give the biggest number in {xs}."),
+        "read": (
+            "Kindly give the biggest of {xs}.",
+            "Tell me the largest of {xs}.",
+            "What do you get for the max of {xs}?",
+            "Work out the largest value in {xs}.",
+        ),
         "val": ("Which number is the biggest: {xs}?", "Show the largest value in {xs}."),
         "test": (
             "Kindly pick the largest number from {xs}.",
@@ -369,6 +411,12 @@ RECALL = Task(
             "{facts} {obj} owner",
         ),
         "adapt": ("{facts} Please name who has the {obj}.", "{facts} Find the owner of the {obj}."),
+        "read": (
+            "{facts} Kindly tell me who holds the {obj}.",
+            "{facts} Tell me the owner of the {obj}.",
+            "{facts} What do you get for the owner of the {obj}?",
+            "{facts} Work out who holds the {obj} for me.",
+        ),
         "val": ("{facts} Which person has the {obj}?", "{facts} Tell me who owns the {obj}."),
         "test": (
             "{facts} Kindly say who has the {obj}.",
@@ -416,6 +464,12 @@ CLASSIFY = Task(
             "{text} topic",
         ),
         "adapt": ("Please classify '{text}'.", "Find the topic of '{text}'."),
+        "read": (
+            "Kindly give the topic of '{text}'.",
+            "Tell me what '{text}' is about.",
+            "What do you get for the topic of '{text}'?",
+            "Work out the topic of '{text}' for me.",
+        ),
         "val": ("Which topic fits '{text}'?", "Tell me the topic of '{text}'."),
         "test": (
             "Kindly classify the sentence '{text}' for me.",
@@ -538,9 +592,11 @@ def frame_of(task: str, prompt: str) -> tuple[TemplateGroup, str] | None:
 
 
 def lexicon() -> list[str]:
-    """Every word of every frame (all groups), prefix and domain vocabulary, sorted."""
+    """Every word of every frame (all groups but ``read``, which only a variant model is
+    pretrained on: leaving it out keeps the tokenizer and the background sentences, and so the
+    bundled model, what they were), prefix and domain vocabulary, sorted."""
     text = " ".join(
-        [f for t in TASKS.values() for group in t.frames.values() for f in group]
+        [f for t in TASKS.values() for g, frames in t.frames.items() if g != "read" for f in frames]
         + list(PREFIXES)
         + _NAMES
         + _OBJECTS
@@ -556,19 +612,26 @@ def background(rng: random.Random, words: list[str]) -> str:
     return " ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) + "."
 
 
-def pretraining_pairs(seed: int = 0) -> Iterator[tuple[str, str, str | None]]:
-    """An endless, deterministic stream of ``(prompt, answer, domain)``: the pretraining frames
-    of every domain in turn, and ``BACKGROUND_SHARE`` background sentences (answer "", domain
-    None)."""
+def pretraining_pairs(
+    seed: int = 0, read_share: float = 0.0
+) -> Iterator[tuple[str, str, str | None, bool]]:
+    """An endless, deterministic stream of ``(prompt, answer, domain, router_taught)``: the
+    pretraining frames of every domain in turn (router-taught), a share ``read_share`` of them
+    replaced by ``read`` frames (not router-taught: the model learns to read and answer them,
+    its router is never told where to send them), and ``BACKGROUND_SHARE`` background
+    sentences (answer "", domain None). ``read_share=0`` draws nothing extra from the seeded
+    stream: the same sequences as before the option existed."""
     rng = _rng(seed, "pretrain")
     words = lexicon()
     while True:
         for task in TASKS.values():
             if rng.random() < BACKGROUND_SHARE:
-                yield background(rng, words), "", None
+                yield background(rng, words), "", None, False
             inst = task.draw(rng)
-            prompt = render(rng.choice(task.frames["pretrain"]), inst.fields, rng)
-            yield prompt, inst.answer, task.name
+            taught = not (read_share and rng.random() < read_share)
+            frames = task.frames["pretrain" if taught else "read"]
+            prompt = render(rng.choice(frames), inst.fields, rng)
+            yield prompt, inst.answer, task.name, taught
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
