@@ -92,5 +92,21 @@ class Metrics:
             registry=r,
         )
 
+        # Filled by the expert-load exporter (gateway/expert_load.py) when it is on.
+        self.expert_tokens = Counter(
+            "roma_expert_tokens",
+            "Tokens routed to each expert (top-k per token), by router version, MoE layer and "
+            "expert; counted in the engines when ROMA_EXPERT_LOAD_INTERVAL_S > 0.",
+            ["router_version", "layer", "expert"],
+            registry=r,
+        )
+        self.router_tokens = Counter(
+            "roma_router_tokens",
+            "Tokens each MoE layer's router saw, by router version: an expert's share of a "
+            "layer is roma_expert_tokens / (roma_router_tokens * top_k).",
+            ["router_version", "layer"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Period of the check that every engine holds the active version."
     )
 
+    expert_load_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="Export every engine's expert load per layer and router version to /metrics, "
+        "read this often (0: off). Counting adds a top-k per router per forward pass; hooks do "
+        "not run inside CUDA graph replays, so count on engines started with --enforce-eager.",
+    )
+
     # --- proxy ---------------------------------------------------------------------------------
     request_timeout_s: float = Field(600.0, gt=0, description="Upper bound of one completion.")
     max_request_bytes: int = Field(

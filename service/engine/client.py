@@ -249,17 +249,20 @@ class EngineClient:
     async def expert_load(
         self, action: Literal["enable", "disable", "read", "reset"] = "read"
     ) -> dict[str, Any]:
-        """Per-layer expert selection counts, summed over workers (opt-in: ``enable`` first)."""
+        """Per-layer expert selection counts of the engine (opt-in: ``enable`` first).
+
+        Each router is counted once: pipeline stages hold different layers, while tensor-
+        parallel ranks each run the same (replicated) router on the same tokens, so a layer
+        that several workers report is taken from the first, not summed."""
         results = await self._rpc("roma_expert_load", action)
         self._raise_failures("expert_load", results)
         counts: dict[str, list[int]] = {}
         tokens: dict[str, int] = {}
         for result in results:
             for name, row in result["counts"].items():
-                old = counts.get(name, [0] * len(row))
-                counts[name] = [a + b for a, b in zip(old, row, strict=True)]
+                counts.setdefault(name, row)
             for name, n in result["tokens"].items():
-                tokens[name] = tokens.get(name, 0) + n
+                tokens.setdefault(name, n)
         version = results[0]["version"]
         return {
             "version": None if version is None else int(version),

@@ -34,7 +34,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = Gateway.build(settings, redis_url, engine_urls)
         app.state.gateway = gateway
-        gateway.sync.start()
+        gateway.start()
         try:
             yield
         finally:

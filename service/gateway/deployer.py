@@ -28,6 +28,7 @@ from roma_patch import BaseRouters, Patch, PatchError, read_patch, validate_patc
 from roma_service.engine.errors import EngineError, EngineRejected, EngineRPCFailed
 from roma_service.gateway.engines import EngineHandle, EnginePool
 from roma_service.gateway.errors import APIError
+from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import GateTimeout, SwapGate
 from roma_service.gateway.timings import Timings
 from roma_service.metrics import Metrics
@@ -80,12 +81,14 @@ class Deployer:
         gate: SwapGate,
         settings: Settings,
         metrics: Metrics,
+        expert_load: ExpertLoadExporter | None = None,
     ) -> None:
         self.pool = pool
         self.registry = registry
         self.gate = gate
         self.settings = settings
         self.metrics = metrics
+        self.expert_load = expert_load or ExpertLoadExporter(pool, metrics, 0.0)
         self._lock = asyncio.Lock()
 
     # --- the public operations -----------------------------------------------------------------
@@ -208,6 +211,10 @@ class Deployer:
                     await self._all(
                         targets, lambda e: e.client.pause("wait", self.settings.drain_timeout_s)
                     )
+            # Tokens counted so far were routed by the version the engines hold now.
+            if self.expert_load.enabled:
+                with timings.phase("expert_load"):
+                    await self.expert_load.collect(targets)
             self.pool.swap_starting(targets)
             await self._announce(version, targets)
             try:
@@ -364,6 +371,7 @@ class Deployer:
                 # Lagging (late start, restart, failed rollback): out of rotation, then repair.
                 self.pool.set_held(engine, held)
                 log.info("restoring active version", extra={"engine": engine.url, "held": held})
+                await self.expert_load.collect([engine])  # booked to what it held until now
                 result = await engine.client.apply(data, active)
                 state = await engine.client.state()
                 problem = check_held(

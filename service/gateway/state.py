@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from roma_service.gateway.deployer import Deployer
 from roma_service.gateway.engines import EnginePool
+from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import SwapGate
 from roma_service.gateway.sync import Synchroniser
 from roma_service.metrics import Metrics
@@ -22,6 +23,7 @@ class Gateway:
     gate: SwapGate
     deployer: Deployer
     sync: Synchroniser
+    expert_load: ExpertLoadExporter
 
     @classmethod
     def build(cls, settings: Settings, redis_url: str, engine_urls: list[str]) -> Gateway:
@@ -29,11 +31,18 @@ class Gateway:
         registry = Registry.from_url(redis_url, settings.redis_prefix)
         pool = EnginePool(engine_urls, metrics, settings.engine_timeout_s)
         gate = SwapGate()
-        deployer = Deployer(pool, registry, gate, settings, metrics)
+        expert_load = ExpertLoadExporter(pool, metrics, settings.expert_load_interval_s)
+        deployer = Deployer(pool, registry, gate, settings, metrics, expert_load)
         sync = Synchroniser(pool, registry, deployer, settings)
-        return cls(settings, metrics, registry, pool, gate, deployer, sync)
+        return cls(settings, metrics, registry, pool, gate, deployer, sync, expert_load)
+
+    def start(self) -> None:
+        """The background work: reconciling engines, following events, reading expert load."""
+        self.sync.start()
+        self.expert_load.start()
 
     async def aclose(self) -> None:
+        await self.expert_load.stop()
         await self.sync.stop()
         await self.pool.aclose()
         await self.registry.aclose()

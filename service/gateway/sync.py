@@ -1,7 +1,8 @@
 """Keeping engines in step with Redis, in the background of each gateway.
 
 * start-up: learn the base routers from the engines, record them as version 0, give every
-  engine the active version; until then ``/ready`` is 503 and completions are refused.
+  engine the active version (and switch on expert counting when it is exported); until then
+  ``/ready`` is 503 and completions are refused.
 * events: another gateway's activation names the engines it verified; those shared engines are
   marked as holding the new version at once (so a response spanning the change is flagged), then
   a reconcile double-checks.
@@ -92,6 +93,9 @@ class Synchroniser:
                 await self._heartbeat()
                 await self._learn_base()
                 if await self.deployer.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
+                    # Count expert load from the first request on (when it is exported).
+                    healthy = [e for e in self.pool.engines if e.healthy]
+                    await self.deployer.expert_load.collect(healthy)
                     self.problem = None
                     self.started.set()
                     log.info("gateway in step", extra={"engines": self.pool.describe()})

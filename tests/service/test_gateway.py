@@ -5,6 +5,7 @@ work unchanged, and each response names its router version."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import openai
@@ -147,3 +148,60 @@ async def test_metrics_count_requests_and_deploys_per_version(
         assert f'roma_engine_router_version{{engine="{engine_url}"}} 1.0' in text
         assert "roma_active_router_version 1.0" in text
         assert 'roma_deploy_latency_seconds_count{phase="apply"} 1.0' in text
+        assert "roma_expert_tokens_total{" not in text  # off unless ROMA_EXPERT_LOAD_INTERVAL_S
+
+
+def _expert_load(text: str) -> tuple[dict, dict]:
+    """(router tokens {(version, layer): n}, expert tokens {(version, layer, expert): n})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    routers, experts = {}, {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "roma_router_tokens_total":
+                routers[labels["router_version"], labels["layer"]] = sample.value
+            elif sample.name == "roma_expert_tokens_total":
+                key = (labels["router_version"], labels["layer"], labels["expert"])
+                experts[key] = sample.value
+    return routers, experts
+
+
+async def test_expert_load_is_exported_per_layer_and_router_version(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    from roma_service.engine.client import EngineClient
+
+    # Prompts no earlier test sent, so no prefix-cache hit hides tokens from the routers.
+    rng = random.Random(f"expert-load/{redis_prefix}")
+    prompts = [[rng.randrange(100, 380) for _ in range(n)] for n in (23, 17)]
+    n_new = 4
+    top_k = json.loads((tiny_olmoe / "config.json").read_text())["num_experts_per_tok"]
+    # A long interval: the reads that matter are the deploy's and the one before the checks.
+    settings = gateway_settings(redis_prefix, expert_load_interval_s=3600.0)
+    try:
+        async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+            exporter = gw.app.state.gateway.expert_load  # type: ignore[attr-defined]
+            await greedy(gw, n_new, prompts[0])
+            patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=5)
+            assert (await gw.post("/routers", headers=AUTH, content=patch)).status_code == 201
+            before, _ = _expert_load((await gw.get("/metrics")).text)
+            await greedy(gw, n_new, prompts[1])
+            await exporter.collect(exporter.pool.engines)
+            routers, experts = _expert_load((await gw.get("/metrics")).text)
+    finally:
+        async with EngineClient(engine_url) as client:
+            await client.expert_load("disable")
+
+    layers = {str(layer) for layer in ALL_LAYERS}
+    # One prefill and n_new - 1 decode steps: every layer's router saw each token once, and
+    # the deploy booked the first request to version 0 before the swap.
+    for version, prompt in (("0", prompts[0]), ("1", prompts[1])):
+        assert {layer for v, layer in routers if v == version} == layers
+        for layer in layers:
+            assert routers[version, layer] == len(prompt) + n_new - 1, (version, layer)
+            picked = sum(n for (v, at, _), n in experts.items() if (v, at) == (version, layer))
+            assert picked == top_k * routers[version, layer]
+    assert before == {k: v for k, v in routers.items() if k[0] == "0"}  # nothing moved to 1
+    # The patch moved the routers: the two versions' expert shares differ somewhere.
+    assert any(experts.get(("0", at, e)) != experts.get(("1", at, e)) for _, at, e in experts)
