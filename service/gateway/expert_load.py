@@ -9,7 +9,9 @@ counts to the router version the engine held.
 Attribution is exact across this gateway's own swaps: the deployer collects right before it
 applies a new version (after the drain), and the reconciler before it restores a lagging
 engine. A swap made by another gateway that shares the engines is only seen at the next read,
-so up to one interval of tokens can be booked to the version after it.
+so up to one interval of tokens can be booked to the version after it. Gateways that share
+engines each read-and-zero the same counters: each exports the part it read, and the sum over
+gateways is the engines' total.
 """
 
 from __future__ import annotations
