@@ -105,25 +105,31 @@ async def test_engines_converge_and_survive_a_restart(
         metrics = (await a.get("/metrics")).text
         assert _engine_requests(metrics, e1) > 0 and _engine_requests(metrics, e2) > 0
 
-        # 3. The engine dies during a deploy (C drains a long stream on it, then it is killed):
-        #    the deploy fails, names the engine, and Redis is unchanged.
+        # 3. The engine dies during a deploy (C drains a stream on it, then it is killed): the
+        #    deploy fails, names the engine, and Redis is unchanged. The stream is frozen in the
+        #    engine (pause "keep") so that the deploy is still draining when the kill comes; on
+        #    an idle machine a free-running stream used to end, and the deploy with it, first.
         request = {"model": await model_id(c), "prompt": PROMPT_IDS, "max_tokens": 400,
                    "min_tokens": 400, "temperature": 0.0, "stream": True}  # fmt: skip
+        streaming = asyncio.Event()
 
         async def long_stream() -> None:
             try:
                 async with c.stream("POST", "/v1/completions", json=request) as response:
-                    async for _ in response.aiter_lines():
-                        pass
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            streaming.set()
             except httpx.HTTPError:
                 pass  # the engine is killed under it
 
         stream = asyncio.create_task(long_stream())
+        await asyncio.wait_for(streaming.wait(), 60)
+        async with EngineClient(e2) as client:
+            await client.pause("keep")
+        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=32)
+        deploy = asyncio.create_task(c.post("/routers", headers=AUTH, content=patch))
         await asyncio.sleep(0.5)
-        deploy = asyncio.create_task(
-            c.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=32))
-        )
-        await asyncio.sleep(0.3)
+        assert not deploy.done() and not stream.done()  # held by the drain
         second_engine.kill()
         failed = await deploy
         await stream
