@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -104,36 +103,31 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
 async def test_immediate_swaps_mid_stream_and_reports_it(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
-    """The deploy does not wait for the stream. Whether a given stream outlives the swap
-    depends on machine load, so up to 3 tries, each checked: a stream that outlived the swap
-    reports it."""
+    """The deploy does not wait for the stream, and the stream reports the swap. The stream is
+    frozen in the engine (pause "keep") across the deploy, so it outlives the swap on any
+    machine (a free-running one could end first on an idle machine, or lose the race under
+    load)."""
+    from roma_service.engine.client import EngineClient
+
     settings = gateway_settings(redis_prefix, swap_policy="immediate")
-    spanned = 0
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        for attempt in range(3):
-            # Built first: building it blocks the event loop this in-process gateway runs on.
-            patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12 + attempt)
-            started = asyncio.Event()
-            stream = asyncio.create_task(_long_stream(gw, started))
-            await started.wait()
-            deploy = await gw.post("/routers", headers=AUTH, content=patch)
-            deployed_at = time.monotonic()
-            result = await stream
-            assert deploy.status_code == 201, deploy.text
-            assert result["version"] == str(attempt)
-            changed = f": x-router-version-changed {attempt}->"  # ->N, or ->? mid-swap
-            reported = any(c.startswith(changed) for c in result["comments"])
-            # Unreported only if the stream was over by the time the swap was (some slack: the
-            # 201 and the stream's last bytes race each other to the client).
-            assert reported or result["ended"] < deployed_at + 0.2, (result, deploy.json())
-            spanned += reported
-            if spanned:
-                break
-        if not spanned:
-            # Every try above was still checked (no unreported change); on a saturated 2-core
-            # CI machine a deploy can lose the race with a 400-token stream, which says nothing
-            # about correctness, so it must not fail the run.
-            warnings.warn("no stream outlived a deploy in 3 tries", stacklevel=1)
-        else:
-            metrics = (await gw.get("/metrics")).text
-            assert f"roma_responses_spanning_swap_total {spanned:.1f}" in metrics
+        # Built first: building it blocks the event loop this in-process gateway runs on.
+        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12)
+        started = asyncio.Event()
+        stream = asyncio.create_task(_long_stream(gw, started))
+        await started.wait()
+        async with EngineClient(engine_url) as engine:
+            await engine.pause("keep")
+            try:
+                deploy = await gw.post("/routers", headers=AUTH, content=patch)
+                assert not stream.done()  # the deploy did not wait for it
+            finally:
+                await engine.resume()
+        result = await stream
+        assert deploy.status_code == 201, deploy.text
+        assert result["version"] == "0" and result["events"] > 3
+        assert any(c.startswith(": x-router-version-changed 0->") for c in result["comments"]), (
+            result
+        )
+        metrics = (await gw.get("/metrics")).text
+        assert "roma_responses_spanning_swap_total 1.0" in metrics
