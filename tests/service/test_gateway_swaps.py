@@ -27,8 +27,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
 LONG = 400  # tokens: a stream that lasts long enough to deploy in the middle of it
 
 
-async def _long_stream(gw: httpx.AsyncClient, started: asyncio.Event) -> dict:
-    """Stream LONG tokens; report the version header, the trailing comments and when it ended."""
+async def _long_stream(
+    gw: httpx.AsyncClient, started: asyncio.Event, opened: asyncio.Event | None = None
+) -> dict:
+    """Stream LONG tokens; report the version header, the trailing comments and when it ended.
+    ``opened`` is set when the response headers are in, ``started`` at the third event."""
     request = {
         "model": await model_id(gw),
         "prompt": PROMPT_IDS,
@@ -42,6 +45,8 @@ async def _long_stream(gw: httpx.AsyncClient, started: asyncio.Event) -> dict:
     async with gw.stream("POST", "/v1/completions", json=request) as response:
         assert response.status_code == 200
         version = response.headers["X-Router-Version"]
+        if opened is not None:
+            opened.set()
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 events += 1
@@ -103,29 +108,29 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
 async def test_immediate_swaps_mid_stream_and_reports_it(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
-    """The deploy does not wait for the stream, and the stream reports the swap. The stream is
-    frozen in the engine (pause "keep") across the deploy, so it outlives the swap on any
-    machine (a free-running one could end first on an idle machine, or lose the race under
-    load)."""
+    """The deploy does not wait for a stream in flight, and the stream reports the swap. The
+    engine is paused ("keep") while the stream is admitted and the deploy runs, so the stream is
+    in flight across the swap on any machine (a free-running one can end first on an idle
+    machine, or lose the race under load)."""
     from roma_service.engine.client import EngineClient
 
     settings = gateway_settings(redis_prefix, swap_policy="immediate")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         # Built first: building it blocks the event loop this in-process gateway runs on.
         patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12)
-        started = asyncio.Event()
-        stream = asyncio.create_task(_long_stream(gw, started))
-        await started.wait()
+        started, opened = asyncio.Event(), asyncio.Event()
         async with EngineClient(engine_url) as engine:
             await engine.pause("keep")
             try:
+                stream = asyncio.create_task(_long_stream(gw, started, opened))
+                await asyncio.wait_for(opened.wait(), 30)  # admitted, stamped version 0
                 deploy = await gw.post("/routers", headers=AUTH, content=patch)
                 assert not stream.done()  # the deploy did not wait for it
             finally:
                 await engine.resume()
         result = await stream
         assert deploy.status_code == 201, deploy.text
-        assert result["version"] == "0" and result["events"] > 3
+        assert result["version"] == "0" and result["events"] == LONG + 1  # + [DONE]
         assert any(c.startswith(": x-router-version-changed 0->") for c in result["comments"]), (
             result
         )
