@@ -106,26 +106,27 @@ async def test_engines_converge_and_survive_a_restart(
         assert _engine_requests(metrics, e1) > 0 and _engine_requests(metrics, e2) > 0
 
         # 3. The engine dies during a deploy (C drains a stream on it, then it is killed): the
-        #    deploy fails, names the engine, and Redis is unchanged. The stream is frozen in the
-        #    engine (pause "keep") so that the deploy is still draining when the kill comes; on
-        #    an idle machine a free-running stream used to end, and the deploy with it, first.
+        #    deploy fails, names the engine, and Redis is unchanged. The engine is paused
+        #    ("keep") before the stream is admitted, so the stream is still in flight and the
+        #    deploy still draining when the kill comes; a free-running stream could end first,
+        #    and the deploy with it, on an idle machine.
         request = {"model": await model_id(c), "prompt": PROMPT_IDS, "max_tokens": 400,
                    "min_tokens": 400, "temperature": 0.0, "stream": True}  # fmt: skip
-        streaming = asyncio.Event()
+        admitted = asyncio.Event()
 
         async def long_stream() -> None:
             try:
                 async with c.stream("POST", "/v1/completions", json=request) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: "):
-                            streaming.set()
+                    admitted.set()
+                    async for _ in response.aiter_lines():
+                        pass
             except httpx.HTTPError:
                 pass  # the engine is killed under it
 
-        stream = asyncio.create_task(long_stream())
-        await asyncio.wait_for(streaming.wait(), 60)
         async with EngineClient(e2) as client:
             await client.pause("keep")
+        stream = asyncio.create_task(long_stream())
+        await asyncio.wait_for(admitted.wait(), 60)
         patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=32)
         deploy = asyncio.create_task(c.post("/routers", headers=AUTH, content=patch))
         await asyncio.sleep(0.5)
