@@ -84,13 +84,25 @@ async def test_concurrent_deploys_get_distinct_increasing_versions(
 async def test_drain_lets_in_flight_requests_finish_on_their_version(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
+    """The engine is paused ("keep") while the stream is admitted and the deploy starts, so the
+    deploy provably waits for it (a free-running stream could end before the deploy began)."""
+    from roma_service.engine.client import EngineClient
+
     settings = gateway_settings(redis_prefix, swap_policy="drain")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=11)  # before: it blocks the loop
-        started = asyncio.Event()
-        stream = asyncio.create_task(_long_stream(gw, started))
-        await started.wait()
-        deploy = await gw.post("/routers", headers=AUTH, content=patch)
+        started, opened = asyncio.Event(), asyncio.Event()
+        async with EngineClient(engine_url) as engine:
+            await engine.pause("keep")
+            try:
+                stream = asyncio.create_task(_long_stream(gw, started, opened))
+                await asyncio.wait_for(opened.wait(), 30)
+                posted = asyncio.create_task(gw.post("/routers", headers=AUTH, content=patch))
+                await asyncio.sleep(0.5)
+                assert not posted.done()  # held by the drain
+            finally:
+                await engine.resume()
+        deploy = await posted
         deployed_at = time.monotonic()
         result = await stream
         assert deploy.status_code == 201, deploy.text
@@ -100,7 +112,7 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
         assert ": x-router-version 0" in result["comments"]
         assert not any("changed" in c for c in result["comments"])
         assert result["ended"] <= deployed_at
-        assert deploy.json()["timings"]["drain"] > 0
+        assert deploy.json()["timings"]["drain"] >= 500  # ms: it waited out the paused stream
         _, after = await greedy(gw)
         assert after.headers["X-Router-Version"] == "1"
 
