@@ -240,19 +240,12 @@ class Quality:
         }
 
         def compute() -> Any:
+            lr, val = self.oracle_search()
             model, tok, layers = self.base_model()
-            val = {}
-            for lr in cfg.oracle_lr_grid:
-                res = run_oracle(
-                    model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr
-                )
-                val[lr] = accuracy_by_task(self.samples["val"], res.correct)["average"]
-                log.info("oracle lr=%g val accuracy %.3f", lr, val[lr])
-            lr = best_on_val(cfg.oracle_lr_grid, val)
             res = run_oracle(model, tok, self.samples["test"], layers, "last", cfg.oracle_steps, lr)
             result = {
                 "lr": lr,
-                "val_by_lr": {str(k): v for k, v in val.items()},
+                "val_by_lr": {str(k): v["average"] for k, v in val.items()},
                 "test": accuracy_by_task(self.samples["test"], res.correct),
                 "test_before": accuracy_by_task(self.samples["test"], res.correct_before),
                 "gold_nll_before": res.gold_nll_before,
@@ -262,6 +255,20 @@ class Quality:
             return result
 
         return self.cached(key, compute)
+
+    def oracle_search(self) -> tuple[float, dict[float, dict[str, Any]]]:
+        """The oracle on the validation split at every step size of the grid: the winning step
+        and each step's accuracy (per task and average)."""
+        from roma_trainer.bench.oracle import run_oracle
+
+        cfg = self.cfg
+        model, tok, layers = self.base_model()
+        val = {}
+        for lr in cfg.oracle_lr_grid:
+            res = run_oracle(model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr)
+            val[lr] = accuracy_by_task(self.samples["val"], res.correct)
+            log.info("oracle lr=%g val accuracy %.3f", lr, val[lr]["average"])
+        return best_on_val(cfg.oracle_lr_grid, {k: v["average"] for k, v in val.items()}), val
 
     def oracle_control(self, lr: float) -> dict[str, Any]:
         """The oracle's control: the same optimisation (the step size validation picked for the
@@ -326,8 +333,6 @@ class Quality:
         (``oracle.run_shared_oracle``, started from the success-set mean), its step size picked
         on val. How much of the oracle's gap any "route like the other samples of your task"
         correction can close, with the answers in hand; cached."""
-        from roma_trainer.bench.oracle import run_shared_oracle
-
         cfg = self.cfg
         key = {
             "shared_routing": True,
@@ -337,24 +342,31 @@ class Quality:
         }
 
         def compute() -> Any:
-            model, tok, layers = self.base_model()
-            means = self.success_means
-
-            def accuracy(split: str, lr: float) -> dict[str, Any]:
-                samples = self.samples[split]
-                res = run_shared_oracle(
-                    model, tok, samples, layers, means, "last", cfg.shared_steps, lr
-                )
-                return accuracy_by_task(samples, res.correct)
-
-            val = {lr: accuracy("val", lr)["average"] for lr in cfg.shared_lr_grid}
-            lr = best_on_val(cfg.shared_lr_grid, val)
-            result = {"lr": lr, "val_by_lr": {str(k): v for k, v in val.items()}}
-            result["test"] = accuracy("test", lr)
+            lr, val = self.shared_search()
+            result = {"lr": lr, "val_by_lr": {str(k): v[0]["average"] for k, v in val.items()}}
+            result["test"] = self.shared_accuracy("test", lr)[0]
             log.info("task-shared routing oracle: test accuracy %.3f", result["test"]["average"])
             return result
 
         return self.cached(key, compute)
+
+    def shared_accuracy(self, split: str, lr: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The task-shared routing oracle on ``split`` at step ``lr``: its accuracy, and the
+        accuracy of its starting point (the success-set mean: domain routing)."""
+        from roma_trainer.bench.oracle import run_shared_oracle
+
+        model, tok, layers = self.base_model()
+        samples, cfg = self.samples[split], self.cfg
+        res = run_shared_oracle(
+            model, tok, samples, layers, self.success_means, "last", cfg.shared_steps, lr
+        )
+        return accuracy_by_task(samples, res.correct), accuracy_by_task(samples, res.correct_before)
+
+    def shared_search(self) -> tuple[float, dict[float, tuple[dict[str, Any], dict[str, Any]]]]:
+        """:meth:`shared_accuracy` on validation at every step of the grid, and the winner."""
+        grid = self.cfg.shared_lr_grid
+        val = {lr: self.shared_accuracy("val", lr) for lr in grid}
+        return best_on_val(grid, {k: v[0]["average"] for k, v in val.items()}), val
 
     def domain_mass(self, finals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Diagnostic: the routing weight each test sample puts on its own domain's experts (the

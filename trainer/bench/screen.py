@@ -25,7 +25,6 @@ from roma_trainer.bench.quality import (
     Quality,
     QualityConfig,
     accuracy_by_task,
-    best_on_val,
     gap_closed,
 )
 
@@ -59,14 +58,14 @@ class RunSpec:
 
 def screen(cfg: QualityConfig, runs: list[RunSpec]) -> dict[str, Any]:
     """The numbers of the module docstring; also written to ``cfg.out``/screen.{json,md}."""
-    from roma_trainer.bench.oracle import base_correct, run_oracle, run_shared_oracle
+    from roma_trainer.bench.oracle import base_correct
 
     quality = Quality(cfg, scored=("val",))
-    model, tok, layers = quality.base_model()
     val, pool = quality.samples["val"], quality.samples["train"]
 
     # Cached in the screen's ledger, so a second screen that only adds --run is quick.
     def diagnostics() -> dict[str, Any]:
+        model, tok, _ = quality.base_model()
         out: dict[str, Any] = {"base": accuracy_by_task(val, base_correct(model, tok, val))}
         by_group: dict[str, list[bool]] = {}
         for sample, ok in zip(pool, base_correct(model, tok, pool), strict=True):
@@ -74,23 +73,11 @@ def screen(cfg: QualityConfig, runs: list[RunSpec]) -> dict[str, Any]:
             by_group.setdefault(found[0] if found else "other", []).append(ok)
         out["pool"] = {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
 
-        oracle = {}
-        for lr in cfg.oracle_lr_grid:
-            res = run_oracle(model, tok, val, layers, "last", cfg.oracle_steps, lr)
-            oracle[lr] = accuracy_by_task(val, res.correct)
-        lr = best_on_val(cfg.oracle_lr_grid, {k: v["average"] for k, v in oracle.items()})
+        lr, oracle = quality.oracle_search()
         out["oracle"] = {"lr": lr, **oracle[lr]}
-
-        shared = {}
-        for lr in cfg.shared_lr_grid:
-            res = run_shared_oracle(
-                model, tok, val, layers, quality.success_means, "last", cfg.shared_steps, lr
-            )
-            shared[lr] = accuracy_by_task(val, res.correct)
-            # The shared oracle starts at the success-set mean: its "before" is domain routing.
-            out["domain_routing"] = accuracy_by_task(val, res.correct_before)
-        lr = best_on_val(cfg.shared_lr_grid, {k: v["average"] for k, v in shared.items()})
-        out["shared_routing"] = {"lr": lr, **shared[lr]}
+        lr, shared = quality.shared_search()
+        out["shared_routing"] = {"lr": lr, **shared[lr][0]}
+        out["domain_routing"] = shared[lr][1]  # where the shared oracle starts
         return out
 
     key = {
