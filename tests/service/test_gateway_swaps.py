@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from roma_service.engine.client import EngineClient
 from roma_service.registry import LocalRedis
 from tests.service.gateway_support import (
     ALL_LAYERS,
@@ -27,11 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
 LONG = 400  # tokens: a stream that lasts long enough to deploy in the middle of it
 
 
-async def _long_stream(
-    gw: httpx.AsyncClient, started: asyncio.Event, opened: asyncio.Event | None = None
-) -> dict:
+async def _long_stream(gw: httpx.AsyncClient, opened: asyncio.Event) -> dict:
     """Stream LONG tokens; report the version header, the trailing comments and when it ended.
-    ``opened`` is set when the response headers are in, ``started`` at the third event."""
+    ``opened`` is set when the response headers are in (the request is admitted)."""
     request = {
         "model": await model_id(gw),
         "prompt": PROMPT_IDS,
@@ -45,16 +46,31 @@ async def _long_stream(
     async with gw.stream("POST", "/v1/completions", json=request) as response:
         assert response.status_code == 200
         version = response.headers["X-Router-Version"]
-        if opened is not None:
-            opened.set()
+        opened.set()
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 events += 1
-                if events == 3:
-                    started.set()
             elif line.startswith(":"):
                 comments.append(line)
     return {"version": version, "comments": comments, "ended": time.monotonic(), "events": events}
+
+
+@asynccontextmanager
+async def _stream_held_in_flight(
+    gw: httpx.AsyncClient, engine_url: str
+) -> AsyncIterator[asyncio.Task[dict]]:
+    """A long stream admitted while the engine is paused ("keep"), so it is in flight for as
+    long as the block runs, on any machine (a free-running one can end before a deploy starts
+    on an idle machine); the engine resumes on exit."""
+    async with EngineClient(engine_url) as engine:
+        await engine.pause("keep")
+        try:
+            opened = asyncio.Event()
+            stream = asyncio.create_task(_long_stream(gw, opened))
+            await asyncio.wait_for(opened.wait(), 30)
+            yield stream
+        finally:
+            await engine.resume()
 
 
 async def test_concurrent_deploys_get_distinct_increasing_versions(
@@ -84,24 +100,15 @@ async def test_concurrent_deploys_get_distinct_increasing_versions(
 async def test_drain_lets_in_flight_requests_finish_on_their_version(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
-    """The engine is paused ("keep") while the stream is admitted and the deploy starts, so the
-    deploy provably waits for it (a free-running stream could end before the deploy began)."""
-    from roma_service.engine.client import EngineClient
-
+    """The stream is held in flight while the deploy starts, so the deploy provably waits for
+    it (a free-running stream could end before the deploy began)."""
     settings = gateway_settings(redis_prefix, swap_policy="drain")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=11)  # before: it blocks the loop
-        started, opened = asyncio.Event(), asyncio.Event()
-        async with EngineClient(engine_url) as engine:
-            await engine.pause("keep")
-            try:
-                stream = asyncio.create_task(_long_stream(gw, started, opened))
-                await asyncio.wait_for(opened.wait(), 30)
-                posted = asyncio.create_task(gw.post("/routers", headers=AUTH, content=patch))
-                await asyncio.sleep(0.5)
-                assert not posted.done()  # held by the drain
-            finally:
-                await engine.resume()
+        async with _stream_held_in_flight(gw, engine_url) as stream:
+            posted = asyncio.create_task(gw.post("/routers", headers=AUTH, content=patch))
+            await asyncio.sleep(0.5)
+            assert not posted.done()  # held by the drain
         deploy = await posted
         deployed_at = time.monotonic()
         result = await stream
@@ -121,25 +128,15 @@ async def test_immediate_swaps_mid_stream_and_reports_it(
     engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
     """The deploy does not wait for a stream in flight, and the stream reports the swap. The
-    engine is paused ("keep") while the stream is admitted and the deploy runs, so the stream is
-    in flight across the swap on any machine (a free-running one can end first on an idle
-    machine, or lose the race under load)."""
-    from roma_service.engine.client import EngineClient
-
+    stream is held in flight (admitted, stamped version 0) across the deploy, so it spans the
+    swap on any machine."""
     settings = gateway_settings(redis_prefix, swap_policy="immediate")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         # Built first: building it blocks the event loop this in-process gateway runs on.
         patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12)
-        started, opened = asyncio.Event(), asyncio.Event()
-        async with EngineClient(engine_url) as engine:
-            await engine.pause("keep")
-            try:
-                stream = asyncio.create_task(_long_stream(gw, started, opened))
-                await asyncio.wait_for(opened.wait(), 30)  # admitted, stamped version 0
-                deploy = await gw.post("/routers", headers=AUTH, content=patch)
-                assert not stream.done()  # the deploy did not wait for it
-            finally:
-                await engine.resume()
+        async with _stream_held_in_flight(gw, engine_url) as stream:
+            deploy = await gw.post("/routers", headers=AUTH, content=patch)
+            assert not stream.done()  # the deploy did not wait for it
         result = await stream
         assert deploy.status_code == 201, deploy.text
         assert result["version"] == "0" and result["events"] == LONG + 1  # + [DONE]
