@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from roma_trainer.cli import main as configure_logging
+
 app = typer.Typer(
     name="roma-bench",
     help="Benchmarks that train and evaluate router patches and print a table.",
@@ -21,14 +23,13 @@ app = typer.Typer(
 console = Console()
 
 
-@app.callback()
-def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
-) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+# -v/--verbose and the log format of roma-train, which the benchmark drives.
+app.callback()(configure_logging)
+
+
+def quiet_libraries() -> None:
+    """The benchmark logs every run; the libraries' per-request and per-load lines would drown
+    them."""
     for noisy in ("httpx", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -96,6 +97,7 @@ def quality_cmd(
         cfg = QualityConfig(out=out or Path("results"))
     cfg.model = model
     cfg.ablations = ablations
+    quiet_libraries()
     results = run_quality(cfg)
     console.print((cfg.out / "quality.md").read_text(), highlight=False)
     console.print(f"total {results.seconds:.0f} s; wrote {cfg.out}", highlight=False)
@@ -130,5 +132,6 @@ def screen_cmd(
         raise typer.BadParameter(str(err), param_hint="--run") from err
     cfg = QualityConfig.small(out) if small else QualityConfig(out=out)
     cfg.model = model
+    quiet_libraries()
     screen(cfg, specs)
     console.print((out / "screen.md").read_text(), highlight=False)
