@@ -16,11 +16,14 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 
 WORKDIR /opt/roma
+# pyproject.toml and every folder it maps to a package (`pip install .` builds them all,
+# the benchmark's too).
 COPY pyproject.toml ./
 COPY patch ./patch
 COPY models ./models
 COPY service ./service
 COPY trainer ./trainer
+COPY benchmarks/quality ./benchmarks/quality
 RUN python3 -m pip install --no-cache-dir --no-deps --ignore-requires-python . \
     && python3 -c "import roma_patch, roma_service.engine.extension"
 

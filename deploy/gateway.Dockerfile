@@ -17,11 +17,14 @@ WORKDIR /opt/roma
 COPY deploy/requirements/gateway.txt ./deploy/requirements/gateway.txt
 RUN pip install --no-cache-dir -r deploy/requirements/gateway.txt
 
+# pyproject.toml and every folder it maps to a package (`pip install .` builds them all,
+# the benchmark's too).
 COPY pyproject.toml ./
 COPY patch ./patch
 COPY models ./models
 COPY service ./service
 COPY trainer ./trainer
+COPY benchmarks/quality ./benchmarks/quality
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import sys; sys.modules['torch'] = None; import roma_service.gateway"
 

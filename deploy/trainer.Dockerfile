@@ -20,11 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 WORKDIR /opt/roma
+# pyproject.toml and every folder it maps to a package (`pip install .` builds them all,
+# the benchmark's too).
 COPY pyproject.toml ./
 COPY patch ./patch
 COPY models ./models
 COPY service ./service
 COPY trainer ./trainer
+COPY benchmarks/quality ./benchmarks/quality
 RUN pip install --no-cache-dir . \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && python -c "import torch, roma_trainer; print(torch.__version__)"

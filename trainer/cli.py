@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 
 from roma_patch import PatchError
-from roma_trainer.bench import bench_app
 from roma_trainer.config import ConfigError, load_config
 from roma_trainer.data import DataError, load_samples
 from roma_trainer.modeling import ModelError
@@ -37,7 +36,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 console = Console()
 

@@ -19,11 +19,14 @@ RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" \
     && python -c "import vllm, torch; print(vllm.__version__, torch.__version__)"
 
 WORKDIR /opt/roma
+# pyproject.toml and every folder it maps to a package (`pip install .` builds them all,
+# the benchmark's too).
 COPY pyproject.toml ./
 COPY patch ./patch
 COPY models ./models
 COPY service ./service
 COPY trainer ./trainer
+COPY benchmarks/quality ./benchmarks/quality
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import roma_patch, roma_service.engine.extension"
 

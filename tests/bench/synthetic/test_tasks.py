@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from roma_trainer.bench import tasks
+from roma_bench.synthetic import tasks
 from roma_trainer.data import load_samples
 
 

@@ -1,4 +1,4 @@
-"""One benchmark run = train a patch with the trainer's own recipe, then score it on val and test.
+"""One benchmark run = train a patch with the trainer's own recipe, then score it on fixed splits.
 
 Training goes through :func:`roma_trainer.recipe.run` with a :class:`TrainConfig`, exactly what
 ``roma-train train`` does, so the benchmark measures the product and not a re-implementation.
@@ -16,26 +16,27 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from roma_bench.results import Accuracy, RunRecord
+from roma_patch import read_patch
 from roma_trainer.apply import apply_patch, model_routers
 from roma_trainer.config import load_config
 from roma_trainer.data import Sample
-from roma_trainer.evaluate import EvalReport, HFBackend, evaluate
+from roma_trainer.evaluate import HFBackend, evaluate
 from roma_trainer.modeling import load_model
 from roma_trainer.recipe import run as train_patch
+from roma_trainer.routers import RoutingCapture, find_routers, select_layers
+from roma_trainer.scoring import score_samples
 
-log = logging.getLogger("roma_trainer.bench")
-
-
-def report_json(report: EvalReport) -> dict[str, Any]:
-    """Accuracy (raw log-likelihood) per task plus the task average."""
-    return {"tasks": {t: s.acc for t, s in report.tasks.items()}, "average": report.average.acc}
+log = logging.getLogger("roma_bench")
 
 
 class Scorer:
@@ -52,16 +53,37 @@ class Scorer:
             for name, weight in model_routers(self.loaded.model).items():
                 weight.copy_(self.base[name])
 
-    def score(self, patch: Path | None = None) -> dict[str, dict[str, Any]]:
-        """``{split: {"tasks": {task: acc}, "average": acc}}`` for the base or ``patch``."""
+    @contextmanager
+    def patched(self, patch: str | Path | None) -> Iterator[torch.nn.Module]:
+        """The model with ``patch`` applied (the base routers for None), reset afterwards."""
         self.reset()
-        if patch is not None:
-            apply_patch(self.loaded.model, patch, self.loaded.model_id)
-        backend = HFBackend(self.loaded.model, self.loaded.tokenizer, self.batch_size)
         try:
-            return {name: report_json(evaluate(backend, s)) for name, s in self.splits.items()}
+            if patch is not None:
+                apply_patch(self.loaded.model, patch, self.loaded.model_id)
+            yield self.loaded.model
         finally:
             self.reset()
+
+    def score(self, patch: str | Path | None = None) -> dict[str, Accuracy]:
+        """Accuracy (raw log-likelihood) on every split, for the base or ``patch``."""
+        with self.patched(patch) as model:
+            backend = HFBackend(model, self.loaded.tokenizer, self.batch_size)
+            reports = {name: evaluate(backend, s) for name, s in self.splits.items()}
+        return {
+            name: Accuracy(tasks={t: s.acc for t, s in r.tasks.items()}, average=r.average.acc)
+            for name, r in reports.items()
+        }
+
+    def routing(
+        self, samples: list[Sample], patch: str | None, layers_spec: str = "last5"
+    ) -> tuple[np.ndarray, list[int]]:
+        """Routing weights ``[n, layers, experts]`` at the last prompt token of ``samples``
+        under the base routers (``patch=None``) or a patch, and the layers they are of."""
+        layers = select_layers(list(find_routers(self.loaded.model)), layers_spec)
+        with self.patched(patch) as model, torch.no_grad(), RoutingCapture(model, layers) as cap:
+            routing = score_samples(model, self.loaded.tokenizer, samples, "last", cap).routing
+        assert routing is not None
+        return routing.numpy(), layers
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -110,29 +132,28 @@ class Ledger:
 
 def train_and_score(
     scorer: Scorer, ledger: Ledger, train_config: dict[str, Any], patch_dir: Path
-) -> dict[str, Any]:
+) -> RunRecord:
     """Train one patch with ``train_config`` (TrainConfig fields) and score it; cached."""
     cached = ledger.get(train_config)
     if cached is not None:
-        return cached
+        return RunRecord.model_validate(cached)
     key = ledger.key(train_config)
     patch_path = patch_dir / f"{key}.safetensors"
     cfg = load_config(None, {**train_config, "out": patch_path})
     started = time.perf_counter()
     train_patch(cfg)
     train_seconds = time.perf_counter() - started
-    from roma_patch import read_patch
-
     metrics = read_patch(patch_path).meta.metrics
     scores = scorer.score(patch_path)
-    accuracies = " ".join(f"{split} {r['average']:.3f}" for split, r in scores.items())
+    accuracies = " ".join(f"{split} {acc.average:.3f}" for split, acc in scores.items())
     log.info("run %s %s (%.0f s)", key, accuracies, train_seconds)
-    return ledger.add(
+    record = ledger.add(
         train_config,
         {
             "patch": str(patch_path),
             "train_seconds": round(train_seconds, 1),
             "train_metrics": metrics,
-            **scores,
+            **{split: acc.model_dump() for split, acc in scores.items()},
         },
     )
+    return RunRecord.model_validate(record)

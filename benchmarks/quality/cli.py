@@ -1,4 +1,7 @@
-"""``roma-train bench pretrain`` and ``roma-train bench quality``."""
+"""``roma-bench``: pretrain the benchmark model, run the quality benchmark, screen a model.
+
+The commands import their heavy dependencies lazily, so ``roma-bench --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,29 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from roma_trainer.cli import main as configure_logging
+
+app = typer.Typer(
+    name="roma-bench",
+    help="Benchmarks that train and evaluate router patches and print a table.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
-log = logging.getLogger("roma_trainer.bench")
 
 
+# -v/--verbose and the log format of roma-train, which the benchmark drives.
+app.callback()(configure_logging)
+
+
+def quiet_libraries() -> None:
+    """The benchmark logs every run; the libraries' per-request and per-load lines would drown
+    them."""
+    for noisy in ("httpx", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command("pretrain")
 def pretrain_cmd(
     out: Annotated[
         Path | None,
@@ -31,12 +53,16 @@ def pretrain_cmd(
         ),
     ] = 0.0,
     check_vllm: Annotated[
-        bool, typer.Option(help="Afterwards, load the checkpoint in vLLM and generate once.")
+        bool,
+        typer.Option(
+            help="Afterwards, load the checkpoint in vLLM and generate once (needs the cpu or "
+            "gpu extra)."
+        ),
     ] = False,
 ) -> None:
     """Pretrain the benchmark's tiny OLMoE on the pretraining phrasings of every task domain."""
-    from roma_trainer.bench.pretrain import PretrainConfig, pretrain
-    from roma_trainer.bench.pretrain import check_vllm as vllm_check
+    from roma_bench.synthetic.pretrain import PretrainConfig, pretrain
+    from roma_bench.synthetic.pretrain import check_vllm as vllm_check
 
     cfg = PretrainConfig(steps=steps, seed=seed, read_share=read_share)
     if out is not None:
@@ -47,6 +73,7 @@ def pretrain_cmd(
         console.print(f"vLLM greedy output: {vllm_check(path)!r}", highlight=False)
 
 
+@app.command("quality")
 def quality_cmd(
     small: Annotated[
         bool, typer.Option(help="The small version (a few minutes): tiny splits, two seeds.")
@@ -61,7 +88,8 @@ def quality_cmd(
 ) -> None:
     """Base, CE, L1, L2, entropy, random neighbours, RoMA (k-NN, eps-ball) and the oracle on
     held-out phrasings; writes quality.md, quality.json and PNG plots into --out."""
-    from roma_trainer.bench.quality import QualityConfig, run_quality
+    from roma_bench.protocol import QualityConfig
+    from roma_bench.synthetic.quality import run_quality
 
     if small:
         cfg = QualityConfig.small(out or Path("results/small"))
@@ -69,13 +97,13 @@ def quality_cmd(
         cfg = QualityConfig(out=out or Path("results"))
     cfg.model = model
     cfg.ablations = ablations
-    for noisy in ("httpx", "sentence_transformers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     results = run_quality(cfg)
     console.print((cfg.out / "quality.md").read_text(), highlight=False)
-    console.print(f"total {results['seconds']:.0f} s; wrote {cfg.out}", highlight=False)
+    console.print(f"total {results.seconds:.0f} s; wrote {cfg.out}", highlight=False)
 
 
+@app.command("screen")
 def screen_cmd(
     model: Annotated[
         str | None, typer.Option(help="Base model (default: the embedded benchmark model).")
@@ -95,8 +123,8 @@ def screen_cmd(
     """How much routing can do for a model, on the validation split only (a few minutes): base,
     domain routing, the best task-shared routing and the oracle, with the pool's base accuracy
     by phrasing group. Screens a benchmark-model variant without touching the test split."""
-    from roma_trainer.bench.quality import QualityConfig
-    from roma_trainer.bench.screen import RunSpec, screen
+    from roma_bench.protocol import QualityConfig
+    from roma_bench.synthetic.screen import RunSpec, screen
 
     try:
         specs = [RunSpec.parse(r) for r in run or []]
@@ -104,7 +132,6 @@ def screen_cmd(
         raise typer.BadParameter(str(err), param_hint="--run") from err
     cfg = QualityConfig.small(out) if small else QualityConfig(out=out)
     cfg.model = model
-    for noisy in ("httpx", "sentence_transformers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     screen(cfg, specs)
     console.print((out / "screen.md").read_text(), highlight=False)

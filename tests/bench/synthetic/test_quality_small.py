@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from roma_trainer.bench.quality import METHODS
-from roma_trainer.bench.report import LABELS
-from roma_trainer.cli import app
+from roma_bench.cli import app
+from roma_bench.protocol import LABELS, METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +20,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def small_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("quality-small")
-    result = CliRunner().invoke(app, ["bench", "quality", "--small", "--out", str(out)])
+    result = CliRunner().invoke(app, ["quality", "--small", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -120,7 +119,7 @@ def test_a_rerun_reuses_the_ledger_and_reports_the_same(small_results: Path) -> 
     assert sum("domain_mass" in c for c in configs) > 0
     assert sum("domain_mass" in c for c in configs) <= patches + 1  # + the base routers
     before = json.loads((small_results / "quality.json").read_text())
-    result = CliRunner().invoke(app, ["bench", "quality", "--small", "--out", str(small_results)])
+    result = CliRunner().invoke(app, ["quality", "--small", "--out", str(small_results)])
     assert result.exit_code == 0, result.output
     assert (small_results / "runs.jsonl").read_text() == ledger
     after = json.loads((small_results / "quality.json").read_text())
@@ -128,3 +127,20 @@ def test_a_rerun_reuses_the_ledger_and_reports_the_same(small_results: Path) -> 
     for key in (*reported, "domain_mass"):
         assert after[key] == before[key], key
     assert after["shared_routing"] == before["shared_routing"]
+
+
+def test_a_rerun_without_the_patches_keeps_the_results_and_the_routing_plot(
+    small_results: Path,
+) -> None:
+    """Patches are not committed: a re-run from the ledger alone writes the same results and
+    leaves the routing plot (the one output that needs a patch file) as it was."""
+    import shutil
+
+    before = (small_results / "quality.json").read_text()
+    plot = (small_results / "quality_routing.png").read_bytes()
+    shutil.rmtree(small_results / "patches")
+    result = CliRunner().invoke(app, ["quality", "--small", "--out", str(small_results)])
+    assert result.exit_code == 0, result.output
+    after = (small_results / "quality.json").read_text()
+    assert json.loads(after) | {"seconds": 0} == json.loads(before) | {"seconds": 0}
+    assert (small_results / "quality_routing.png").read_bytes() == plot

@@ -19,15 +19,11 @@ phrasing it has not seen its router can pick the wrong domain's experts, which i
 the benchmark is about. Background sentences and the early layers route freely (load balancing
 only).
 
-Why this configuration: variants were scored on the **validation** split (the test split was not
-looked at) by how much routing at the tuned layers decides the answer. The domain-routing
-transplant (``roma-train bench quality``'s diagnostic: routing at the last prompt token set to
-the mean routing of the task's correctly answered pool samples) gains +4.1 points here (57.5 ->
-61.6; the oracle reaches 69.4), against +2.5 for the previous model (soft loss only, every token
-and layer: 56.9 -> 59.4, oracle 75.0) and +1.3 for forcing in all eight layers (57.2 -> 58.4,
-where only forcing the first three layers too moves accuracy). Without any specialisation the
-first benchmark model's transplant moved validation by -0.9 points: routing selected no skill.
-``docs/quality.md`` has every variant.
+Why this configuration: of the variants screened on the validation split (the test split
+unseen), it is the one where routing at the tuned layers decides the answer most, measured by the
+domain-routing transplant of ``roma-bench quality`` (routing at the last prompt token set to the
+mean routing of the task's correctly answered pool samples). ``docs/quality.md`` has every
+variant and its numbers.
 
 Deterministic for a given seed and thread count: seeded data stream and init, deterministic
 algorithms on. The saved checkpoint (float32 safetensors, about 15 MB) is the project's embedded
@@ -48,8 +44,8 @@ from typing import Literal
 
 import torch
 
+from roma_bench.synthetic import tasks
 from roma_models.default import BUNDLED
-from roma_trainer.bench import tasks
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +314,3 @@ def check_vllm(model_dir: str | Path, prompt: str = "Add 2 and 3. Answer:") -> s
     llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256)
     out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))
     return out[0].outputs[0].text
-
-
-if __name__ == "__main__":
-    print(repr(check_vllm(BUNDLED)))

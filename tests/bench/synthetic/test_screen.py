@@ -1,4 +1,4 @@
-"""``roma-train bench screen``: validation-only numbers for a benchmark model, through the CLI, on
+"""``roma-bench screen``: validation-only numbers for a benchmark model, through the CLI, on
 the bundled model with the real trainer and the real embedder; the test split is never scored."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from roma_trainer.bench.screen import RunSpec
-from roma_trainer.cli import app
+from roma_bench.cli import app
+from roma_bench.synthetic.screen import RunSpec
 
 pytestmark = pytest.mark.slow
 
 
 def test_screen_reports_validation_only(tmp_path: Path) -> None:
     out = tmp_path / "screen"
-    args = ["bench", "screen", "--small", "--out", str(out), "--run", "roma_knn:0.003:1"]
+    args = ["screen", "--small", "--out", str(out), "--run", "roma_knn:0.003:1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     found = json.loads((out / "screen.json").read_text())
@@ -51,7 +51,7 @@ def test_screen_reports_validation_only(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["sgd:0.01", "ce:fast", "roma_knn:0.01:1:2"])
 def test_a_bad_run_spec_is_a_usage_error(spec: str, tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["bench", "screen", "--out", str(tmp_path), "--run", spec])
+    result = CliRunner().invoke(app, ["screen", "--out", str(tmp_path), "--run", spec])
     assert result.exit_code == 2
     assert "method[:lr[:lambda]]" in result.output or "must be numbers" in result.output
     assert not (tmp_path / "screen.json").exists()

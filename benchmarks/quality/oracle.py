@@ -16,7 +16,8 @@ indices)`` (``OlmoeTopKRouter``), which the benchmark model has.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,10 +131,6 @@ def oracle_batch(
     enc, rows, owner = _encode_routed(model, tokenizer, samples, token)
     gold = _gold_rows(samples)
     n_experts = find_routers(model)[layers[0]].weight.shape[0]
-
-    def accuracy(logprob: torch.Tensor) -> list[bool]:
-        return _correct(samples, logprob)
-
     with _RoutingDelta(model, layers) as hooks:
         hooks.rows = rows
         hooks.owner = owner
@@ -147,14 +144,14 @@ def oracle_batch(
             nll = -scores.logprob[gold]
             if first_nll is None:
                 first_nll = nll.detach().mean().item()
-                correct_before = accuracy(scores.logprob.detach())
+                correct_before = _correct(samples, scores.logprob.detach())
             opt.zero_grad(set_to_none=True)
             nll.sum().backward()
             opt.step()
         with torch.no_grad():
             final = score_encoded(model, enc)
     return OracleResult(
-        correct=accuracy(final.logprob),
+        correct=_correct(samples, final.logprob),
         correct_before=correct_before,
         gold_nll_before=first_nll if first_nll is not None else float("nan"),
         gold_nll_after=float(-final.logprob[gold].mean()),
@@ -172,17 +169,11 @@ def run_oracle(
     batch_size: int = 32,
 ) -> OracleResult:
     """:func:`oracle_batch` over ``samples`` in batches; only routing deltas get gradients."""
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with _frozen(model):
         parts = [
             oracle_batch(model, tokenizer, samples[i : i + batch_size], layers, token, steps, lr)
             for i in range(0, len(samples), batch_size)
         ]
-    finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
-            p.requires_grad_(r)
     sizes = [len(p.correct) for p in parts]
     n = sum(sizes)
     return OracleResult(
@@ -275,50 +266,56 @@ def run_shared_oracle(
     (nearly all of the same task) teach. Not a method. ``correct_before`` is the accuracy
     with the initial routing (with the success-set mean: the domain-routing diagnostic).
     """
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     by_task: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
         by_task.setdefault(sample.task, []).append(i)
     correct, before = [False] * len(samples), [False] * len(samples)
     nll_before = nll_after = 0.0
+    with _frozen(model), _RoutingDelta(model, layers) as hooks:
+
+        def logprob(chunk: _Chunk, probs: torch.Tensor) -> torch.Tensor:
+            hooks.rows, hooks.owner = chunk.rows, chunk.owner
+            hooks.target = probs.expand(len(chunk.samples), *probs.shape)
+            return score_encoded(model, chunk.enc).logprob
+
+        def evaluate(chunks: list[_Chunk], probs: torch.Tensor, out: list[bool]) -> float:
+            nll = 0.0
+            with torch.no_grad():
+                for chunk in chunks:
+                    scores = logprob(chunk, probs)
+                    nll -= float(scores[chunk.gold].sum())
+                    for i, ok in zip(chunk.index, _correct(chunk.samples, scores), strict=True):
+                        out[i] = ok
+            return nll
+
+        for task, index in by_task.items():
+            chunks = [
+                _Chunk.of(model, tokenizer, samples, index[i : i + batch_size], token)
+                for i in range(0, len(index), batch_size)
+            ]
+            logits = init[task].clamp_min(1e-12).log().clone().requires_grad_(True)
+            nll_before += evaluate(chunks, logits.softmax(-1), before)
+            opt = torch.optim.Adam([logits], lr=lr)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                for chunk in chunks:  # full-batch gradient, accumulated chunk by chunk
+                    (-logprob(chunk, logits.softmax(-1))[chunk.gold].sum()).backward()
+                opt.step()
+            nll_after += evaluate(chunks, logits.softmax(-1), correct)
+    return OracleResult(correct, before, nll_before / len(samples), nll_after / len(samples))
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` takes gradients inside; each gets its own flag back after."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
     try:
-        with _RoutingDelta(model, layers) as hooks:
-
-            def logprob(chunk: _Chunk, probs: torch.Tensor) -> torch.Tensor:
-                hooks.rows, hooks.owner = chunk.rows, chunk.owner
-                hooks.target = probs.expand(len(chunk.samples), *probs.shape)
-                return score_encoded(model, chunk.enc).logprob
-
-            def evaluate(chunks: list[_Chunk], probs: torch.Tensor, out: list[bool]) -> float:
-                nll = 0.0
-                with torch.no_grad():
-                    for chunk in chunks:
-                        scores = logprob(chunk, probs)
-                        nll -= float(scores[chunk.gold].sum())
-                        for i, ok in zip(chunk.index, _correct(chunk.samples, scores), strict=True):
-                            out[i] = ok
-                return nll
-
-            for task, index in by_task.items():
-                chunks = [
-                    _Chunk.of(model, tokenizer, samples, index[i : i + batch_size], token)
-                    for i in range(0, len(index), batch_size)
-                ]
-                logits = init[task].clamp_min(1e-12).log().clone().requires_grad_(True)
-                nll_before += evaluate(chunks, logits.softmax(-1), before)
-                opt = torch.optim.Adam([logits], lr=lr)
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    for chunk in chunks:  # full-batch gradient, accumulated chunk by chunk
-                        (-logprob(chunk, logits.softmax(-1))[chunk.gold].sum()).backward()
-                    opt.step()
-                nll_after += evaluate(chunks, logits.softmax(-1), correct)
+        yield
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    return OracleResult(correct, before, nll_before / len(samples), nll_after / len(samples))
 
 
 @dataclass

@@ -36,13 +36,14 @@ Everything is deterministic from ``seed`` (string seeds hash with SHA-512 in ``r
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from roma_bench.samples import write_jsonl
 
 TemplateGroup = Literal["pretrain", "adapt", "val", "test", "read"]
 Split = Literal["train", "val", "test"]
@@ -527,8 +528,9 @@ def generate(
     """``n_per_task`` samples of every domain for ``split``, phrasings cycled evenly.
 
     No prompt repeats within a split; the splits cannot share a prompt because their frames
-    differ (``tests/bench`` checks both). ``groups`` narrows the split to some of its frame
-    groups (the in-distribution diagnostic draws pretraining and adaptation frames apart).
+    differ (``tests/bench/synthetic/test_tasks.py`` checks both). ``groups`` narrows the split
+    to some of its frame groups (the in-distribution diagnostic draws pretraining and
+    adaptation frames apart).
     """
     out: list[dict] = []
     chosen = groups or SPLIT_GROUPS[split]
@@ -594,7 +596,7 @@ def frame_of(task: str, prompt: str) -> tuple[TemplateGroup, str] | None:
 def lexicon() -> list[str]:
     """Every word of every frame (all groups but ``read``, which only a variant model is
     pretrained on: leaving it out keeps the tokenizer and the background sentences, and so the
-    bundled model, what they were), prefix and domain vocabulary, sorted."""
+    bundled model, independent of it), prefix and domain vocabulary, sorted."""
     text = " ".join(
         [f for t in TASKS.values() for g, frames in t.frames.items() if g != "read" for f in frames]
         + list(PREFIXES)
@@ -620,7 +622,7 @@ def pretraining_pairs(
     replaced by ``read`` frames (not router-taught: the model learns to read and answer them,
     its router is never told where to send them), and ``BACKGROUND_SHARE`` background
     sentences (answer "", domain None). ``read_share=0`` draws nothing extra from the seeded
-    stream: the same sequences as before the option existed."""
+    stream, so the bundled model's pretraining sequences do not depend on the option."""
     rng = _rng(seed, "pretrain")
     words = lexicon()
     while True:
@@ -640,13 +642,6 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
     stream = pretraining_pairs(seed)
     pairs = [next(stream)[:2] for _ in range(n)]
     return [t for pair in pairs for t in pair if t] + lexicon()
-
-
-def write_jsonl(samples: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return path
 
 
 def write_splits(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from roma_trainer.bench.pretrain import (
+from roma_bench.synthetic.pretrain import (
     FORCE_BIAS,
     DomainForcing,
     PretrainConfig,
@@ -113,9 +113,9 @@ def test_forcing_runs_the_domain_experts_only_where_asked() -> None:
 def test_read_rows_are_forced_but_left_out_of_the_router_teaching(tmp_path) -> None:
     from transformers import AutoTokenizer
 
+    from roma_bench.synthetic import tasks
+    from roma_bench.synthetic.pretrain import _batches
     from roma_models.tiny import build_tokenizer
-    from roma_trainer.bench import tasks
-    from roma_trainer.bench.pretrain import _batches
 
     cfg = PretrainConfig(batch_size=16, bucket=2, experts=16, read_share=0.5)
     build_tokenizer(tmp_path, tasks.tokenizer_corpus(0, n=200), 400)
