@@ -28,12 +28,7 @@ from roma_service.gateway.swaps.errors import (
     SwapError,
 )
 from roma_service.gateway.swaps.lock import DeployLock
-from roma_service.gateway.swaps.target import (
-    Target,
-    base_of,
-    expected_checksums,
-    fetch_target,
-)
+from roma_service.gateway.swaps.target import Target, base_of, expected_checksums, fetch_target
 from roma_service.gateway.timings import Timings
 from roma_service.metrics import Metrics
 from roma_service.registry import Registry, VersionRecord
