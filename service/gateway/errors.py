@@ -17,12 +17,9 @@ from starlette.exceptions import HTTPException
 
 from roma_patch import PatchError
 from roma_service.gateway.swaps.errors import (
-    ApplyFailed,
-    DeployInProgress,
-    DrainTimeout,
-    EngineUnavailable,
-    NoReachableEngine,
-    NotReady,
+    Busy,
+    CannotSwap,
+    EngineFailed,
     PatchRejected,
     SwapError,
 )
@@ -38,12 +35,9 @@ _RETRY_LATER = {"Retry-After": "5"}
 # A failed swap's status, and whether retrying shortly may succeed (Retry-After).
 _SWAP_STATUS: dict[type[SwapError], tuple[int, dict[str, str] | None]] = {
     PatchRejected: (400, None),
-    ApplyFailed: (502, None),
-    EngineUnavailable: (502, None),
-    NotReady: (503, None),
-    NoReachableEngine: (503, None),
-    DrainTimeout: (503, _RETRY_LATER),
-    DeployInProgress: (503, _RETRY_LATER),
+    EngineFailed: (502, None),
+    CannotSwap: (503, None),
+    Busy: (503, _RETRY_LATER),
 }
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from roma_service.gateway.engines import EnginePool
 from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import SwapGate
-from roma_service.gateway.swaps import Deployer, DeployLock, Reconciler
+from roma_service.gateway.swaps import Deployer, DeployLock, Reconciler, SwapContext
 from roma_service.gateway.sync import Synchroniser
 from roma_service.metrics import Metrics
 from roma_service.registry import Registry
@@ -34,8 +34,9 @@ class Gateway:
         gate = SwapGate()
         expert_load = ExpertLoadExporter(pool, metrics, settings.expert_load_interval_s)
         lock = DeployLock(registry, settings)
-        deployer = Deployer(pool, registry, gate, lock, settings, metrics, expert_load)
-        reconciler = Reconciler(pool, registry, lock, settings, metrics, expert_load)
+        swaps = SwapContext(pool, registry, lock, settings, metrics, expert_load)
+        deployer = Deployer(swaps, gate)
+        reconciler = Reconciler(swaps)
         sync = Synchroniser(pool, registry, reconciler, settings)
         return cls(settings, metrics, registry, pool, gate, deployer, reconciler, sync, expert_load)
 

@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 
 from redis.exceptions import LockError
 
-from roma_service.gateway.swaps.errors import REDIS_DOWN, DeployInProgress
+from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
 from roma_service.gateway.timings import Timings
 from roma_service.registry import Registry
 from roma_service.settings import Settings
 
-BUSY = "another deploy holds the deploy lock; retry shortly"
+
+def _busy() -> Busy:
+    return Busy("another deploy holds the deploy lock; retry shortly", "deploy_in_progress")
 
 
 class DeployLock:
@@ -29,21 +31,21 @@ class DeployLock:
         self, timings: Timings, wait_s: float | None = None, local_wait_s: float | None = None
     ) -> AsyncIterator[None]:
         """This gateway's lock, then the Redis lock shared by every gateway (a lease, so a dead
-        gateway cannot block deploys forever). :class:`DeployInProgress` if either stays busy."""
+        gateway cannot block deploys forever). :class:`Busy` if either stays taken."""
         wait = self.settings.deploy_lock_timeout_s if wait_s is None else wait_s
         with timings.phase("lock"):
             try:
                 async with asyncio.timeout(local_wait_s or wait):
                     await self.local.acquire()
             except TimeoutError as exc:
-                raise DeployInProgress(BUSY) from exc
+                raise _busy() from exc
         try:
             lease = self.settings.drain_timeout_s * 2 + self.settings.engine_timeout_s * 4
             lock = self.registry.deploy_lock(lease_s=lease, wait_s=wait)
             with timings.phase("lock"):
                 acquired = await lock.acquire()
             if not acquired:
-                raise DeployInProgress(BUSY)
+                raise _busy()
             try:
                 yield
             finally:

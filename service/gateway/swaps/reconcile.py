@@ -13,58 +13,38 @@ import contextlib
 import logging
 
 from roma_service.engine.errors import EngineError, EngineRejected
-from roma_service.gateway.engines import EngineHandle, EnginePool
-from roma_service.gateway.expert_load import ExpertLoadExporter
+from roma_service.gateway.engines import EngineHandle
 from roma_service.gateway.swaps import steps
-from roma_service.gateway.swaps.errors import REDIS_DOWN, DeployInProgress
-from roma_service.gateway.swaps.lock import DeployLock
+from roma_service.gateway.swaps.context import SwapContext
+from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
 from roma_service.gateway.swaps.target import (
     Target,
-    fetch_target,
     held_version,
     mismatch,
     target_of,
 )
 from roma_service.gateway.timings import Timings
-from roma_service.metrics import Metrics
-from roma_service.registry import Registry
-from roma_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(
-        self,
-        pool: EnginePool,
-        registry: Registry,
-        lock: DeployLock,
-        settings: Settings,
-        metrics: Metrics,
-        expert_load: ExpertLoadExporter,
-    ) -> None:
-        self.pool = pool
-        self.registry = registry
-        self.lock = lock
-        self.settings = settings
-        self.metrics = metrics
-        self.expert_load = expert_load
+    def __init__(self, ctx: SwapContext) -> None:
+        self.ctx = ctx
 
     async def reconcile(self, wait_s: float = 1.0) -> bool:
         """Make every reachable engine hold the active version; put engines that hold it in
         rotation and the others out. Returns False when it could not run (lock busy, or Redis
         away before this gateway knew the active version's patch)."""
         try:
-            async with self.lock.hold(Timings(), wait_s=wait_s, local_wait_s=wait_s):
-                active = await self.registry.active()
-                target = await fetch_target(
-                    active, self.pool, self.registry, self.settings.max_patch_bytes
-                )
-                self.pool.cache_blob(active, target.data)
-                if active != self.pool.active:
-                    self.pool.set_active(active)
+            async with self.ctx.lock.hold(Timings(), wait_s=wait_s, local_wait_s=wait_s):
+                active = await self.ctx.registry.active()
+                target = await self.ctx.fetch(active)
+                self.ctx.pool.cache_blob(active, target.data)
+                if active != self.ctx.pool.active:
+                    self.ctx.pool.set_active(active)
                 await self.converge(target)
-        except (DeployInProgress, TimeoutError):
+        except (Busy, TimeoutError):
             return False
         except REDIS_DOWN as exc:
             log.warning("reconcile without Redis", extra={"error": repr(exc)})
@@ -74,27 +54,27 @@ class Reconciler:
     async def _from_cache(self) -> bool:
         """Redis away: keep engines on the last active version we know, if its patch is cached
         (otherwise nothing is safe to apply)."""
-        active = self.pool.active
+        active = self.ctx.pool.active
         if active is None:
             return False
         try:
-            data = self.pool.cached_blob(active)
+            data = self.ctx.pool.cached_blob(active)
         except KeyError:
             return False
-        target = target_of(active, data, self.pool, self.settings.max_patch_bytes)
-        async with self.lock.local:
+        target = target_of(active, data, self.ctx.pool, self.ctx.settings.max_patch_bytes)
+        async with self.ctx.lock.local:
             await self.converge(target)
         return True
 
     async def converge(self, target: Target) -> None:
         """Refresh what each engine holds; give lagging, reachable engines ``target``."""
-        for engine in self.pool.engines:
+        for engine in self.ctx.pool.engines:
             try:
                 await self.bring_in_step(engine, target)
             except EngineError as exc:
                 if engine.healthy or engine.error is None:
                     log.warning("engine unreachable", extra={"engine": engine.url})
-                self.pool.mark_down(engine, steps.describe(exc))
+                self.ctx.pool.mark_down(engine, steps.describe(exc))
 
     async def bring_in_step(self, engine: EngineHandle, target: Target) -> None:
         """One engine: in rotation if it holds ``target``, else out until it has been given it
@@ -103,27 +83,30 @@ class Reconciler:
             await self._check_base(engine)
         state = await engine.client.state()
         if mismatch(engine.url, target, state) is None:
-            self.pool.set_held(engine, target.version)
+            self.ctx.pool.set_held(engine, target.version)
             return
         # Lagging (late start, restart, failed rollback): out of rotation, then repair.
         held = held_version(state)
-        self.pool.set_held(engine, held)
+        self.ctx.pool.set_held(engine, held)
         log.info("restoring active version", extra={"engine": engine.url, "held": held})
-        await self.expert_load.collect([engine])  # booked to what it held until now
+        await self.ctx.expert_load.collect([engine])  # booked to what it held until now
         problem = await steps.restore(engine, target)
         if problem:
-            self.pool.mark_down(engine, problem)
-            self.metrics.deploys.labels("reconcile", "failed").inc()
+            self.ctx.pool.mark_down(engine, problem)
+            self.ctx.metrics.deploys.labels("reconcile", "failed").inc()
             return
         with contextlib.suppress(EngineError):
             await engine.client.reset_prefix_cache()
-        self.pool.set_held(engine, target.version)
-        self.metrics.deploys.labels("reconcile", "ok").inc()
+        self.ctx.pool.set_held(engine, target.version)
+        self.ctx.metrics.deploys.labels("reconcile", "ok").inc()
 
     async def _check_base(self, engine: EngineHandle) -> None:
         """An engine (re)joining must serve the same base routers as the others."""
         base = await engine.client.base_routers()
-        if self.pool.base is not None and base.fingerprint() != self.pool.base.fingerprint():
+        if (
+            self.ctx.pool.base is not None
+            and base.fingerprint() != self.ctx.pool.base.fingerprint()
+        ):
             raise EngineRejected(
                 f"{engine.url} serves other base routers than the rest ({base.model})",
                 code="base_mismatch",

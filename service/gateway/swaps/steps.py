@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from roma_service.engine.errors import EngineError, EngineRejected
 from roma_service.gateway.engines import EngineHandle, EnginePool
 from roma_service.gateway.gate import GateTimeout, SwapGate
-from roma_service.gateway.swaps.errors import REDIS_DOWN, DrainTimeout, EngineUnavailable
+from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy, EngineFailed
 from roma_service.gateway.swaps.target import Target, mismatch
 from roma_service.gateway.timings import Timings
 from roma_service.registry import Registry
@@ -41,17 +41,17 @@ def require_all(failed: dict[EngineHandle, BaseException]) -> None:
     """A swap needs every engine: name the first that failed."""
     for engine, exc in failed.items():
         message = f"{engine.url}: {describe(exc)}; nothing was swapped"
-        raise EngineUnavailable(message, "engine") from exc
+        raise EngineFailed(message, "engine_unavailable", "engine") from exc
 
 
 # --- drain -----------------------------------------------------------------------------------
 async def close_gate(stack: contextlib.AsyncExitStack, gate: SwapGate, timeout_s: float) -> None:
     """Hold new requests at this gateway's gate until ``stack`` closes, once in-flight ones
-    are out (:class:`DrainTimeout` if they are not within ``timeout_s``)."""
+    are out (:class:`Busy` if they are not within ``timeout_s``)."""
     try:
         await stack.enter_async_context(gate.writing(timeout_s))
     except GateTimeout as exc:
-        raise DrainTimeout(str(exc)) from exc
+        raise Busy(str(exc), "drain_timeout") from exc
 
 
 async def others_alive(registry: Registry, gateway_id: str) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from roma_patch import BaseRouters, Patch, read_patch
 from roma_service.engine.client import EngineState
 from roma_service.gateway.engines import EnginePool
-from roma_service.gateway.swaps.errors import NotReady
+from roma_service.gateway.swaps.errors import CannotSwap
 from roma_service.registry import Registry
 
 
@@ -34,7 +34,7 @@ def expected_checksums(base: BaseRouters, patch: Patch | None) -> dict[str, str]
 def base_of(pool: EnginePool) -> BaseRouters:
     """The base routers the engines reported at start-up."""
     if pool.base is None:
-        raise NotReady(pool.why_not_ready())
+        raise CannotSwap(pool.why_not_ready(), "not_ready")
     return pool.base
 
 
