@@ -17,12 +17,7 @@ from roma_service.gateway.engines import EngineHandle
 from roma_service.gateway.swaps import steps
 from roma_service.gateway.swaps.context import SwapContext
 from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
-from roma_service.gateway.swaps.target import (
-    Target,
-    held_version,
-    mismatch,
-    target_of,
-)
+from roma_service.gateway.swaps.target import Target, held_version, mismatch, target_of
 from roma_service.gateway.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -102,11 +97,8 @@ class Reconciler:
 
     async def _check_base(self, engine: EngineHandle) -> None:
         """An engine (re)joining must serve the same base routers as the others."""
-        base = await engine.client.base_routers()
-        if (
-            self.ctx.pool.base is not None
-            and base.fingerprint() != self.ctx.pool.base.fingerprint()
-        ):
+        base, ours = await engine.client.base_routers(), self.ctx.pool.base
+        if ours is not None and base.fingerprint() != ours.fingerprint():
             raise EngineRejected(
                 f"{engine.url} serves other base routers than the rest ({base.model})",
                 code="base_mismatch",

@@ -31,15 +31,15 @@ def describe(exc: BaseException) -> str:
 
 async def on_each(
     engines: list[EngineHandle], call: Callable[[EngineHandle], Awaitable[object]]
-) -> dict[EngineHandle, BaseException]:
+) -> list[tuple[EngineHandle, BaseException]]:
     """``call`` on every engine at once; the engines where it raised, in ``engines`` order."""
     results = await asyncio.gather(*(call(e) for e in engines), return_exceptions=True)
-    return {e: r for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)}
+    return [(e, r) for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)]
 
 
-def require_all(failed: dict[EngineHandle, BaseException]) -> None:
+def require_all(failed: list[tuple[EngineHandle, BaseException]]) -> None:
     """A swap needs every engine: name the first that failed."""
-    for engine, exc in failed.items():
+    for engine, exc in failed:
         message = f"{engine.url}: {describe(exc)}; nothing was swapped"
         raise EngineFailed(message, "engine_unavailable", "engine") from exc
 
@@ -70,7 +70,7 @@ async def pause(engines: list[EngineHandle], timeout_s: float) -> None:
 
 async def resume(engines: list[EngineHandle]) -> None:
     """Resume every engine, even one whose pause failed (resuming a running engine is fine)."""
-    for engine, exc in (await on_each(engines, lambda e: e.client.resume())).items():
+    for engine, exc in await on_each(engines, lambda e: e.client.resume()):
         log.warning("engine call failed", extra={"engine": engine.url, "error": repr(exc)})
 
 
