@@ -1,8 +1,8 @@
 """The steps of a swap, each callable on its own so that deploys, activations, rollbacks and the
 reconciler can put them together in the order they need (see :mod:`.deployer` for the full swap).
 
-Every step takes the engines it works on and a :class:`~.target.Target`; none takes a lock, and
-none touches the active pointer in Redis.
+Each step works on the engines it is given (and the :class:`~.target.Target` they must hold);
+none takes the deploy lock or moves the active pointer in Redis: the caller does.
 """
 
 from __future__ import annotations
