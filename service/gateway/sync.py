@@ -95,7 +95,7 @@ class Synchroniser:
                 if await self.reconciler.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
                     # Count expert load from the first request on (when it is exported).
                     healthy = [e for e in self.pool.engines if e.healthy]
-                    await self.reconciler.expert_load.collect(healthy)
+                    await self.reconciler.ctx.expert_load.collect(healthy)
                     self.problem = None
                     self.started.set()
                     log.info("gateway in step", extra={"engines": self.pool.describe()})

@@ -43,7 +43,10 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
 
 async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path) -> None:
     await registry.record_base(base_routers(tiny_olmoe))
-    a, b = patch_bytes(tiny_olmoe, seed=1), patch_bytes(tiny_olmoe, seed=2)
+    a, b = (
+        patch_bytes(tiny_olmoe, layers=(4, 5), seed=1),
+        patch_bytes(tiny_olmoe, layers=(4, 5), seed=2),
+    )
     rec_a, created_a = await _store(registry, a)
     rec_b, created_b = await _store(registry, b)
     again, created_again = await _store(registry, a)
