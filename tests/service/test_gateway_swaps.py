@@ -106,9 +106,8 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
     it (a free-running stream could end before the deploy began)."""
     settings = gateway_settings(redis_prefix, swap_policy="drain")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        patch = patch_bytes(
-            tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=11
-        )  # before: it blocks the loop
+        # Built before the stream: building it blocks the loop.
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=11)
         async with _stream_held_in_flight(gw, engine_url) as stream:
             posted = asyncio.create_task(gw.post("/routers", headers=AUTH, content=patch))
             await asyncio.sleep(0.5)
