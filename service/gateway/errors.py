@@ -12,17 +12,33 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from roma_patch import PatchError
+from roma_service.gateway.swaps.errors import (
+    Busy,
+    CannotSwap,
+    EngineFailed,
+    PatchRejected,
+    SwapError,
+)
 from roma_service.registry import ActiveVersion, RegistryError, UnknownVersion
 
 log = logging.getLogger(__name__)
 
 # PatchError codes that are about size, not content.
 _TOO_LARGE = {"too_large"}
+
+_RETRY_LATER = {"Retry-After": "5"}
+
+# A failed swap's status, and whether retrying shortly may succeed (Retry-After).
+_SWAP_STATUS: dict[type[SwapError], tuple[int, dict[str, str] | None]] = {
+    PatchRejected: (400, None),
+    EngineFailed: (502, None),
+    CannotSwap: (503, None),
+    Busy: (503, _RETRY_LATER),
+}
 
 
 class APIError(Exception):
@@ -115,20 +131,16 @@ def install_error_handlers(app: FastAPI) -> None:
             f"the router registry (Redis) is unavailable: {exc}. Completions keep serving the "
             "current version; retry control requests when Redis is back.",
             "registry_unavailable",
-            headers={"Retry-After": "5"},
+            headers=_RETRY_LATER,
         )
 
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
 
-    @app.exception_handler(LockError)
-    async def _lock(_: Request, exc: LockError) -> JSONResponse:
-        return error_response(
-            503,
-            "another deploy holds the deploy lock; retry shortly",
-            "deploy_in_progress",
-            headers={"Retry-After": "5"},
-        )
+    @app.exception_handler(SwapError)
+    async def _swap(_: Request, exc: SwapError) -> JSONResponse:
+        status, headers = _SWAP_STATUS[type(exc)]
+        return error_response(status, exc.message, exc.code, exc.param, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from roma_service.gateway.deployer import Deployer
 from roma_service.gateway.engines import EnginePool
 from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import SwapGate
+from roma_service.gateway.swaps import Deployer, DeployLock, Reconciler, SwapContext
 from roma_service.gateway.sync import Synchroniser
 from roma_service.metrics import Metrics
 from roma_service.registry import Registry
@@ -22,6 +22,7 @@ class Gateway:
     pool: EnginePool
     gate: SwapGate
     deployer: Deployer
+    reconciler: Reconciler
     sync: Synchroniser
     expert_load: ExpertLoadExporter
 
@@ -32,9 +33,12 @@ class Gateway:
         pool = EnginePool(engine_urls, metrics, settings.engine_timeout_s)
         gate = SwapGate()
         expert_load = ExpertLoadExporter(pool, metrics, settings.expert_load_interval_s)
-        deployer = Deployer(pool, registry, gate, settings, metrics, expert_load)
-        sync = Synchroniser(pool, registry, deployer, settings)
-        return cls(settings, metrics, registry, pool, gate, deployer, sync, expert_load)
+        lock = DeployLock(registry, settings)
+        swaps = SwapContext(pool, registry, lock, settings, metrics, expert_load)
+        deployer = Deployer(swaps, gate)
+        reconciler = Reconciler(swaps)
+        sync = Synchroniser(pool, registry, reconciler, settings)
+        return cls(settings, metrics, registry, pool, gate, deployer, reconciler, sync, expert_load)
 
     def start(self) -> None:
         """The background work: reconciling engines, following events, reading expert load."""

@@ -17,8 +17,8 @@ import contextlib
 import logging
 
 from roma_service.engine.errors import EngineError
-from roma_service.gateway.deployer import REDIS_DOWN, Deployer
 from roma_service.gateway.engines import EnginePool
+from roma_service.gateway.swaps import REDIS_DOWN, Reconciler
 from roma_service.registry import BaseMismatch, Registry
 from roma_service.settings import Settings
 
@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 
 class Synchroniser:
     def __init__(
-        self, pool: EnginePool, registry: Registry, deployer: Deployer, settings: Settings
+        self, pool: EnginePool, registry: Registry, reconciler: Reconciler, settings: Settings
     ) -> None:
         self.pool = pool
         self.registry = registry
-        self.deployer = deployer
+        self.reconciler = reconciler
         self.settings = settings
         self.started = asyncio.Event()
         self.problem: str | None = "starting"
@@ -75,7 +75,7 @@ class Synchroniser:
             self._wake.clear()
             try:
                 await self._heartbeat()
-                await self.deployer.reconcile(wait_s=1.0)
+                await self.reconciler.reconcile(wait_s=1.0)
             except Exception:
                 log.exception("reconcile failed")
 
@@ -92,10 +92,10 @@ class Synchroniser:
             try:
                 await self._heartbeat()
                 await self._learn_base()
-                if await self.deployer.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
+                if await self.reconciler.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
                     # Count expert load from the first request on (when it is exported).
                     healthy = [e for e in self.pool.engines if e.healthy]
-                    await self.deployer.expert_load.collect(healthy)
+                    await self.reconciler.ctx.expert_load.collect(healthy)
                     self.problem = None
                     self.started.set()
                     log.info("gateway in step", extra={"engines": self.pool.describe()})

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+from roma_service.errors import ServiceError
 
-class RegistryError(Exception):
+
+class RegistryError(ServiceError):
     """Base class; ``code`` is the machine-readable reason put in the error body."""
 
     code = "registry_error"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class UnknownVersion(RegistryError):

@@ -1,4 +1,5 @@
-"""Helpers shared by the gateway tests: real patch files made from a tiny checkpoint."""
+"""Helpers shared by the gateway tests: a real gateway on loopback, its settings and token, and
+greedy completions through it (patches come from ``tests.fixtures.engine.patch_bytes``)."""
 
 from __future__ import annotations
 
@@ -8,56 +9,10 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
-import torch
 import uvicorn
 
-from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
-
-
-def base_routers(model_dir: Path) -> BaseRouters:
-    return BaseRouters.from_raw(str(model_dir), read_checkpoint_routers(model_dir))
-
-
-def patched_routers(
-    model_dir: Path, layers: tuple[int, ...] = (4, 5), seed: int = 1, scale: float = 2.0
-) -> dict[str, torch.Tensor]:
-    """Base routers of ``layers`` moved far enough that greedy outputs change."""
-    raw = read_checkpoint_routers(model_dir)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        name = f"model.layers.{layer}.mlp.gate.weight"
-        base = raw[name].to_torch()
-        out[name] = base + scale * torch.randn(base.shape, generator=gen, dtype=base.dtype)
-    return out
-
-
-def make_patch(
-    model_dir: Path,
-    layers: tuple[int, ...] = (4, 5),
-    seed: int = 1,
-    scale: float = 2.0,
-    tensors: dict[str, torch.Tensor] | None = None,
-    fingerprint: str | None = None,
-) -> bytes:
-    """A valid patch (unless ``tensors``/``fingerprint`` say otherwise) as bytes."""
-    tensors = tensors if tensors is not None else patched_routers(model_dir, layers, seed, scale)
-    base = base_routers(model_dir)
-    known = [n for n in tensors if n in base.specs]
-    meta = PatchMeta(
-        base_model=str(model_dir),
-        base_fingerprint=fingerprint or (base.fingerprint(known) if known else "0" * 64),
-        layers=sorted(int(n.split(".")[2]) for n in tensors),
-        objective="test",
-        hparams={"seed": seed},
-    )
-    return write_patch(tensors, meta)
-
-
-# --- running a gateway for real ------------------------------------------------------------------
 ADMIN_TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # "The quick brown fox jumps over the lazy dog. Question: what is" in the tiny tokenizer, as ids
@@ -144,25 +99,3 @@ async def greedy(
     )
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["token_ids"], response
-
-
-def hf_greedy(
-    model_dir: Path, routers: dict[str, torch.Tensor] | None = None, n: int = 8
-) -> list[int]:
-    """Greedy token ids from transformers with the given router weights swapped in."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, tensor in (routers or {}).items():
-            params[name].copy_(tensor)
-        out = model.generate(
-            torch.tensor([PROMPT_IDS]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(PROMPT_IDS) :].tolist()

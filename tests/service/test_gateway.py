@@ -12,16 +12,14 @@ import openai
 import pytest
 
 from roma_service.registry import LocalRedis
+from tests.fixtures.engine import hf_greedy, patch_bytes, perturbed_routers
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     PROMPT_IDS,
     gateway_settings,
     greedy,
-    hf_greedy,
-    make_patch,
     model_id,
-    patched_routers,
     running_gateway,
 )
 
@@ -33,15 +31,16 @@ async def test_deploy_matches_transformers_and_rollback_restores_base(
 ) -> None:
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        base_expected = hf_greedy(tiny_olmoe)
-        patched_expected = hf_greedy(tiny_olmoe, patched_routers(tiny_olmoe, ALL_LAYERS, seed=1))
+        routers = perturbed_routers(tiny_olmoe, ALL_LAYERS, scale=2.0, seed=1)
+        base_expected = hf_greedy(tiny_olmoe, [PROMPT_IDS], 8)[0]
+        patched_expected = hf_greedy(tiny_olmoe, [PROMPT_IDS], 8, routers=routers)[0]
         assert base_expected != patched_expected, "the test patch must change greedy output"
 
         tokens, response = await greedy(gw)
         assert tokens == base_expected
         assert response.headers["X-Router-Version"] == "0"
 
-        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=1)
+        patch = patch_bytes(tiny_olmoe, routers)
         deployed = await gw.post("/routers", headers=AUTH, files={"patch": patch})
         assert deployed.status_code == 201, deployed.text
         body = deployed.json()
@@ -82,7 +81,11 @@ async def test_streaming_passes_through_and_carries_the_version(
 ) -> None:
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        await gw.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=2))
+        await gw.post(
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=2),
+        )
         expected, _ = await greedy(gw, n=12)
         request = {
             "model": await model_id(gw),
@@ -138,7 +141,11 @@ async def test_metrics_count_requests_and_deploys_per_version(
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         await greedy(gw)
-        await gw.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=3))
+        await gw.post(
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=3),
+        )
         await greedy(gw)
         text = (await gw.get("/metrics")).text
         for version in (0, 1):
@@ -183,7 +190,7 @@ async def test_expert_load_is_exported_per_layer_and_router_version(
         async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
             exporter = gw.app.state.gateway.expert_load  # type: ignore[attr-defined]
             await greedy(gw, n_new, prompts[0])
-            patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=5)
+            patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=5)
             assert (await gw.post("/routers", headers=AUTH, content=patch)).status_code == 201
             before, _ = _expert_load((await gw.get("/metrics")).text)
             await greedy(gw, n_new, prompts[1])

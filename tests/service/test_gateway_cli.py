@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from roma_service.registry.local import free_port
-from tests.service.gateway_support import ALL_LAYERS, PROMPT_IDS, make_patch
+from tests.fixtures.engine import patch_bytes
+from tests.service.gateway_support import ALL_LAYERS, PROMPT_IDS
 
 
 def test_help_reads_like_docs() -> None:
@@ -73,7 +74,7 @@ def test_embedded_default_serves_deploys_and_stops_cleanly(
         deployed = httpx.post(
             f"{base}/routers",
             headers={"Authorization": f"Bearer {token}"},
-            files={"patch": make_patch(tiny_olmoe, ALL_LAYERS, seed=41)},
+            files={"patch": patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=41)},
             timeout=60,
         )
         assert deployed.status_code == 201, deployed.text

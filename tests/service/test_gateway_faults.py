@@ -4,29 +4,21 @@ with a reason, and nothing is lost when Redis comes back (append-only persistenc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine
+from tests.fixtures.engine import patch_bytes
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     gateway_settings,
     greedy,
-    make_patch,
     running_gateway,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("base_routers_after")]
-
-
-@pytest.fixture
-def base_routers_after(engine: RunningEngine) -> Iterator[None]:
-    yield
-    engine.reset()
 
 
 async def test_redis_down_keeps_serving_and_loses_nothing(
@@ -35,7 +27,9 @@ async def test_redis_down_keeps_serving_and_loses_nothing(
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, own_redis.url, [engine_url]) as gw:
         deployed = await gw.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=21)
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=21),
         )
         assert deployed.status_code == 201
         tokens, _ = await greedy(gw)
@@ -52,7 +46,9 @@ async def test_redis_down_keeps_serving_and_loses_nothing(
             assert down.json()["error"]["code"] == "registry_unavailable"
             assert "Redis" in down.json()["error"]["message"]
         refused = await gw.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=22)
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=22),
         )
         assert refused.status_code == 503
         assert (await gw.get("/ready")).status_code == 200
@@ -62,7 +58,9 @@ async def test_redis_down_keeps_serving_and_loses_nothing(
         assert listing["active"] == 1 and [v["version"] for v in listing["data"]] == [0, 1]
         assert (await gw.get("/routers/1", headers=AUTH)).json()["id"] == deployed.json()["id"]
         later = await gw.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=23)
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=23),
         )
         assert later.status_code == 201 and later.json()["version"] == 2
         assert (await greedy(gw))[1].headers["X-Router-Version"] == "2"

@@ -15,13 +15,13 @@ import pytest
 
 from roma_service.engine.client import EngineClient
 from roma_service.registry import LocalRedis
+from tests.fixtures.engine import patch_bytes
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     PROMPT_IDS,
     gateway_settings,
     greedy,
-    make_patch,
     model_id,
     running_gateway,
 )
@@ -78,7 +78,9 @@ async def test_concurrent_deploys_get_distinct_increasing_versions(
 ) -> None:
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        patches = [make_patch(tiny_olmoe, ALL_LAYERS, seed=100 + i) for i in range(20)]
+        patches = [
+            patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=100 + i) for i in range(20)
+        ]
         responses = await asyncio.gather(
             *(gw.post("/routers", headers=AUTH, content=p) for p in patches)
         )
@@ -104,7 +106,8 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
     it (a free-running stream could end before the deploy began)."""
     settings = gateway_settings(redis_prefix, swap_policy="drain")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=11)  # before: it blocks the loop
+        # Built before the stream: building it blocks the loop.
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=11)
         async with _stream_held_in_flight(gw, engine_url) as stream:
             posted = asyncio.create_task(gw.post("/routers", headers=AUTH, content=patch))
             await asyncio.sleep(0.5)
@@ -133,7 +136,7 @@ async def test_immediate_swaps_mid_stream_and_reports_it(
     settings = gateway_settings(redis_prefix, swap_policy="immediate")
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
         # Built first: building it blocks the event loop this in-process gateway runs on.
-        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=12)
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=12)
         async with _stream_held_in_flight(gw, engine_url) as stream:
             deploy = await gw.post("/routers", headers=AUTH, content=patch)
             assert not stream.done()  # the deploy did not wait for it

@@ -20,14 +20,13 @@ import pytest
 from roma_service.engine.client import EngineClient
 from roma_service.engine.process import EngineProcess
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import spare_core, start
+from tests.fixtures.engine import patch_bytes, spare_core, start
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     PROMPT_IDS,
     gateway_settings,
     greedy,
-    make_patch,
     model_id,
     running_gateway,
 )
@@ -87,7 +86,9 @@ async def test_engines_converge_and_survive_a_restart(
     ):
         # 1. A deploy through A reaches both engines; C learns of it through Redis.
         v1 = await a.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=31)
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=31),
         )
         assert v1.status_code == 201 and sorted(v1.json()["engines"]) == sorted([e1, e2])
         assert await _held(e1) == 1 and await _held(e2) == 1
@@ -127,7 +128,7 @@ async def test_engines_converge_and_survive_a_restart(
             await client.pause("keep")
         stream = asyncio.create_task(long_stream())
         await asyncio.wait_for(admitted.wait(), 60)
-        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=32)
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=32)
         deploy = asyncio.create_task(c.post("/routers", headers=AUTH, content=patch))
         await asyncio.sleep(0.5)
         assert not deploy.done() and not stream.done()  # held by the drain
@@ -146,7 +147,9 @@ async def test_engines_converge_and_survive_a_restart(
         await _until(lambda: _status(c, "/ready", 503), what="gateway C to report not ready")
         assert (await greedy(a))[0] == tokens
         v3 = await a.post(
-            "/routers", headers=AUTH, content=make_patch(tiny_olmoe, ALL_LAYERS, seed=33)
+            "/routers",
+            headers=AUTH,
+            content=patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=33),
         )
         assert v3.status_code == 201 and v3.json()["engines"] == [e1], v3.text
         version = v3.json()["version"]

@@ -18,7 +18,7 @@ from roma_service.registry import (
     Registry,
     UnknownVersion,
 )
-from tests.service.gateway_support import base_routers, make_patch
+from tests.fixtures.engine import base_routers, patch_bytes
 
 
 async def _store(registry: Registry, data: bytes):
@@ -43,7 +43,10 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
 
 async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path) -> None:
     await registry.record_base(base_routers(tiny_olmoe))
-    a, b = make_patch(tiny_olmoe, seed=1), make_patch(tiny_olmoe, seed=2)
+    a, b = (
+        patch_bytes(tiny_olmoe, layers=(4, 5), seed=1),
+        patch_bytes(tiny_olmoe, layers=(4, 5), seed=2),
+    )
     rec_a, created_a = await _store(registry, a)
     rec_b, created_b = await _store(registry, b)
     again, created_again = await _store(registry, a)
@@ -61,7 +64,7 @@ async def test_activate_moves_pointer_appends_history_and_publishes(
     registry: Registry, tiny_olmoe: Path
 ) -> None:
     await registry.record_base(base_routers(tiny_olmoe))
-    rec, _ = await _store(registry, make_patch(tiny_olmoe))
+    rec, _ = await _store(registry, patch_bytes(tiny_olmoe))
     events: list[dict] = []
 
     async def listen() -> None:
@@ -93,7 +96,7 @@ async def test_activate_moves_pointer_appends_history_and_publishes(
 
 async def test_delete_rules(registry: Registry, tiny_olmoe: Path) -> None:
     await registry.record_base(base_routers(tiny_olmoe))
-    data = make_patch(tiny_olmoe)
+    data = patch_bytes(tiny_olmoe)
     rec, _ = await _store(registry, data)
     await registry.activate(rec.version, "deploy", "t")
     with pytest.raises(ActiveVersion):
@@ -116,7 +119,7 @@ async def test_concurrent_stores_get_distinct_increasing_versions(
     registry: Registry, tiny_olmoe: Path
 ) -> None:
     await registry.record_base(base_routers(tiny_olmoe))
-    patches = [make_patch(tiny_olmoe, seed=s) for s in range(20)]
+    patches = [patch_bytes(tiny_olmoe, seed=s) for s in range(20)]
     results = await asyncio.gather(*(_store(registry, p) for p in patches))
     versions = sorted(r.version for r, _ in results)
     assert versions == list(range(1, 21))
@@ -143,7 +146,7 @@ async def test_nothing_lost_when_redis_crashes(own_redis: LocalRedis, tiny_olmoe
     registry = Registry.from_url(own_redis.url, "persist", timeout_s=1.0)
     try:
         await registry.record_base(base_routers(tiny_olmoe))
-        data = make_patch(tiny_olmoe)
+        data = patch_bytes(tiny_olmoe)
         rec, _ = await _store(registry, data)
         await registry.activate(rec.version, "deploy", "t")
         own_redis.kill()  # SIGKILL: no shutdown save, only the append-only file remains

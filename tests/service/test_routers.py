@@ -14,13 +14,12 @@ from safetensors.torch import save
 
 from roma_patch import PatchMeta
 from roma_service.registry import LocalRedis
+from tests.fixtures.engine import patch_bytes, perturbed_routers
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     gateway_settings,
     greedy,
-    make_patch,
-    patched_routers,
     running_gateway,
 )
 
@@ -37,9 +36,9 @@ def _pickle(legacy: bool) -> bytes:
 
 def _bad_patches(model: Path) -> dict[str, tuple[bytes, int, str]]:
     """name -> (bytes, expected status, expected error code)."""
-    good = patched_routers(model, ALL_LAYERS, seed=7)
+    good = perturbed_routers(model, ALL_LAYERS, scale=2.0, seed=7)
     first = "model.layers.0.mlp.gate.weight"
-    valid = make_patch(model, ALL_LAYERS, seed=7)
+    valid = patch_bytes(model, layers=ALL_LAYERS, scale=2.0, seed=7)
     not_router = save(
         {"model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(8, 128)},
         PatchMeta(base_model="x", base_fingerprint="0" * 64, layers=[0], objective="t")
@@ -60,24 +59,24 @@ def _bad_patches(model: Path) -> dict[str, tuple[bytes, int, str]]:
         "no metadata": (save({first: good[first]}), 400, "not_a_patch"),
         "not a router tensor": (not_router, 400, "unknown_tensor"),
         "router of a layer the model lacks": (
-            make_patch(model, tensors={"model.layers.99.mlp.gate.weight": torch.zeros(8, 128)}),
+            patch_bytes(model, {"model.layers.99.mlp.gate.weight": torch.zeros(8, 128)}),
             400,
             "unknown_tensor",
         ),
         "wrong shape": (
-            make_patch(model, tensors={first: torch.zeros(4, 128)}),
+            patch_bytes(model, {first: torch.zeros(4, 128)}),
             400,
             "shape_mismatch",
         ),
         "wrong dtype": (
-            make_patch(model, tensors={first: good[first].to(torch.bfloat16)}),
+            patch_bytes(model, {first: good[first].to(torch.bfloat16)}),
             400,
             "dtype_mismatch",
         ),
-        "NaN": (make_patch(model, tensors=nan), 400, "non_finite"),
-        "inf": (make_patch(model, tensors=inf), 400, "non_finite"),
+        "NaN": (patch_bytes(model, nan), 400, "non_finite"),
+        "inf": (patch_bytes(model, inf), 400, "non_finite"),
         "wrong base fingerprint": (
-            make_patch(model, tensors=good, fingerprint="ab" * 32),
+            patch_bytes(model, good, fingerprint="ab" * 32),
             400,
             "fingerprint_mismatch",
         ),
@@ -99,7 +98,7 @@ async def test_bad_input_is_refused_and_changes_nothing(
 ) -> None:
     settings = gateway_settings(redis_prefix, max_patch_bytes=LIMIT)
     async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
-        active = make_patch(tiny_olmoe, ALL_LAYERS, seed=5)
+        active = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=5)
         assert (await gw.post("/routers", headers=AUTH, content=active)).status_code == 201
         before_tokens, _ = await greedy(gw)
         before = (await gw.get("/routers", headers=AUTH)).json()
@@ -110,7 +109,7 @@ async def test_bad_input_is_refused_and_changes_nothing(
             assert tokens == before_tokens and response.headers["X-Router-Version"] == "1"
 
         # Authentication first: nothing is read without the token.
-        valid = make_patch(tiny_olmoe, ALL_LAYERS, seed=6)
+        valid = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=6)
         _assert_error(await gw.post("/routers", content=valid), 401, "missing_token")
         bad = {"Authorization": "Bearer not-the-token"}
         _assert_error(await gw.post("/routers", headers=bad, content=valid), 401, "invalid_token")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from roma_service.gateway.deployer import SwapResult
 from roma_service.gateway.routers.protocol import (
     DeployResponse,
     HistoryList,
@@ -13,6 +12,7 @@ from roma_service.gateway.routers.protocol import (
     VersionList,
 )
 from roma_service.gateway.state import Gateway
+from roma_service.gateway.swaps import SwapResult
 from roma_service.gateway.timings import Timings
 from roma_service.gateway.upload import read_patch_upload
 
