@@ -29,7 +29,7 @@ from roma_trainer.routers import (
     RoutingCapture,
     find_routers,
     freeze_all_but_routers,
-    router_name,
+    model_routers,
     select_layers,
 )
 from roma_trainer.scoring import ChoiceScores, score_samples
@@ -80,7 +80,7 @@ class RomaRecipe:
         self.model = self.loaded.model
         self.layers = select_layers(list(find_routers(self.model)), cfg.layers)
         self.params = freeze_all_but_routers(self.model, self.layers)
-        self.names = [router_name(layer) for layer in self.layers]
+        self.names = list(model_routers(self.model, self.layers))
         self.base_params = [p.detach().clone() for p in self.params]
         self.capture = RoutingCapture(self.model, self.layers)
         self.capture.__enter__()

@@ -14,7 +14,7 @@ import httpx
 import torch
 import uvicorn
 
-from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
+from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, router_layer, write_patch
 
 
 def base_routers(model_dir: Path) -> BaseRouters:
@@ -26,10 +26,11 @@ def patched_routers(
 ) -> dict[str, torch.Tensor]:
     """Base routers of ``layers`` moved far enough that greedy outputs change."""
     raw = read_checkpoint_routers(model_dir)
+    names = {router_layer(n): n for n in raw}
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in layers:
-        name = f"model.layers.{layer}.mlp.gate.weight"
+        name = names[layer]
         base = raw[name].to_torch()
         out[name] = base + scale * torch.randn(base.shape, generator=gen, dtype=base.dtype)
     return out
@@ -50,7 +51,7 @@ def make_patch(
     meta = PatchMeta(
         base_model=str(model_dir),
         base_fingerprint=fingerprint or (base.fingerprint(known) if known else "0" * 64),
-        layers=sorted(int(n.split(".")[2]) for n in tensors),
+        layers=sorted(router_layer(n) for n in tensors),
         objective="test",
         hparams={"seed": seed},
     )

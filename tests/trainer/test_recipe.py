@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from roma_patch import (
     BaseRouters,
     PatchError,
+    detect_family,
     read_checkpoint_routers,
     read_patch,
     validate_patch,
@@ -27,7 +28,6 @@ from roma_trainer.config import TrainConfig
 from roma_trainer.data import data_fingerprint, load_jsonl
 from roma_trainer.modeling import load_model
 from roma_trainer.recipe import RomaRecipe
-from roma_trainer.routers import router_name
 
 pytestmark = pytest.mark.slow  # every test here trains (seconds each on 2 cores)
 
@@ -92,7 +92,8 @@ def test_training_lowers_the_loss(trained: RomaRecipe) -> None:
 def test_only_tuned_routers_changed(trained: RomaRecipe, tiny_model: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = trained.model.state_dict()
-    tuned = {router_name(layer) for layer in trained.layers}
+    family = detect_family(trained.model.config)
+    tuned = {family.tensor_name(layer) for layer in trained.layers}
     assert set(base) == set(after)
     for name, tensor in base.items():
         if name in tuned:
@@ -120,7 +121,8 @@ def test_patch_holds_only_tuned_routers_and_full_metadata(
     trained: RomaRecipe, tiny_model: Path
 ) -> None:
     patch = read_patch(trained.cfg.out)
-    names = sorted(router_name(layer) for layer in trained.layers)
+    family = detect_family(trained.model.config)
+    names = sorted(family.tensor_name(layer) for layer in trained.layers)
     assert sorted(patch.tensors) == names
     assert all(t.dtype == "F32" for t in patch.tensors.values())
     checkpoint = BaseRouters.from_raw(str(tiny_model), read_checkpoint_routers(tiny_model))
@@ -251,7 +253,7 @@ def test_deepseek_v3_round_trip(
         apply_patch(fresh, recipe.cfg.out, str(path))
         assert torch.equal(fresh(input_ids=PROBE).logits, recipe.model(input_ids=PROBE).logits)
     changed = {n for n, t in recipe.model.state_dict().items() if not torch.equal(t, base_state[n])}
-    assert changed == {router_name(4), router_name(5)}
+    assert changed == {detect_family(fresh.config).tensor_name(layer) for layer in (4, 5)}
 
 
 def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
@@ -273,7 +275,7 @@ def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
     served = load_model(bf16_dir).model  # loaded as stored: bf16
     apply_patch(served, patch)
     for layer, weight in zip(recipe.layers, recipe.params, strict=True):
-        live = dict(served.named_parameters())[router_name(layer)]
+        live = dict(served.named_parameters())[detect_family(served.config).tensor_name(layer)]
         assert live.dtype == torch.bfloat16
         assert torch.equal(live, weight.detach().to(torch.bfloat16))
 
