@@ -23,6 +23,7 @@ from roma_patch import (
     read_patch,
     validate_patch,
 )
+from roma_trainer import objectives
 from roma_trainer.apply import apply_patch
 from roma_trainer.config import TrainConfig
 from roma_trainer.data import data_fingerprint, load_jsonl
@@ -207,6 +208,43 @@ def test_every_objective_trains_with_a_live_regulariser(
         assert all(part["reg"] > 0 for part in losses)
     if changes.get("layers") == "all":
         assert recipe.layers == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_objective_registered_here_trains_through_the_recipe(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One register() line and its function, nothing else: the config accepts the name, the
+    recipe captures routing and finds neighbours because the entry asks for them, and a step
+    trains the routers with the term."""
+    monkeypatch.setattr(objectives, "REGISTRY", dict(objectives.REGISTRY))  # dropped afterwards
+    seen: list[objectives.Terms] = []
+
+    def nearest_neighbour(terms: objectives.Terms) -> torch.Tensor:
+        """||r_i - r_j||^2 to the first neighbour only."""
+        seen.append(terms)
+        return (terms.routing.flatten(1) - terms.neighbour_routing[:, 0]).pow(2).sum(-1).mean()
+
+    objectives.register("nearest", nearest_neighbour, "toy: the first neighbour", neighbours=True)
+    cfg = config(tiny_olmoe, small_data, tmp_path / "nearest.safetensors", objective="nearest",
+                 max_steps=1, lam_warmup_steps=0, layers="last2", k=2)  # fmt: skip
+    recipe = RomaRecipe(cfg)
+    recipe.setup()
+    try:
+        assert recipe.neighbours is not None and recipe.metrics["mean_neighbours"] > 0
+        _, parts = recipe.loss([0, 1, 2, 3], cfg.lam)
+        terms = seen[-1]
+        assert terms.routing.shape == (4, 2, 8) and terms.routing.requires_grad
+        assert terms.neighbour_routing.shape == (4, 2, 16)
+        assert parts["reg"] == pytest.approx(nearest_neighbour(terms).item())
+        assert parts["reg"] > 0
+        before = [p.detach().clone() for p in recipe.params]
+        recipe.train()
+        recipe.save_checkpoint()
+    finally:
+        recipe.cleanup()
+    assert recipe.metrics["steps"] == 1
+    assert all(not torch.equal(b, p) for b, p in zip(before, recipe.params, strict=True))
+    assert read_patch(cfg.out).meta.objective == "nearest"
 
 
 def test_live_neighbour_routing_starts_equal_to_base_and_trains_the_neighbours_too(
