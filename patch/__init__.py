@@ -34,7 +34,6 @@ from roma_patch.format import (
     read_checkpoint_routers,
     read_patch,
     router_layer,
-    tensor_sha256,
     validate_patch,
     write_patch,
 )
@@ -63,7 +62,6 @@ __all__ = [
     "router_of_vllm_module",
     "router_patterns",
     "supported_families",
-    "tensor_sha256",
     "validate_patch",
     "write_patch",
 ]

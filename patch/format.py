@@ -227,10 +227,6 @@ def router_layer(name: str) -> int:
     return ref.layer
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    return raw_from_torch(tensor).sha256
-
-
 def raw_from_torch(tensor: torch.Tensor) -> RawTensor:
     import torch
 

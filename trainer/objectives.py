@@ -63,18 +63,13 @@ Term = Callable[[Terms], torch.Tensor]
 
 @dataclass(frozen=True)
 class Objective:
-    """A registered objective: ``CE + lam * term`` (``term`` None: CE alone)."""
+    """A registered objective: ``CE + lam * term`` (``term`` None: CE alone, lam unused)."""
 
     name: str
     term: Term | None
     summary: str  # one line, for --help and the default config's comments
     routing: bool = False  # the term reads r_i: capture it in the forward pass
     neighbours: bool = False  # the term reads the neighbours N(i) and their routing r_j
-
-    @property
-    def regularised(self) -> bool:
-        """Whether ``lam`` matters (a benchmark's lambda grid only applies then)."""
-        return self.term is not None
 
 
 REGISTRY: dict[str, Objective] = {}

@@ -137,12 +137,11 @@ class RomaRecipe:
         ]
         width = max(p.logprob.shape[1] for p in parts)
 
-        def pad(t: torch.Tensor, value: float) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        def pad(t: torch.Tensor) -> torch.Tensor:  # absent choices score -inf
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("-inf"))
 
         return ChoiceScores(
-            logprob=torch.cat([pad(p.logprob, float("-inf")) for p in parts]).cpu(),
-            n_tokens=torch.cat([pad(p.n_tokens, 1.0) for p in parts]).cpu(),
+            logprob=torch.cat([pad(p.logprob) for p in parts]).cpu(),
             routing=torch.cat([p.routing for p in parts]).cpu() if with_routing else None,
         )
 
