@@ -100,12 +100,12 @@ def _value_type(info: FieldInfo) -> tuple[type, bool]:
     nullable = type(None) in args
     kinds = [a for a in args if a is not type(None)] or [info.annotation]
     kind = kinds[0] if len(kinds) == 1 else str  # layers: "last5" or "3,4,5" from a flag
-    if get_origin(kind) is Literal or field_choices(info):
-        kind = str
-    return (kind if kind in (bool, int, float, Path) else str), nullable
+    return (kind if kind in (bool, int, float, Path) else str), nullable  # choices: str
 
 
-def _nullable(kind: type):  # -> a click value parser
+def _nullable(kind: type) -> Callable[[str], Any]:
+    """A value parser for an optional number: ``none`` is :data:`NULL`."""
+
     def parse(text: str) -> Any:
         if text.lower() in ("none", "null"):
             return NULL
@@ -114,7 +114,6 @@ def _nullable(kind: type):  # -> a click value parser
         except ValueError:
             raise typer.BadParameter(f"{text!r} is not a {kind.__name__} (or 'none')") from None
 
-    parse.__name__ = kind.__name__
     return parse
 
 
