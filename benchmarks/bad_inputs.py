@@ -614,7 +614,13 @@ def deploy_one_patch(target: Target, model_dir: Path) -> int:
     """Make version 1 active, so that 'unchanged' means a patched state, not just base."""
     import torch
 
-    from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
+    from roma_patch import (
+        BaseRouters,
+        PatchMeta,
+        read_checkpoint_routers,
+        router_layer,
+        write_patch,
+    )
 
     raw = read_checkpoint_routers(model_dir)
     name = sorted(raw)[-1]
@@ -628,7 +634,7 @@ def deploy_one_patch(target: Target, model_dir: Path) -> int:
     meta = PatchMeta(
         base_model=str(model_dir),
         base_fingerprint=routers.fingerprint(list(tensors)),
-        layers=[int(name.split(".")[2])],
+        layers=[router_layer(name)],
         objective="bad-inputs",
         hparams={},
     )

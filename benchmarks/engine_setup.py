@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
+from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, router_layer, write_patch
 from roma_service.engine.process import EngineOptions, EngineProcess
 
 
@@ -53,7 +53,7 @@ def serving(
 def patches(model_dir: Path, count: int, tuned_layers: int = 5) -> list[bytes]:
     """``count`` different patches of the last ``tuned_layers`` routers (the RoMA default)."""
     raw = read_checkpoint_routers(model_dir)
-    names = sorted(raw, key=lambda n: int(n.split(".")[2]))[-tuned_layers:]
+    names = sorted(raw, key=router_layer)[-tuned_layers:]
     base = BaseRouters.from_raw(str(model_dir), raw)
     out = []
     for seed in range(count):
@@ -65,7 +65,7 @@ def patches(model_dir: Path, count: int, tuned_layers: int = 5) -> list[bytes]:
         meta = PatchMeta(
             base_model=str(model_dir),
             base_fingerprint=base.fingerprint(names),
-            layers=[int(n.split(".")[2]) for n in names],
+            layers=[router_layer(n) for n in names],
             objective="benchmark",
         )
         out.append(write_patch(tensors, meta))

@@ -140,6 +140,8 @@ def build_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from roma_patch import router_of_tensor
+
     out = Path(out_dir)
     build_tokenizer(out, corpus, vocab_size)
     config = tiny_config(family, vocab_size, **overrides)
@@ -149,7 +151,7 @@ def build_tiny_model(
         # HF initialises routers to zeros in some families; random routers make routing
         # (and a patch) actually matter, as in a pretrained model.
         for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if router_of_tensor(name) is not None:
                 param.normal_(0.0, 0.5)
     model.save_pretrained(out)
     fixes = _VLLM_CONFIG_FIXES.get(family)

@@ -2,8 +2,9 @@
 
 File layout: one safetensors file (https://github.com/huggingface/safetensors, never pickle).
 
-* Tensors: only routers, each named ``model.layers.<N>.mlp.gate.weight`` exactly as in the
-  Hugging Face checkpoint, shape ``[num_experts, hidden_size]``, in the base checkpoint's dtype.
+* Tensors: only routers, each named exactly as in the Hugging Face checkpoint
+  (``model.layers.<N>.mlp.gate.weight``; :mod:`roma_patch.families` owns the naming), shape
+  ``[num_experts, hidden_size]``, in the base checkpoint's dtype.
 * Metadata (safetensors allows ``str -> str`` only; structured values are JSON strings):
 
   ==================  ======================================================================
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,13 +41,14 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError, deserialize, safe_open
 
+from roma_patch.families import router_of_tensor, router_patterns
+
 if TYPE_CHECKING:
     import torch
 
 FORMAT_NAME = "roma-router-patch"
 FORMAT_VERSION = "1"
 MAX_PATCH_BYTES = 64 * 1024 * 1024
-ROUTER_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 # safetensors dtype code -> (element bytes, unsigned view, exponent mask). A float is not finite
 # exactly when all its exponent bits are set, which lets us check bf16 without torch.
@@ -215,18 +216,15 @@ class BaseRouters:
 
 
 def router_layer(name: str) -> int:
-    match = ROUTER_RE.match(name)
-    if match is None:
+    """The layer of a router tensor; :class:`PatchError` ``unknown_tensor`` if it is none."""
+    ref = router_of_tensor(name)
+    if ref is None:
         raise PatchError(
             "unknown_tensor",
-            f"tensor {name!r} is not a router (expected model.layers.<N>.mlp.gate.weight)",
+            f"tensor {name!r} is not a router (expected {router_patterns()})",
             name,
         )
-    return int(match.group(1))
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    return raw_from_torch(tensor).sha256
+    return ref.layer
 
 
 def raw_from_torch(tensor: torch.Tensor) -> RawTensor:
@@ -370,8 +368,8 @@ def read_checkpoint_routers(model_dir: str | Path) -> dict[str, RawTensor]:
     for file in files:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if ROUTER_RE.match(name):
+                if router_of_tensor(name) is not None:
                     out[name] = raw_from_torch(handle.get_tensor(name))
     if not out:
-        raise PatchError("no_routers", f"{model_dir} holds no model.layers.N.mlp.gate.weight")
+        raise PatchError("no_routers", f"{model_dir} holds no {router_patterns()}")
     return out

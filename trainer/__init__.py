@@ -4,8 +4,9 @@ Reads a base model and multiple-choice data, tunes only the router linear of the
 layers, and writes a router patch (:mod:`roma_patch`). It never serves: the patch goes to the
 gateway with ``roma-train train --push`` or ``POST /routers``.
 
-Modules, in data-flow order: ``config`` (typed recipe config), ``data`` (samples + fingerprint),
-``routers`` (find, freeze, capture routing), ``scoring`` (choice log-likelihoods),
-``neighbours`` (success-set neighbourhoods in embedding space), ``objectives`` (loss terms),
-``recipe`` (the training loop), ``evaluate``, ``apply``, ``push``, ``cli``.
+Modules, in data-flow order: ``config`` (typed recipe config; ``flags`` makes the train
+command's flags from it), ``data`` (samples + fingerprint), ``routers`` (find, freeze, capture
+routing), ``scoring`` (choice log-likelihoods), ``neighbours`` (success-set neighbourhoods in
+embedding space), ``objectives`` (loss terms, the registry), ``recipe`` (the training loop),
+``evaluate``, ``apply``, ``push``, ``cli``.
 """

@@ -14,12 +14,7 @@ import torch
 from torch import nn
 
 from roma_patch import BaseRouters, Patch, read_patch, validate_patch
-from roma_trainer.routers import find_routers, router_name
-
-
-def model_routers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> live router weight, for every MoE layer."""
-    return {router_name(layer): m.weight for layer, m in find_routers(model).items()}
+from roma_trainer.routers import model_routers
 
 
 def apply_patch(

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 from rich.console import Console
 
 from roma_patch import PatchError
+from roma_trainer import flags
 from roma_trainer.config import ConfigError, load_config
 from roma_trainer.data import DataError, load_samples
 from roma_trainer.modeling import ModelError
@@ -58,99 +59,16 @@ def main(
 
 
 @app.command()
+@flags.with_config_flags
 def train(
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Training data: a JSONL file with one "
-            '{"task","prompt","choices","answer"} a line, or hf:NAME for a Hugging Face dataset '
-            "(columns mapped in the config file)."
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
-    ] = None,
-    trust_remote_code: Annotated[
-        bool | None,
-        typer.Option(
-            "--trust-remote-code/--no-trust-remote-code",
-            help="Run the checkpoint's own modelling code (needed for DeepSeekMoE 16B).",
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to write the patch (default: router_patch.safetensors)."),
-    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
             "--config",
             "-c",
-            help="YAML or TOML recipe "
-            "config; flags override it (default: the shipped configs/roma_default.yaml).",
+            help="YAML or TOML recipe config; flags override it (default: the shipped "
+            "configs/roma_default.yaml).",
         ),
-    ] = None,
-    objective: Annotated[
-        str | None,
-        typer.Option(help="manifold (RoMA) | ce | l1 | l2 | entropy (default: manifold)."),
-    ] = None,
-    neighbours: Annotated[
-        str | None,
-        typer.Option(
-            help="knn | eps | random: how N(i) is chosen in the success set (default: knn)."
-        ),
-    ] = None,
-    k: Annotated[
-        int | None, typer.Option(help="Neighbours per sample for knn/random (default: 3).")
-    ] = None,
-    eps: Annotated[
-        float | None, typer.Option(help="eps-ball radius on normalised embeddings (default: 0.5).")
-    ] = None,
-    sigma: Annotated[
-        float | None,
-        typer.Option(help="Gaussian kernel bandwidth (default: median neighbour distance)."),
-    ] = None,
-    neighbour_routing: Annotated[
-        str | None,
-        typer.Option(
-            help="base | live: r_j is the neighbour's routing under the base routers (fixed "
-            "targets) or under the routers being trained (default: base)."
-        ),
-    ] = None,
-    lam: Annotated[
-        float | None,
-        typer.Option(
-            "--lambda",
-            "--lam",
-            help="Weight of the regulariser (default: 1.0), warmed up linearly.",
-        ),
-    ] = None,
-    layers: Annotated[
-        str | None, typer.Option(help="MoE layers to tune: all | lastN | 3,4,5 (default: last5).")
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            help="Prompt token whose routing is regularised: last | first | middle (default: last)."
-        ),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: 3).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default: 1e-3).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per step (default: 8).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: 0).")] = None,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Training dtype: auto | float32 | bfloat16 "
-            "| float16 (default: float32); the patch keeps the checkpoint's dtype."
-        ),
-    ] = None,
-    embedder: Annotated[
-        str | None,
-        typer.Option(help="sentence-transformers id or path (default: packaged all-MiniLM-L6-v2)."),
     ] = None,
     push: Annotated[
         str | None,
@@ -158,34 +76,13 @@ def train(
             help="After training, POST the patch to this gateway URL (token from ROMA_ADMIN_TOKEN)."
         ),
     ] = None,
+    **fields: Any,
 ) -> None:
-    """Train the routers and write a router patch."""
+    """Train the routers and write a router patch. Every key of the config file is a flag."""
     from roma_trainer.recipe import run
 
-    overrides = dict(
-        data=data,
-        model=model,
-        trust_remote_code=trust_remote_code,
-        out=out,
-        objective=objective,
-        neighbours=neighbours,
-        k=k,
-        eps=eps,
-        sigma=sigma,
-        neighbour_routing=neighbour_routing,
-        lam=lam,
-        layers=layers,
-        token=token,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        dtype=dtype,
-        embedder=embedder,
-    )
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, flags.overrides(fields))
         if cfg.data is None:
             fail("no training data: pass --data FILE.jsonl (or set data: in the config file)")
         path = run(cfg)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from roma_patch import BaseRouters
-from roma_trainer.routers import find_routers, router_name
+from roma_trainer.routers import model_routers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,7 @@ def load_model(
     Fingerprinting before the cast matters: the patch's ``base_fingerprint`` must equal what
     the gateway computes from the checkpoint files, byte for byte. ``trust_remote_code`` is
     for checkpoints whose architecture transformers lacks (DeepSeekMoE 16B's
-    ``DeepseekForCausalLM``); its router is also ``model.layers.N.mlp.gate``.
+    ``DeepseekForCausalLM``), whose routers are named like DeepSeek-V2's (roma_patch.families).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,8 +60,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {model_id!r}: {exc}") from exc
-    routers = find_routers(net)
-    weights = {router_name(layer): m.weight for layer, m in routers.items()}
+    weights = model_routers(net)
     base = BaseRouters.from_torch(model_id, weights)
     ckpt_dtype = {name: w.dtype for name, w in weights.items()}
     if dtype != "auto":

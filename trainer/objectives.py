@@ -1,4 +1,5 @@
-"""The training objectives, one small function each; the formula is in each docstring.
+"""The training objectives: one formula function each, and the registry the recipe, the config
+and the CLI read them from.
 
 Notation for a batch of B samples: s_ic = log p(choice c | prompt i) (sum over the choice's
 tokens, :mod:`roma_trainer.scoring`), a_i the gold choice, r_i in R^{L*E} the routing weights of
@@ -7,16 +8,89 @@ layers, concatenated), W^l the router weight of tuned layer l and W0^l its base 
 
 Every objective is ``CE + lam * regulariser``; the batch loss is the mean over samples of
 L(i) (for the weight-space terms, which do not depend on i, the term is simply added once).
+
+A new objective is one function ``Terms -> scalar tensor`` and one :func:`register` line; say
+whether it reads the routing (the recipe then captures it) and the neighbours (the recipe then
+finds the success set's neighbours and their routing). Nothing else names objectives: the
+config's choices, ``roma-train train --help`` and the default YAML's comments come from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("manifold", "ce", "l1", "l2", "entropy")
+
+@dataclass(frozen=True)
+class Terms:
+    """What a regulariser may read for one batch. Routing and neighbours are there only for
+    objectives registered with ``routing=True`` / ``neighbours=True``."""
+
+    objective: str
+    weights: Sequence[torch.Tensor]  # the tuned routers' live weights W^l
+    base_weights: Sequence[torch.Tensor]  # their base values W0^l
+    _routing: torch.Tensor | None = None
+    _neighbour_routing: torch.Tensor | None = None
+    _neighbour_weights: torch.Tensor | None = None
+    neighbours_live: bool = False  # r_j under the routers being trained (with grad), not base
+
+    @property
+    def routing(self) -> torch.Tensor:
+        """r_i per tuned layer, ``[B, L, E]``, with grad."""
+        return self._need(self._routing, "routing")
+
+    @property
+    def neighbour_routing(self) -> torch.Tensor:
+        """r_j of each sample's neighbours, ``[B, K, L*E]`` (padded slots: any value)."""
+        return self._need(self._neighbour_routing, "neighbours")
+
+    @property
+    def neighbour_weights(self) -> torch.Tensor:
+        """W_ij, ``[B, K]``; 0 for padded slots, so a sample without neighbours adds 0."""
+        return self._need(self._neighbour_weights, "neighbours")
+
+    def _need(self, value: torch.Tensor | None, flag: str) -> torch.Tensor:
+        if value is None:
+            raise ValueError(f"objective {self.objective!r} reads {flag}: register it {flag}=True")
+        return value
+
+
+Term = Callable[[Terms], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective: ``CE + lam * term`` (``term`` None: CE alone, lam unused)."""
+
+    name: str
+    term: Term | None
+    summary: str  # one line, for --help and the default config's comments
+    routing: bool = False  # the term reads r_i: capture it in the forward pass
+    neighbours: bool = False  # the term reads the neighbours N(i) and their routing r_j
+
+
+REGISTRY: dict[str, Objective] = {}
+
+
+def register(
+    name: str, term: Term | None, summary: str, *, routing: bool = False, neighbours: bool = False
+) -> Objective:
+    """Add an objective; returns it. Neighbours imply routing (r_i is compared with r_j)."""
+    if name in REGISTRY:
+        raise ValueError(f"objective {name!r} is already registered")
+    objective = Objective(name, term, summary, routing or neighbours, neighbours)
+    REGISTRY[name] = objective
+    return objective
+
+
+def get(name: str) -> Objective:
+    """The registered objective ``name``; ValueError naming the choices otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown objective {name!r}: choose one of {' | '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def choice_cross_entropy(scores: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -65,3 +139,20 @@ def entropy_term(routing: torch.Tensor) -> torch.Tensor:
     """
     p = routing.clamp_min(1e-12)
     return -(routing * p.log()).sum(-1).mean()
+
+
+register(
+    "manifold",
+    lambda t: manifold_term(
+        t.routing.flatten(1),
+        t.neighbour_routing,
+        t.neighbour_weights,
+        detach_neighbours=not t.neighbours_live,
+    ),
+    "RoMA: sum_j W_ij ||r_i - r_j||^2 over the successful neighbours j of sample i",
+    neighbours=True,
+)
+register("ce", None, "CE alone (no regulariser; lam is unused)")
+register("l1", lambda t: l1_term(t.weights, t.base_weights), "||W - W_base||_1 over tuned layers")
+register("l2", lambda t: l2_term(t.weights, t.base_weights), "||W - W_base||_2^2 over tuned layers")
+register("entropy", lambda t: entropy_term(t.routing), "mean routing entropy of r_i", routing=True)

@@ -29,15 +29,12 @@ from roma_trainer.routers import (
     RoutingCapture,
     find_routers,
     freeze_all_but_routers,
-    router_name,
+    model_routers,
     select_layers,
 )
 from roma_trainer.scoring import ChoiceScores, score_samples
 
 log = logging.getLogger("roma_trainer.recipe")
-
-# Objectives that regularise the routing of each sample (and so need the capture hooks).
-_ROUTING_OBJECTIVES = {"manifold", "entropy"}
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +52,7 @@ class RomaRecipe:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.objective = objectives.get(cfg.objective)
         self.metrics: dict[str, Any] = {}
         self.step = 0
         self.capture: RoutingCapture | None = None
@@ -80,13 +78,13 @@ class RomaRecipe:
         self.model = self.loaded.model
         self.layers = select_layers(list(find_routers(self.model)), cfg.layers)
         self.params = freeze_all_but_routers(self.model, self.layers)
-        self.names = [router_name(layer) for layer in self.layers]
+        self.names = list(model_routers(self.model, self.layers))
         self.base_params = [p.detach().clone() for p in self.params]
         self.capture = RoutingCapture(self.model, self.layers)
         self.capture.__enter__()
 
         # success set S (the base model answers correctly) and base routing r_j of its members
-        base = self.score_all(with_routing=cfg.objective == "manifold")
+        base = self.score_all(with_routing=self.objective.neighbours)
         correct = (base.logprob.argmax(-1) == self.answers).tolist()
         self.success = [i for i, ok in enumerate(correct) if ok]
         self.metrics.update(
@@ -96,9 +94,9 @@ class RomaRecipe:
             num_samples=len(self.samples),
         )
 
-        # neighbours N(i) in S by prompt embedding (only the manifold objective uses them)
+        # neighbours N(i) in S by prompt embedding (for the objectives that read them)
         self.neighbours: Neighbours | None = None
-        if cfg.objective == "manifold":
+        if self.objective.neighbours:
             assert base.routing is not None
             self.success_routing = base.routing.flatten(1)[self.success].detach()
             emb = embed([s.prompt for s in self.samples], cfg.embedder, cfg.embed_batch_size)
@@ -109,7 +107,7 @@ class RomaRecipe:
             if not self.success:
                 log.warning(
                     "the base model answers no training sample correctly: S is empty, "
-                    "so the manifold term is 0 and this run is plain CE"
+                    "so the neighbour term is 0 and this run is plain CE"
                 )
             self.metrics.update(
                 sigma=self.neighbours.sigma,
@@ -139,12 +137,11 @@ class RomaRecipe:
         ]
         width = max(p.logprob.shape[1] for p in parts)
 
-        def pad(t: torch.Tensor, value: float) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        def pad(t: torch.Tensor) -> torch.Tensor:  # absent choices score -inf
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("-inf"))
 
         return ChoiceScores(
-            logprob=torch.cat([pad(p.logprob, float("-inf")) for p in parts]).cpu(),
-            n_tokens=torch.cat([pad(p.n_tokens, 1.0) for p in parts]).cpu(),
+            logprob=torch.cat([pad(p.logprob) for p in parts]).cpu(),
             routing=torch.cat([p.routing for p in parts]).cpu() if with_routing else None,
         )
 
@@ -168,40 +165,37 @@ class RomaRecipe:
         return routing.flatten(1)[slot]
 
     def loss(self, idx: Sequence[int], lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """CE + lam * regulariser for the samples ``idx``; see roma_trainer.objectives."""
-        objective = self.cfg.objective
+        """CE + lam * the objective's term for the samples ``idx``; see roma_trainer.objectives."""
+        objective = self.objective
         batch = [self.samples[i] for i in idx]
-        capture = self.capture if objective in _ROUTING_OBJECTIVES else None
+        capture = self.capture if objective.routing else None
         scores = score_samples(self.model, self.loaded.tokenizer, batch, self.cfg.token, capture)
         answers = self.answers[list(idx)].to(scores.logprob.device)
         ce = objectives.choice_cross_entropy(scores.logprob, answers)
-        if objective == "ce":
+        if objective.term is None:
             reg = torch.zeros((), device=ce.device)
-        elif objective == "manifold":
-            assert self.neighbours is not None and scores.routing is not None
-            nb_index = self.neighbours.index[list(idx)]
-            weights = self.neighbours.weight[list(idx)]
-            if self.cfg.neighbour_routing == "live":
-                nb_routing = self.live_routing(nb_index.clamp_min(0))
-            else:
-                nb_routing = self.success_routing[nb_index.clamp_min(0)]
-            reg = objectives.manifold_term(
-                scores.routing.flatten(1),
-                nb_routing.to(ce.device),
-                weights.to(ce.device),
-                detach_neighbours=self.cfg.neighbour_routing == "base",
-            )
-        elif objective == "l1":
-            reg = objectives.l1_term(self.params, self.base_params)
-        elif objective == "l2":
-            reg = objectives.l2_term(self.params, self.base_params)
-        elif objective == "entropy":
-            assert scores.routing is not None
-            reg = objectives.entropy_term(scores.routing)
         else:
-            raise ValueError(f"unknown objective {objective!r}")
+            reg = objective.term(self.terms(idx, scores.routing, ce.device))
         loss = ce + lam * reg
         return loss, {"loss": loss.item(), "ce": ce.item(), "reg": reg.item(), "lam": lam}
+
+    def terms(
+        self, idx: Sequence[int], routing: torch.Tensor | None, device: torch.device
+    ) -> objectives.Terms:
+        """What the objective's term reads for the samples ``idx``: the routers, and the
+        routing and neighbours when it asked for them."""
+        live = self.cfg.neighbour_routing == "live"
+        nb_routing = nb_weights = None
+        if self.objective.neighbours:
+            assert self.neighbours is not None
+            nb_index = self.neighbours.index[list(idx)].clamp_min(0)
+            nb_weights = self.neighbours.weight[list(idx)].to(device)
+            routed = self.live_routing(nb_index) if live else self.success_routing[nb_index]
+            nb_routing = routed.to(device)
+        return objectives.Terms(
+            self.objective.name, self.params, self.base_params, routing, nb_routing, nb_weights,
+            neighbours_live=live,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:

@@ -1,9 +1,10 @@
 """Find, select, freeze and observe the routers of an MoE model.
 
-Every supported family (OLMoE, Qwen3-MoE, DeepSeek-V2/V3 in transformers) keeps the router of
-MoE layer N at ``model.layers.N.mlp.gate``, a module whose ``weight`` is ``[num_experts,
-hidden]``; DeepSeek's first ``first_k_dense_replace`` layers are dense MLPs (``gate_proj``, no
-``gate``), so they have no router. Tensor names therefore match the checkpoint and the patch.
+Where each family keeps its routers is :mod:`roma_patch.families`' business (every family we
+support: ``model.layers.N.mlp.gate``, a module whose ``weight`` is ``[num_experts, hidden]``);
+DeepSeek's first ``first_k_dense_replace`` layers are dense MLPs (``gate_proj``, no ``gate``),
+so they have no router. A router's module path plus ``.weight`` is its checkpoint name, hence
+its patch name.
 
 Routing capture: a forward pre-hook on each tuned gate sees the hidden states the router sees
 (OLMoE and Qwen3 flatten them to ``[batch*seq, H]`` before the gate, DeepSeek passes
@@ -15,7 +16,6 @@ into W from both the model's own use of the router and the regulariser.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,32 +23,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATE_MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate$")
+from roma_patch import detect_family, router_of_hf_module, router_patterns, supported_families
 
 
 class RouterError(ValueError):
     """The model has no routers we recognise, or the layer selection does not fit it."""
 
 
-def find_routers(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> router module, for every MoE layer, in layer order."""
-    routers: dict[int, nn.Module] = {}
-    for name, module in model.named_modules():
-        match = GATE_MODULE_RE.match(name)
+def _named_routers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """Layer index -> (checkpoint name, router module), in layer order. A model of a known
+    family is read with its own naming, any other with every family's."""
+    family = detect_family(getattr(model, "config", None))
+    routers: dict[int, tuple[str, nn.Module]] = {}
+    for path, module in model.named_modules():
+        ref = router_of_hf_module(path, family)
         weight = getattr(module, "weight", None)
-        if match and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            routers[int(match.group(1))] = module
+        if ref and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            routers[ref.layer] = (ref.tensor, module)
     if not routers:
         raise RouterError(
-            f"{type(model).__name__} has no model.layers.N.mlp.gate routers: "
-            "supported families are OLMoE, Qwen3-MoE and DeepSeek-V2/V3"
+            f"{type(model).__name__} has no {router_patterns('module')} routers: "
+            f"supported families are {supported_families()}"
         )
     return dict(sorted(routers.items()))
 
 
-def router_name(layer: int) -> str:
-    """The checkpoint (and patch) name of a layer's router weight."""
-    return f"model.layers.{layer}.mlp.gate.weight"
+def find_routers(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> router module, for every MoE layer, in layer order."""
+    return {layer: module for layer, (_, module) in _named_routers(model).items()}
+
+
+def model_routers(model: nn.Module, layers: Sequence[int] | None = None) -> dict[str, nn.Parameter]:
+    """Checkpoint (and patch) name -> live router weight (not a copy), for ``layers`` (default:
+    every MoE layer), in layer order."""
+    routers = _named_routers(model)
+    chosen = routers.values() if layers is None else [routers[layer] for layer in layers]
+    return {name: module.weight for name, module in chosen}
 
 
 def select_layers(available: Sequence[int], spec: str | Sequence[int]) -> list[int]:
@@ -80,13 +90,6 @@ def freeze_all_but_routers(model: nn.Module, layers: Sequence[int]) -> list[nn.P
         weight.requires_grad_(True)
         params.append(weight)
     return params
-
-
-def router_state(model: nn.Module, layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> router weight (the live tensors, not copies)."""
-    routers = find_routers(model)
-    chosen = routers if layers is None else {layer: routers[layer] for layer in layers}
-    return {router_name(layer): module.weight for layer, module in chosen.items()}
 
 
 @dataclass

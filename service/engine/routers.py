@@ -11,7 +11,6 @@ is put back and the previous version keeps serving.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,22 +19,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from roma_patch import BaseRouters, Patch, PatchError, RawTensor, validate_patch
+from roma_patch import (
+    BaseRouters,
+    Patch,
+    PatchError,
+    RawTensor,
+    detect_family,
+    router_of_vllm_module,
+    router_patterns,
+    validate_patch,
+)
 from roma_service.engine.swap import StagedSwap, commit_all, stage
 
-# vLLM's module path of a router; multimodal wrappers may prefix it (language_model.model...).
-ROUTER_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
 PROBE_TOKENS = 8
 PROBE_SEED = 20260
 
 
 def find_routers(model: nn.Module) -> dict[str, nn.Module]:
-    """Router layers of a vLLM model, keyed by their checkpoint tensor name."""
+    """Router layers of a vLLM model, keyed by their checkpoint tensor name (naming:
+    roma_patch.families; a multimodal wrapper's prefix is allowed)."""
+    family = detect_family(getattr(model, "config", None))
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        match = ROUTER_MODULE_RE.search(path)
-        if match and hasattr(module, "quant_method") and hasattr(module, "weight"):
-            found[f"model.layers.{match.group(1)}.mlp.gate.weight"] = module
+        ref = router_of_vllm_module(path, family)
+        if ref and hasattr(module, "quant_method") and hasattr(module, "weight"):
+            found[ref.tensor] = module
     return found
 
 
@@ -73,7 +81,9 @@ class RouterTable:
         self, model_id: str, routers: Mapping[str, nn.Module], base: Mapping[str, RawTensor]
     ) -> None:
         if not routers:
-            raise PatchError("no_routers", "the served model has no layers.N.mlp.gate routers")
+            raise PatchError(
+                "no_routers", f"the served model has no {router_patterns('module')} routers"
+            )
         missing = sorted(set(routers) - set(base))
         if missing:
             raise PatchError(

@@ -19,20 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 
+from roma_patch import router_of_tensor
 from roma_service.gateway.engines import EngineHandle, EnginePool
 from roma_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
 
 def layer_label(router_name: str) -> str:
-    """``model.layers.12.mlp.gate.weight`` -> ``12`` (the parameter name if it has no index)."""
-    found = _LAYER.search(router_name)
-    return found.group(1) if found else router_name
+    """``model.layers.12.mlp.gate.weight`` -> ``12`` (the name itself if it is no router's)."""
+    ref = router_of_tensor(router_name)
+    return str(ref.layer) if ref else router_name
 
 
 class ExpertLoadExporter:

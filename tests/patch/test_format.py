@@ -23,8 +23,11 @@ from roma_patch import (
     PatchError,
     PatchMeta,
     RawTensor,
+    detect_family,
     read_checkpoint_routers,
     read_patch,
+    router_layer,
+    router_of_tensor,
     validate_patch,
     write_patch,
 )
@@ -36,12 +39,12 @@ def base_of(model_dir: Path) -> tuple[BaseRouters, dict[str, torch.Tensor]]:
 
 
 def last_two(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = sorted(tensors, key=lambda n: int(n.split(".")[2]))[-2:]
+    names = sorted(tensors, key=router_layer)[-2:]
     return {n: tensors[n].clone() for n in names}
 
 
 def layers_of(tensors: dict[str, torch.Tensor]) -> list[int]:
-    return sorted(int(n.split(".")[2]) for n in tensors)
+    return sorted(router_layer(n) for n in tensors)
 
 
 def meta_for(base: BaseRouters, tensors: dict[str, torch.Tensor], **changes) -> PatchMeta:
@@ -99,7 +102,7 @@ def test_fingerprint_is_the_same_from_checkpoint_and_from_torch(tiny_model: Path
 
     base, _ = base_of(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    live = {n: p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    live = {n: p for n, p in model.named_parameters() if router_of_tensor(n)}
     assert BaseRouters.from_torch("x", live).fingerprint() == base.fingerprint()
     names = sorted(live)[-2:]
     assert BaseRouters.from_torch("x", live).fingerprint(names) == base.fingerprint(names)
@@ -264,13 +267,13 @@ def test_not_a_patch_and_format_version(family) -> None:
 # --------------------------------------------------------------------------- validation vs a model
 
 
-def test_router_of_a_layer_the_model_does_not_have(family) -> None:
+def test_router_of_a_layer_the_model_does_not_have(family, tiny_model: Path) -> None:
     base, tensors = family
     patch_tensors = last_two(tensors)
     first = sorted(patch_tensors)[0]
-    moved = {
-        n.replace(n.split(".")[2], "40") if n == first else n: t for n, t in patch_tensors.items()
-    }
+    config = json.loads((tiny_model / "config.json").read_text())
+    layer_40 = detect_family(config).tensor_name(40)
+    moved = {layer_40 if n == first else n: t for n, t in patch_tensors.items()}
     patch = read_patch(write_patch(moved, meta_for(base, patch_tensors, layers=layers_of(moved))))
     err = code_of(validate_patch, patch, base)
     assert (err.code, err.param) == ("unknown_tensor", "model.layers.40.mlp.gate.weight")

@@ -13,11 +13,22 @@ import pytest
 import torch
 from torch import nn
 
-from roma_patch import BaseRouters, PatchError, PatchMeta, raw_from_torch, read_patch, write_patch
+from roma_patch import (
+    FAMILIES,
+    BaseRouters,
+    PatchError,
+    PatchMeta,
+    raw_from_torch,
+    read_patch,
+    router_layer,
+    write_patch,
+)
 from roma_service.engine.routers import RouterTable, find_routers
 from roma_service.engine.swap import commit_all, stage
 
 HIDDEN, EXPERTS, LAYERS = 128, 8, 4
+QWEN2_MOE = FAMILIES["qwen2_moe"]  # routers plus a shared_expert_gate that is no router
+tensor_name = QWEN2_MOE.tensor_name
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,11 @@ def vllm_config() -> Iterator[object]:
 
 
 def make_model(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """``model.layers.N.mlp.gate`` GateLinear layers with random weights, packed for the CPU."""
+    """Qwen2-MoE's MoE blocks as vLLM builds them: ``model.layers.N.mlp.gate`` GateLinear
+    routers with random weights, packed for the CPU, beside a ``shared_expert_gate``
+    ReplicatedLinear ([1, hidden]; it has a ``quant_method`` and a ``weight`` too)."""
     from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    from vllm.model_executor.layers.linear import ReplicatedLinear
 
     gen = torch.Generator().manual_seed(seed)
     root = nn.Module()
@@ -61,12 +75,16 @@ def make_model(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     for i in range(LAYERS):
         layer = nn.Module()
         layer.mlp = nn.Module()
-        layer.mlp.gate = GateLinear(HIDDEN, EXPERTS, prefix=f"model.layers.{i}.mlp.gate")
+        layer.mlp.gate = GateLinear(HIDDEN, EXPERTS, prefix=QWEN2_MOE.module_path(i))
+        prefix = QWEN2_MOE.module_path(i).removesuffix("gate")
+        layer.mlp.shared_expert_gate = ReplicatedLinear(
+            HIDDEN, 1, bias=False, prefix=f"{prefix}shared_expert_gate"
+        )
         weight = torch.randn(EXPERTS, HIDDEN, generator=gen)
         layer.mlp.gate.weight.data.copy_(weight)
         layer.mlp.gate.quant_method.process_weights_after_loading(layer.mlp.gate)
         root.model.layers.append(layer)
-        weights[f"model.layers.{i}.mlp.gate.weight"] = weight
+        weights[tensor_name(i)] = weight
     return root, weights
 
 
@@ -80,13 +98,13 @@ def test_cpu_gate_is_packed_so_copy_does_nothing(vllm_config: object) -> None:
     gate = model.model.layers[0].mlp.gate
     assert gate.weight.numel() == 0  # the trap: the real weight lives in a packed handle
     x = torch.randn(3, HIDDEN)
-    torch.testing.assert_close(gate_out(gate, x), x @ weights["model.layers.0.mlp.gate.weight"].T)
+    torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(0)].T)
 
 
 def test_stage_changes_nothing_until_commit_and_rollback_restores(vllm_config: object) -> None:
     model, weights = make_model()
     gate = model.model.layers[1].mlp.gate
-    old, new = weights["model.layers.1.mlp.gate.weight"], torch.randn(EXPERTS, HIDDEN)
+    old, new = weights[tensor_name(1)], torch.randn(EXPERTS, HIDDEN)
     x = torch.randn(5, HIDDEN)
 
     swap = stage(gate, new)
@@ -116,9 +134,7 @@ def test_commit_all_undoes_every_layer_when_one_commit_fails(vllm_config: object
         commit_all([*swaps[:2], FailingCommit(), *swaps[2:]])
     x = torch.randn(2, HIDDEN)
     for i, gate in enumerate(gates):
-        torch.testing.assert_close(
-            gate_out(gate, x), x @ weights[f"model.layers.{i}.mlp.gate.weight"].T
-        )
+        torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(i)].T)
 
 
 def _table(model: nn.Module, weights: dict[str, torch.Tensor]) -> RouterTable:
@@ -132,32 +148,41 @@ def _patch(weights: dict[str, torch.Tensor], new: dict[str, torch.Tensor], finge
     meta = PatchMeta(
         base_model="tiny",
         base_fingerprint=fingerprint or base.fingerprint(list(new)),
-        layers=sorted(int(n.split(".")[2]) for n in new),
+        layers=sorted(router_layer(n) for n in new),
         objective="test",
     )
     return read_patch(write_patch(new, meta))
+
+
+def test_routers_are_found_by_name_alone(vllm_config: object) -> None:
+    """The shared expert's gate is a linear with a quant_method too: only its name tells it
+    apart. Under a multimodal wrapper (vLLM nests the language model as ``language_model``) the
+    routers keep their checkpoint names."""
+    model, _ = make_model()
+    gates = {tensor_name(i): layer.mlp.gate for i, layer in enumerate(model.model.layers)}
+    assert find_routers(model) == gates
+    wrapper = nn.Module()
+    wrapper.language_model = model
+    assert find_routers(wrapper) == gates
 
 
 def test_router_table_applies_patch_then_base(vllm_config: object) -> None:
     model, weights = make_model()
     table = _table(model, weights)
     assert set(table.routers) == set(weights)
-    new = {"model.layers.2.mlp.gate.weight": torch.randn(EXPERTS, HIDDEN)}
+    new = {tensor_name(2): torch.randn(EXPERTS, HIDDEN)}
     patch = _patch(weights, new)
 
     result = table.switch(table.target_for(patch, "1"))
-    assert result["verified"] and result["changed"] == ["model.layers.2.mlp.gate.weight"]
+    assert result["verified"] and result["changed"] == [tensor_name(2)]
     assert table.held.version == "1"
-    assert (
-        table.held.checksums["model.layers.2.mlp.gate.weight"]
-        == patch.tensors["model.layers.2.mlp.gate.weight"].sha256
-    )
+    assert table.held.checksums[tensor_name(2)] == patch.tensors[tensor_name(2)].sha256
     x = torch.randn(4, HIDDEN)
     gate = model.model.layers[2].mlp.gate
-    torch.testing.assert_close(gate_out(gate, x), x @ new["model.layers.2.mlp.gate.weight"].T)
+    torch.testing.assert_close(gate_out(gate, x), x @ new[tensor_name(2)].T)
 
     table.switch(table.target_for(None, "0"))
-    torch.testing.assert_close(gate_out(gate, x), x @ weights["model.layers.2.mlp.gate.weight"].T)
+    torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(2)].T)
     assert table.held.checksums == {n: raw_from_torch(w).sha256 for n, w in weights.items()}
 
 
@@ -166,7 +191,7 @@ def test_readback_detects_a_gate_that_did_not_take_the_weights(vllm_config: obje
     must say so, not the checksums (which describe what we meant to apply)."""
     model, weights = make_model()
     table = _table(model, weights)
-    name = "model.layers.3.mlp.gate.weight"
+    name = tensor_name(3)
     target = table.target_for(_patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}), "1")
     with torch.no_grad():
         table.routers[name].weight.data.copy_(torch.empty(0))  # the no-op a naive copy_ is
@@ -174,13 +199,13 @@ def test_readback_detects_a_gate_that_did_not_take_the_weights(vllm_config: obje
     readback = table.readback()
     assert not readback["verified"]
     assert not readback["layers"][name]["verified"]
-    assert readback["layers"]["model.layers.0.mlp.gate.weight"]["verified"]
+    assert readback["layers"][tensor_name(0)]["verified"]
 
 
 def test_bad_patch_is_refused_before_any_layer_changes(vllm_config: object) -> None:
     model, weights = make_model()
     table = _table(model, weights)
-    name = "model.layers.1.mlp.gate.weight"
+    name = tensor_name(1)
     bad = _patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}, fingerprint="0" * 64)
     with pytest.raises(PatchError) as err:
         table.target_for(bad, "1")
@@ -193,7 +218,7 @@ def test_bad_patch_is_refused_before_any_layer_changes(vllm_config: object) -> N
 def test_undo_returns_to_the_previous_version(vllm_config: object) -> None:
     model, weights = make_model()
     table = _table(model, weights)
-    name = "model.layers.0.mlp.gate.weight"
+    name = tensor_name(0)
     first, second = torch.randn(EXPERTS, HIDDEN), torch.randn(EXPERTS, HIDDEN)
     table.switch(table.target_for(_patch(weights, {name: first}), "1"))
     table.switch(table.target_for(_patch(weights, {name: second}), "2"))
@@ -211,7 +236,7 @@ def test_gpu_path_writes_into_the_same_storage(vllm_config: object) -> None:
 
     from roma_service.engine.swap import _InPlaceSwap
 
-    gate = GateLinear(HIDDEN, EXPERTS, prefix="model.layers.0.mlp.gate")
+    gate = GateLinear(HIDDEN, EXPERTS, prefix=QWEN2_MOE.module_path(0))
     old = torch.randn(EXPERTS, HIDDEN)
     gate.weight.data.copy_(old)
     address = gate.weight.data_ptr()

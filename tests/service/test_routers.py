@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from roma_patch import PatchMeta
+from roma_patch import FAMILIES, PatchMeta
 from roma_service.registry import LocalRedis
 from tests.fixtures.engine import patch_bytes, perturbed_routers
 from tests.service.gateway_support import (
@@ -25,11 +25,12 @@ from tests.service.gateway_support import (
 
 pytestmark = pytest.mark.slow
 LIMIT = 64 * 1024
+router_name = FAMILIES["olmoe"].tensor_name  # the gateway serves the tiny OLMoE
 
 
 def _pickle(legacy: bool) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"model.layers.0.mlp.gate.weight": torch.zeros(8, 128)}, buffer,
+    torch.save({router_name(0): torch.zeros(8, 128)}, buffer,
                _use_new_zipfile_serialization=not legacy)  # fmt: skip
     return buffer.getvalue()
 
@@ -37,7 +38,7 @@ def _pickle(legacy: bool) -> bytes:
 def _bad_patches(model: Path) -> dict[str, tuple[bytes, int, str]]:
     """name -> (bytes, expected status, expected error code)."""
     good = perturbed_routers(model, ALL_LAYERS, scale=2.0, seed=7)
-    first = "model.layers.0.mlp.gate.weight"
+    first = router_name(0)
     valid = patch_bytes(model, layers=ALL_LAYERS, scale=2.0, seed=7)
     not_router = save(
         {"model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(8, 128)},
@@ -59,7 +60,7 @@ def _bad_patches(model: Path) -> dict[str, tuple[bytes, int, str]]:
         "no metadata": (save({first: good[first]}), 400, "not_a_patch"),
         "not a router tensor": (not_router, 400, "unknown_tensor"),
         "router of a layer the model lacks": (
-            patch_bytes(model, {"model.layers.99.mlp.gate.weight": torch.zeros(8, 128)}),
+            patch_bytes(model, {router_name(99): torch.zeros(8, 128)}),
             400,
             "unknown_tensor",
         ),

@@ -182,6 +182,54 @@ def test_bad_options_exit_2(
     assert words in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--grad-clip", "abc"], "'--grad-clip': 'abc' is not a float (or 'none')"),
+        (["--grad-clip", "0"], "grad_clip: Input should be greater than 0"),
+        (["--device", "nonsense"], "device: Value error, 'nonsense' is not a torch device"),
+        (["--weight-decay", "-1"], "weight_decay: Input should be greater than or equal to 0"),
+        (["--embed-batch-size", "0"], "embed_batch_size: Input should be greater than or equal"),
+        (["--columns.prompt"], "Option '--columns.prompt' requires an argument"),
+    ],
+    ids=["grad-clip-word", "grad-clip-zero", "device", "weight-decay", "embed-batch", "dotted"],
+)
+def test_bad_values_of_the_new_flags_exit_2_with_the_reason(
+    small_data: Path, args: list[str], reason: str
+) -> None:
+    result = invoke("train", "--data", str(small_data), *args)
+    assert result.exit_code == 2, result.output
+    assert reason in result.output
+
+
+@pytest.mark.slow
+def test_overrides_of_every_kind_reach_the_run(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """Keys that had no flag before (--grad-clip, --device, --weight-decay, --embed-batch-size,
+    --hf-split, the columns), 'none' for an optional number, and the old --lambda alias: the
+    patch's hparams are the config the recipe ran with."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("grad_clip: 3.0\nweight_decay: 0.5\ncolumns: {prompt: q, answer: a}\n")
+    out = tmp_path / "p.safetensors"
+    result = invoke(
+        "train", "-c", str(config), "--model", str(tiny_olmoe), "--data", str(small_data),
+        "--out", str(out), "--objective", "l2", "--max-steps", "1", "--grad-clip", "none",
+        "--device", "cpu", "--weight-decay", "0.25", "--lambda", "0.5", "--embed-batch-size", "4",
+        "--hf-split", "validation", "--columns.answer", "label", "--sigma", "0.7",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hparams = read_patch(out).meta.hparams
+    assert hparams["grad_clip"] is None  # 'none' beats the file's 3.0
+    assert hparams["weight_decay"] == 0.25  # the flag beats the file
+    assert hparams["device"] == "cpu"
+    assert (hparams["lam"], hparams["sigma"], hparams["embed_batch_size"]) == (0.5, 0.7, 4)
+    assert hparams["hf_split"] == "validation"
+    assert hparams["columns"]["prompt"] == "q"  # from the file, beside the flag's answer
+    assert hparams["columns"]["answer"] == "label"
+    assert hparams["objective"] == "l2" and hparams["max_steps"] == 1
+
+
 def test_unknown_config_key_exits_2(tiny_olmoe: Path, small_data: Path, tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 0.1\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from roma_trainer import objectives
@@ -64,3 +65,32 @@ def test_entropy_is_mean_over_samples_and_layers() -> None:
     with torch.no_grad():
         h1 = objectives.entropy_term(torch.softmax(logits - 0.5 * logits.grad, -1))
     assert h1 < h0
+
+
+def test_registry_entries_compute_their_formulas_from_terms() -> None:
+    w, base = [torch.tensor([[1.0, -2.0]])], [torch.tensor([[0.0, 0.0]])]
+    routing = torch.softmax(torch.tensor([[[0.3, 0.1, 0.0, -0.2]]]), -1)
+    terms = objectives.Terms("x", w, base, routing, routing.flatten(1)[:, None], torch.ones(1, 1))
+    registry = objectives.REGISTRY
+    assert registry["l1"].term(terms).item() == objectives.l1_term(w, base).item() == 3.0
+    assert registry["l2"].term(terms).item() == objectives.l2_term(w, base).item() == 5.0
+    assert registry["entropy"].term(terms).item() == objectives.entropy_term(routing).item()
+    assert registry["manifold"].term(terms).item() == 0.0  # its only neighbour routes alike
+    assert registry["ce"].term is None
+    assert [n for n, o in registry.items() if o.routing] == ["manifold", "entropy"]
+    assert [n for n, o in registry.items() if o.neighbours] == ["manifold"]
+
+
+def test_a_term_reading_what_its_entry_did_not_ask_for_is_told_so() -> None:
+    terms = objectives.Terms("mine", [], [])
+    with pytest.raises(ValueError, match="objective 'mine' reads routing: register it routing="):
+        _ = terms.routing
+    with pytest.raises(ValueError, match="reads neighbours: register it neighbours=True"):
+        _ = terms.neighbour_routing
+
+
+def test_names_are_unique_and_unknown_names_list_the_choices() -> None:
+    with pytest.raises(ValueError, match="'l1' is already registered"):
+        objectives.register("l1", None, "again")
+    with pytest.raises(ValueError, match="unknown objective 'magic': choose one of manifold"):
+        objectives.get("magic")

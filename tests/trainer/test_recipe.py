@@ -18,16 +18,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from roma_patch import (
     BaseRouters,
     PatchError,
+    detect_family,
     read_checkpoint_routers,
     read_patch,
     validate_patch,
 )
+from roma_trainer import objectives
 from roma_trainer.apply import apply_patch
 from roma_trainer.config import TrainConfig
 from roma_trainer.data import data_fingerprint, load_jsonl
 from roma_trainer.modeling import load_model
 from roma_trainer.recipe import RomaRecipe
-from roma_trainer.routers import router_name
 
 pytestmark = pytest.mark.slow  # every test here trains (seconds each on 2 cores)
 
@@ -92,7 +93,8 @@ def test_training_lowers_the_loss(trained: RomaRecipe) -> None:
 def test_only_tuned_routers_changed(trained: RomaRecipe, tiny_model: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = trained.model.state_dict()
-    tuned = {router_name(layer) for layer in trained.layers}
+    family = detect_family(trained.model.config)
+    tuned = {family.tensor_name(layer) for layer in trained.layers}
     assert set(base) == set(after)
     for name, tensor in base.items():
         if name in tuned:
@@ -120,7 +122,8 @@ def test_patch_holds_only_tuned_routers_and_full_metadata(
     trained: RomaRecipe, tiny_model: Path
 ) -> None:
     patch = read_patch(trained.cfg.out)
-    names = sorted(router_name(layer) for layer in trained.layers)
+    family = detect_family(trained.model.config)
+    names = sorted(family.tensor_name(layer) for layer in trained.layers)
     assert sorted(patch.tensors) == names
     assert all(t.dtype == "F32" for t in patch.tensors.values())
     checkpoint = BaseRouters.from_raw(str(tiny_model), read_checkpoint_routers(tiny_model))
@@ -207,6 +210,43 @@ def test_every_objective_trains_with_a_live_regulariser(
         assert recipe.layers == [0, 1, 2, 3, 4, 5]
 
 
+def test_an_objective_registered_here_trains_through_the_recipe(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One register() line and its function, nothing else: the config accepts the name, the
+    recipe captures routing and finds neighbours because the entry asks for them, and a step
+    trains the routers with the term."""
+    monkeypatch.setattr(objectives, "REGISTRY", dict(objectives.REGISTRY))  # dropped afterwards
+    seen: list[objectives.Terms] = []
+
+    def nearest_neighbour(terms: objectives.Terms) -> torch.Tensor:
+        """||r_i - r_j||^2 to the first neighbour only."""
+        seen.append(terms)
+        return (terms.routing.flatten(1) - terms.neighbour_routing[:, 0]).pow(2).sum(-1).mean()
+
+    objectives.register("nearest", nearest_neighbour, "toy: the first neighbour", neighbours=True)
+    cfg = config(tiny_olmoe, small_data, tmp_path / "nearest.safetensors", objective="nearest",
+                 max_steps=1, lam_warmup_steps=0, layers="last2", k=2)  # fmt: skip
+    recipe = RomaRecipe(cfg)
+    recipe.setup()
+    try:
+        assert recipe.neighbours is not None and recipe.metrics["mean_neighbours"] > 0
+        _, parts = recipe.loss([0, 1, 2, 3], cfg.lam)
+        terms = seen[-1]
+        assert terms.routing.shape == (4, 2, 8) and terms.routing.requires_grad
+        assert terms.neighbour_routing.shape == (4, 2, 16)
+        assert parts["reg"] == pytest.approx(nearest_neighbour(terms).item())
+        assert parts["reg"] > 0
+        before = [p.detach().clone() for p in recipe.params]
+        recipe.train()
+        recipe.save_checkpoint()
+    finally:
+        recipe.cleanup()
+    assert recipe.metrics["steps"] == 1
+    assert all(not torch.equal(b, p) for b, p in zip(before, recipe.params, strict=True))
+    assert read_patch(cfg.out).meta.objective == "nearest"
+
+
 def test_live_neighbour_routing_starts_equal_to_base_and_trains_the_neighbours_too(
     tiny_olmoe: Path, small_data: Path, tmp_path: Path
 ) -> None:
@@ -251,7 +291,7 @@ def test_deepseek_v3_round_trip(
         apply_patch(fresh, recipe.cfg.out, str(path))
         assert torch.equal(fresh(input_ids=PROBE).logits, recipe.model(input_ids=PROBE).logits)
     changed = {n for n, t in recipe.model.state_dict().items() if not torch.equal(t, base_state[n])}
-    assert changed == {router_name(4), router_name(5)}
+    assert changed == {detect_family(fresh.config).tensor_name(layer) for layer in (4, 5)}
 
 
 def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
@@ -273,7 +313,7 @@ def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
     served = load_model(bf16_dir).model  # loaded as stored: bf16
     apply_patch(served, patch)
     for layer, weight in zip(recipe.layers, recipe.params, strict=True):
-        live = dict(served.named_parameters())[router_name(layer)]
+        live = dict(served.named_parameters())[detect_family(served.config).tensor_name(layer)]
         assert live.dtype == torch.bfloat16
         assert torch.equal(live, weight.detach().to(torch.bfloat16))
 

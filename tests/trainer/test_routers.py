@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from roma_patch import FAMILIES, detect_family
 from roma_trainer import objectives
 from roma_trainer.data import Sample
 from roma_trainer.routers import (
@@ -16,7 +17,7 @@ from roma_trainer.routers import (
     RoutingCapture,
     find_routers,
     freeze_all_but_routers,
-    router_name,
+    model_routers,
     select_layers,
 )
 from roma_trainer.scoring import encode_pairs, score_samples, token_position
@@ -44,10 +45,16 @@ def test_find_routers_names_every_moe_layer(tiny_models: dict[str, Path], family
     model, _ = load(tiny_models[family])
     routers = find_routers(model)
     assert list(routers) == MOE_LAYERS[family]
+    naming = detect_family(model.config)
+    assert naming is FAMILIES[family]
     params = dict(model.named_parameters())
     for layer, module in routers.items():
-        assert params[router_name(layer)] is module.weight
+        assert params[naming.tensor_name(layer)] is module.weight
         assert module.weight.shape == (8, 128)
+    weights = model_routers(model)
+    assert list(weights) == [naming.tensor_name(layer) for layer in MOE_LAYERS[family]]
+    assert all(weights[naming.tensor_name(layer)] is m.weight for layer, m in routers.items())
+    assert list(model_routers(model, [5, 3])) == [naming.tensor_name(5), naming.tensor_name(3)]
 
 
 def test_find_routers_refuses_a_dense_model() -> None:
@@ -114,7 +121,7 @@ def test_manifold_term_alone_reaches_every_tuned_router_and_nothing_else(
     # Neighbours: the other samples' routing under the same (base) routers, detached.
     neighbours = routing.detach()[[1, 2, 0]][:, None, :]
     objectives.manifold_term(routing, neighbours, torch.ones(3, 1)).backward()
-    tuned_names = {router_name(layer) for layer in tuned}
+    tuned_names = set(model_routers(model, tuned))
     for name, param in model.named_parameters():
         if name in tuned_names:
             assert param.requires_grad
