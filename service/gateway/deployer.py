@@ -125,6 +125,8 @@ class Deployer:
                 return SwapResult(record, False, False, self._urls(), timings.total())
             data = await self.registry.blob(version)
             patch = read_patch(data, max_bytes=self.settings.max_patch_bytes) if data else None
+            if patch is not None:
+                validate_patch(patch, self._base())  # stored for other base routers: 400
             engines = await self._swap(version, data, patch, timings, "activate")
             record = await self.registry.get(version)
         self.metrics.deploys.labels("activate", "ok").inc()
@@ -192,6 +194,8 @@ class Deployer:
         want = expected_checksums(self._base(), patch)
         targets = [e for e in self.pool.engines if e.healthy]
         if not targets:
+            if version == 0:
+                return await self._activate_base_without_engines(previous, reason)
             raise APIError(503, self.pool.why_not_ready(), "no_engine", "engine")
         drain = self.settings.swap_policy == "drain"
         async with contextlib.AsyncExitStack() as stack:
@@ -252,6 +256,16 @@ class Deployer:
                    "engines": [e.url for e in targets], "timings_ms": timings.total()},
         )  # fmt: skip
         return [e.url for e in targets]
+
+    async def _activate_base_without_engines(self, previous: int, reason: str) -> list[str]:
+        """Version 0 with no engine reachable: the base routers need no verification, and an
+        engine that comes back is given them by the reconciler before it takes traffic."""
+        await self.registry.activate(0, reason, self.settings.gateway_id, [])
+        self.pool.cache_blob(0, None)
+        self.pool.set_active(0)
+        log.info("router version active", extra={
+            "version": 0, "previous": previous, "reason": reason, "engines": []})  # fmt: skip
+        return []
 
     async def _announce(self, version: int, targets: list[EngineHandle]) -> None:
         """Tell other gateways that these engines' routers are about to change, so that their
@@ -355,7 +369,7 @@ class Deployer:
         active = self.pool.active
         assert active is not None
         data = self.pool.cached_blob(active)
-        patch = read_patch(data, max_bytes=self.settings.max_patch_bytes) if data else None
+        patch = self.pool.fit.read(active, data, self._base(), self.settings.max_patch_bytes)
         want = expected_checksums(self._base(), patch)
         for engine in self.pool.engines:
             try:
@@ -370,9 +384,15 @@ class Deployer:
                     continue
                 # Lagging (late start, restart, failed rollback): out of rotation, then repair.
                 self.pool.set_held(engine, held)
+                if self.pool.fit.blocks(active):
+                    continue  # reachable, but no engine can take the active version
                 log.info("restoring active version", extra={"engine": engine.url, "held": held})
                 await self.expert_load.collect([engine])  # booked to what it held until now
-                result = await engine.client.apply(data, active)
+                try:
+                    result = await engine.client.apply(data, active)
+                except EngineRejected as exc:
+                    self.pool.fit.refused(active, f"{engine.url} refused it: {exc.message}")
+                    continue
                 state = await engine.client.state()
                 problem = check_held(
                     engine.url, active, _as_version(state.version), state.checksums, want

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from roma_patch import PatchError
-from roma_service.registry import ActiveVersion, RegistryError, UnknownVersion
+from roma_service.registry import ActiveVersion, RegistryError, RegistryNotReady, UnknownVersion
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ActiveVersion)
     async def _active(_: Request, exc: ActiveVersion) -> JSONResponse:
         return error_response(409, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(RegistryNotReady)
+    async def _not_ready(_: Request, exc: RegistryNotReady) -> JSONResponse:
+        return error_response(503, exc.message, exc.code, exc.param, {"Retry-After": "5"})
 
     @app.exception_handler(RegistryError)
     async def _registry(_: Request, exc: RegistryError) -> JSONResponse:

@@ -16,6 +16,7 @@ from roma_service.registry import (
     BaseMismatch,
     LocalRedis,
     Registry,
+    RegistryNotReady,
     UnknownVersion,
 )
 from tests.service.gateway_support import base_routers, make_patch
@@ -34,11 +35,38 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
     assert zero.base_fingerprint == base.fingerprint()
     assert await registry.active() == 0
     assert await registry.blob(0) is None
-    # The same base again is fine; another model's base is refused.
+    assert registry.keys.prefix == f"{registry.prefix}:{base.fingerprint()[:16]}"
+    # The same base again is fine; a record of other routers in that namespace is refused.
     await registry.record_base(base)
+    forged = record.model_copy(update={"model": "other", "fingerprint": "0" * 64})
+    await registry.redis.hset(registry.keys.base, "record", forged.model_dump_json())
+    with pytest.raises(BaseMismatch, match="'other'.*ROMA_REDIS_PREFIX"):
+        await registry.record_base(base)
+
+
+async def test_each_model_has_its_own_versions_in_one_redis(
+    redis_server: LocalRedis, redis_prefix: str, tiny_olmoe: Path
+) -> None:
+    """Restarting on another model against the same Redis (and prefix) starts that model at
+    version 0; the first model's versions, active pointer and history are still there."""
+    base = base_routers(tiny_olmoe)
     other = BaseRouters(model="other", specs=dict(list(base.specs.items())[:1]))
-    with pytest.raises(BaseMismatch, match="ROMA_REDIS_PREFIX"):
-        await registry.record_base(other)
+    a = Registry.from_url(redis_server.url, redis_prefix)
+    b = Registry.from_url(redis_server.url, redis_prefix)
+    try:
+        with pytest.raises(RegistryNotReady):
+            await a.active()  # nothing is read before the served model is known
+        await a.record_base(base)
+        rec, _ = await _store(a, make_patch(tiny_olmoe))
+        await a.activate(rec.version, "deploy", "gw-a")
+        await b.record_base(other)
+        assert a.keys.prefix != b.keys.prefix
+        assert await b.active() == 0 and [r.version for r in await b.list()] == [0]
+        assert (await b.get(0)).meta["model"] == "other"
+        assert await a.active() == rec.version and len(await a.history()) == 1
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path) -> None:
@@ -123,11 +151,13 @@ async def test_concurrent_stores_get_distinct_increasing_versions(
 
 
 async def test_deploy_lock_excludes_other_gateways(
-    redis_server: LocalRedis, redis_prefix: str
+    redis_server: LocalRedis, redis_prefix: str, tiny_olmoe: Path
 ) -> None:
     a = Registry.from_url(redis_server.url, redis_prefix)
     b = Registry.from_url(redis_server.url, redis_prefix)
     try:
+        await a.record_base(base_routers(tiny_olmoe))
+        await b.record_base(base_routers(tiny_olmoe))
         async with a.deploy_lock(lease_s=10, wait_s=1):
             with pytest.raises(LockError):
                 async with b.deploy_lock(lease_s=10, wait_s=0.3):
@@ -157,7 +187,10 @@ async def test_nothing_lost_when_redis_crashes(own_redis: LocalRedis, tiny_olmoe
         await registry.aclose()
 
 
-async def test_heartbeats_tell_which_other_gateways_are_alive(registry: Registry) -> None:
+async def test_heartbeats_tell_which_other_gateways_are_alive(
+    registry: Registry, tiny_olmoe: Path
+) -> None:
+    await registry.record_base(base_routers(tiny_olmoe))
     await registry.heartbeat("gw-a", valid_s=30)
     await registry.heartbeat("gw-b", valid_s=30)
     await registry.heartbeat("gw-gone", valid_s=-1)  # its validity already ran out
