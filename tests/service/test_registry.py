@@ -40,7 +40,7 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
     await registry.record_base(base)
     forged = record.model_copy(update={"model": "other", "fingerprint": "0" * 64})
     await registry.redis.hset(registry.keys.base, "record", forged.model_dump_json())
-    with pytest.raises(BaseMismatch, match="'other'.*ROMA_REDIS_PREFIX"):
+    with pytest.raises(BaseMismatch, match=r"'other'.*ROMA_REDIS_PREFIX"):
         await registry.record_base(base)
 
 
