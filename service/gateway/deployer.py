@@ -117,6 +117,15 @@ class Deployer:
         self._observe(result.timings)
         return result
 
+    async def stage(self, data: bytes, timings: Timings) -> tuple[VersionRecord, bool]:
+        """Validate and store a patch without touching the engines or the active version (a
+        canary is activated later). Returns (record, created), as the registry's store."""
+        with timings.phase("validate"):
+            patch = read_patch(data, max_bytes=self.settings.max_patch_bytes)
+            validate_patch(patch, self._base())
+        with timings.phase("store"):
+            return await self.registry.store(patch, data)
+
     async def activate(self, version: int, timings: Timings) -> SwapResult:
         """Roll back or forward to a stored version (0 = the base routers)."""
         async with self.exclusive(timings):

@@ -86,6 +86,7 @@ class Registry:
         self.redis = redis
         self.prefix = prefix
         self._keys: Keys | None = None  # the served model's namespace, set by record_base
+        self._fingerprint = ""  # the served model's (all base routers), set by record_base
         self._store = redis.register_script(_STORE)
         self._activate = redis.register_script(_ACTIVATE)
         self._delete = redis.register_script(_DELETE)
@@ -142,7 +143,7 @@ class Registry:
                 f"{base.model!r} (fingerprint {fingerprint[:16]}...). Set ROMA_REDIS_PREFIX to "
                 "another namespace for this model."
             )
-        self._keys = keys
+        self._keys, self._fingerprint = keys, fingerprint
         return existing
 
     async def _read_base(self, keys: Keys) -> BaseRecord | None:
@@ -178,7 +179,7 @@ class Registry:
         raw = await self.redis.hgetall(self.keys.version(version))
         if not raw:
             raise UnknownVersion(f"router version {version} does not exist", "version")
-        return VersionRecord.from_hash(raw)
+        return VersionRecord.from_hash(raw, self._fingerprint)
 
     async def list(self) -> list[VersionRecord]:
         """Version 0 first, then every stored version in increasing order."""
@@ -187,7 +188,8 @@ class Registry:
             for n in numbers:
                 pipe.hgetall(self.keys.version(n))
             rows = await pipe.execute()
-        return [await self._base_version()] + [VersionRecord.from_hash(r) for r in rows if r]
+        base = await self._base_version()
+        return [base] + [VersionRecord.from_hash(r, self._fingerprint) for r in rows if r]
 
     async def blob(self, version: int) -> bytes | None:
         """The patch bytes of ``version``; None for version 0 (the base routers)."""
@@ -301,7 +303,7 @@ class Registry:
             raise UnknownVersion("version 0 is not recorded yet (no engine has started)", "version")
         return VersionRecord(
             version=0,
-            base_fingerprint=base.fingerprint,
+            model_fingerprint=base.fingerprint,
             meta={"model": base.model},
             created_at=base.recorded_at,
             status="base",

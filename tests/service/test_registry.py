@@ -32,7 +32,7 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
     assert record.fingerprint == base.fingerprint()
     zero = await registry.get(0)
     assert zero.version == 0 and zero.status == "base" and zero.id is None
-    assert zero.base_fingerprint == base.fingerprint()
+    assert zero.model_fingerprint == base.fingerprint() and zero.base_fingerprint is None
     assert await registry.active() == 0
     assert await registry.blob(0) is None
     assert registry.keys.prefix == f"{registry.prefix}:{base.fingerprint()[:16]}"
@@ -80,6 +80,9 @@ async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path)
     assert again.version == 1
     assert rec_a.id == read_patch(a).id and rec_a.size == len(a)
     assert rec_a.layers == [4, 5] and rec_a.status == "staged"
+    # base_fingerprint is the patch's (the layers it replaces); model_fingerprint the model's.
+    assert rec_a.base_fingerprint == read_patch(a).meta.base_fingerprint
+    assert rec_a.model_fingerprint == base_routers(tiny_olmoe).fingerprint()
     assert rec_a.meta["objective"] == "test"
     assert await registry.blob(1) == a
     assert [r.version for r in await registry.list()] == [0, 1, 2]
