@@ -14,7 +14,7 @@ from roma_service.gateway.deps import ApiKeyDep, GatewayDep
 from roma_service.gateway.errors import error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
-tokens = APIRouter(tags=["tokenizer"], dependencies=[ApiKeyDep])
+tokens = APIRouter(tags=["vllm"], dependencies=[ApiKeyDep])
 
 _JSON_ANSWER = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
@@ -41,39 +41,45 @@ _POSTED = {
     200: {"description": 'the engine\'s answer (an SSE stream when "stream": true)'} | _JSON_ANSWER,
     **error_responses(400, 401, 404, 413, 415, 502, 503),
 }
-_COMPLETION = {"model": "<id from /v1/models>", "prompt": "Hello", "max_tokens": 8}
 
 
-@router.post(
-    "/completions",
-    summary="OpenAI completions",
-    openapi_extra=_post(_COMPLETION),
-    responses=_POSTED,
-)
-async def completions(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(request, "/v1/completions", "completions")
+def _pass_through(
+    on: APIRouter,
+    path: str,
+    route: str,
+    summary: str,
+    example: dict[str, object] | None = None,
+    upstream: str | None = None,
+) -> None:
+    """A route that hands the request to the proxy as it is: a POST with a JSON body when an
+    ``example`` body is given, a GET otherwise. ``route`` labels the metrics."""
+
+    async def endpoint(request: Request, gateway: GatewayDep) -> Response:
+        return await CompletionsProxy(gateway).forward(request, upstream or path, route)
+
+    endpoint.__name__ = route
+    if example is None:
+        answers = {200: {"description": "the engine's answer"} | _JSON_ANSWER}
+        on.add_api_route(path, endpoint, methods=["GET"], summary=summary,
+                         responses=answers | error_responses(401, 502, 503))  # fmt: skip
+    else:
+        on.add_api_route(path, endpoint, methods=["POST"], summary=summary,
+                         openapi_extra=_post(example), responses=_POSTED)  # fmt: skip
 
 
-@router.post(
-    "/chat/completions",
-    summary="OpenAI chat completions",
-    openapi_extra=_post({"model": "<id>", "messages": [{"role": "user", "content": "Hi"}]}),
-    responses=_POSTED,
-)
-async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(
-        request, "/v1/chat/completions", "chat_completions"
-    )
-
-
-@router.get(
-    "/models",
-    summary="The served model",
-    responses={200: {"description": "OpenAI's model list"} | _JSON_ANSWER}
-    | error_responses(401, 502, 503),
-)
-async def models(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(request, "/v1/models", "models")
+_pass_through(router, "/completions", "completions", "OpenAI completions",
+              {"model": "<id from /v1/models>", "prompt": "Hello", "max_tokens": 8},
+              upstream="/v1/completions")  # fmt: skip
+_pass_through(router, "/chat/completions", "chat_completions", "OpenAI chat completions",
+              {"model": "<id>", "messages": [{"role": "user", "content": "Hi"}]},
+              upstream="/v1/chat/completions")  # fmt: skip
+_pass_through(router, "/models", "models", "The served model", upstream="/v1/models")
+_pass_through(tokens, "/tokenize", "tokenize",
+              "Text or chat messages to token ids, with the served model's tokenizer (vLLM)",
+              {"model": "<id>", "prompt": "Hello"})  # fmt: skip
+_pass_through(tokens, "/detokenize", "detokenize", "Token ids to text (vLLM)",
+              {"model": "<id>", "tokens": [1, 2, 3]})  # fmt: skip
+_pass_through(tokens, "/version", "version", "The engine's vLLM version")
 
 
 @router.get(
@@ -88,36 +94,6 @@ async def model(
     gateway: GatewayDep,
 ) -> Response:
     return await CompletionsProxy(gateway).model(request, model_id)
-
-
-@tokens.post(
-    "/tokenize",
-    summary="Text or chat messages to token ids, with the served model's tokenizer (vLLM)",
-    openapi_extra=_post({"model": "<id>", "prompt": "Hello"}),
-    responses=_POSTED,
-)
-async def tokenize(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(request, "/tokenize", "tokenize")
-
-
-@tokens.post(
-    "/detokenize",
-    summary="Token ids to text (vLLM)",
-    openapi_extra=_post({"model": "<id>", "tokens": [1, 2, 3]}),
-    responses=_POSTED,
-)
-async def detokenize(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(request, "/detokenize", "detokenize")
-
-
-@tokens.get(
-    "/version",
-    summary="The engine's vLLM version",
-    responses={200: {"description": '{"version": "..."}'} | _JSON_ANSWER}
-    | error_responses(401, 502, 503),
-)
-async def version(request: Request, gateway: GatewayDep) -> Response:
-    return await CompletionsProxy(gateway).forward(request, "/version", "version")
 
 
 def attach_router(app: FastAPI) -> None:
