@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from roma_service.cli import served_model_name
-from roma_service.registry.local import FolderInUse, LocalRedis
+from roma_service.registry.local import FolderInUse, LocalRedis, free_port
 
 
 def _serve(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -122,3 +123,46 @@ def test_roma_serve_refuses_options_that_cannot_work(
 def test_the_served_name_is_never_an_absolute_path(tmp_path: Path) -> None:
     assert served_model_name(str(tmp_path)) == tmp_path.name
     assert served_model_name("allenai/OLMoE-1B-7B-0924") == "allenai/OLMoE-1B-7B-0924"
+
+
+def test_open_openai_routes_beyond_loopback_are_warned_about(tmp_path: Path) -> None:
+    """Listening on every interface without ROMA_API_KEYS: a warning naming the setting, before
+    the gateway serves anything."""
+    port = free_port()
+    with LocalRedis(tmp_path / "redis") as redis:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROMA_")}
+        env.update(ROMA_CACHE_DIR=str(tmp_path), ROMA_REDIS_URL=redis.url)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "roma_service.cli",
+                "--engine-url",
+                "http://127.0.0.1:9",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _answers(f"http://127.0.0.1:{port}/health"):
+                assert proc.poll() is None and time.monotonic() < deadline, "never served"
+                time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=60)
+    warnings = [line for line in output.splitlines() if '"warning"' in line]
+    assert any("set ROMA_API_KEYS" in line for line in warnings), output
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
