@@ -44,13 +44,13 @@ def main(
             response = client.post("/routers", headers=AUTH, content=blob)
             wall = (time.perf_counter() - start) * 1e3
             assert response.status_code == 201, response.text
-            rows.append({**response.json()["timings"], "client": wall})
+            rows.append({**response.json()["timings_ms"], "client": wall})
         for i in range(rollbacks):
             start = time.perf_counter()
             response = client.post(f"/routers/{1 + i % deploys}/activate", headers=AUTH)
             wall = (time.perf_counter() - start) * 1e3
             assert response.status_code == 200 and response.json()["changed"], response.text
-            activations.append({**response.json()["timings"], "client": wall})
+            activations.append({**response.json()["timings_ms"], "client": wall})
         size_kib = len(blobs[0]) / 1024
 
     table = Table(

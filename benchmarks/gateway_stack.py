@@ -69,6 +69,7 @@ def stack(
             ROMA_ENGINE_URLS=",".join(p.url for p in processes),
             ROMA_REDIS_URL=redis.url,
             ROMA_PORT=str(port),
+            ROMA_CACHE_DIR=str(root / "cache"),
         )
         log = root / "gateway.log"
         gateway = subprocess.Popen(

@@ -1,16 +1,21 @@
 """``roma-serve``: the gateway, plus (when not given URLs) a vLLM engine and a Redis of its own.
 
 With nothing set it serves the embedded tiny OLMoE on the CPU: an engine child process on
-loopback, a local Redis with append-only persistence under ~/.cache/roma/redis, and the gateway
-on http://127.0.0.1:8000. SIGTERM or Ctrl-C stops the gateway, then the engine, then Redis.
+loopback, a local Redis with append-only persistence, and the gateway on http://127.0.0.1:8000.
+Its state lives in ROMA_CACHE_DIR (default ~/.cache/roma): redis/ (every router version; locked,
+one instance per folder) and logs/engine-<port>.log. Options roma-serve does not know are
+passed to the vLLM engine (--max-model-len, --chat-template, --dtype...). SIGTERM or Ctrl-C
+stops the gateway, then the engine, then Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
+import shlex
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,13 +36,21 @@ app = typer.Typer(
 )
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Option(
             help="Hugging Face model id or local checkpoint dir for the engine it starts "
             "(default: the embedded tiny OLMoE). Env: ROMA_MODEL."
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            help='Name clients put in "model" (default: the hub id, or the local folder\'s '
+            "name). Env: ROMA_SERVED_MODEL_NAME."
         ),
     ] = None,
     engine_url: Annotated[
@@ -58,15 +71,25 @@ def serve(
         typer.Option(help="drain (default): no request sees two router versions; immediate."),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+    reset_state: Annotated[
+        bool,
+        typer.Option(
+            "--reset-state",
+            help="Delete the local Redis data first (every router version and its history, in "
+            "ROMA_CACHE_DIR/redis); refused while another instance uses that folder.",
+        ),
+    ] = False,
 ) -> None:
     """Serve OpenAI completions and hot-swap router patches (POST /routers).
 
     Every option also reads from a ROMA_* environment variable; the admin token only from
-    ROMA_ADMIN_TOKEN (never on the command line, where ps shows it). Unset, one is generated
-    and printed.
+    ROMA_ADMIN_TOKEN and client keys only from ROMA_API_KEYS (never on the command line, where
+    ps shows them). Unset, an admin token is generated and printed. Any other option is passed
+    to the vLLM engine roma-serve starts (e.g. --max-model-len 4096).
     """
     overrides: dict[str, Any] = {
         "model": model,
+        "served_model_name": served_model_name,
         "engine_urls": engine_url,
         "redis_url": redis_url,
         "host": host,
@@ -75,9 +98,25 @@ def serve(
         "log_level": log_level,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if ctx.args:
+        extra = f"{settings.engine_extra_args} {shlex.join(ctx.args)}".strip()
+        settings = settings.model_copy(update={"engine_extra_args": extra})
     from roma_service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    if problem := _refusal(settings, ctx.args, reset_state):
+        typer.secho(f"roma-serve: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if reset_state:
+        from roma_service.registry.local import FolderInUse, LocalRedis
+
+        try:
+            removed = LocalRedis.reset(settings.local_redis_dir())
+        except FolderInUse as exc:
+            typer.secho(f"roma-serve: --reset-state: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        names = ", ".join(p.name for p in removed) or "nothing there"
+        typer.echo(f"reset: removed {names} from {settings.local_redis_dir()}", err=True)
     if not settings.admin_token_value():
         token = secrets.token_urlsafe(24)
         settings = settings.model_copy(update={"admin_token": SecretStr(token)})
@@ -88,7 +127,49 @@ def serve(
             fg=typer.colors.YELLOW,
             err=True,
         )
+    typer.echo(_where_state_lives(settings), err=True)
+    if not settings.api_keys and not _loopback(settings.host):
+        log.warning(
+            "the OpenAI routes are open to anyone who reaches this address; set ROMA_API_KEYS",
+            extra={"host": settings.host},
+        )
     raise typer.Exit(run(settings))
+
+
+def _refusal(settings: Settings, engine_args: list[str], reset_state: bool) -> str | None:
+    """Settings that cannot work together, said before anything starts. ``engine_args`` are
+    the command line's options for the engine (ROMA_ENGINE_EXTRA_ARGS, like ROMA_MODEL, is
+    simply unused in front of running engines: compose gives it to every container)."""
+    if any(arg.split("=")[0] == "--api-key" for arg in shlex.split(settings.engine_extra_args)):
+        return (
+            "--api-key would lock the gateway out of its own engine; put client keys in "
+            "ROMA_API_KEYS (checked by the gateway)"
+        )
+    if engine_args and settings.engine_urls:
+        return f"engine options {engine_args} need the engine roma-serve starts, not --engine-url"
+    if reset_state and settings.redis_url:
+        return (
+            f"--reset-state clears the local Redis folder, but this instance uses "
+            f"{settings.redis_url}: activate version 0 there (POST /routers/0/activate) or "
+            "choose another ROMA_REDIS_PREFIX"
+        )
+    return None
+
+
+def _where_state_lives(settings: Settings) -> str:
+    if settings.redis_url:
+        registry = f"router versions in {settings.redis_url} (prefix {settings.redis_prefix!r})"
+    else:
+        registry = f"router versions in {settings.local_redis_dir()} (local Redis)"
+    engine = "" if settings.engine_urls else f"; engine log {settings.engine_log_path()}"
+    return f"state: {registry}{engine}"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run(settings: Settings) -> int:
@@ -96,17 +177,31 @@ def run(settings: Settings) -> int:
     from roma_service.engine.process import EngineOptions, EngineProcess
     from roma_service.gateway import create_app
     from roma_service.registry import LocalRedis
+    from roma_service.registry.local import FolderInUse
 
     redis: LocalRedis | None = None
     engine: EngineProcess | None = None
     try:
         redis_url = settings.redis_url
         if not redis_url:
-            redis = LocalRedis(settings.redis_dir).start()
+            redis = LocalRedis(settings.local_redis_dir())
+            try:
+                redis.start()
+            except FolderInUse as exc:
+                typer.secho(f"roma-serve: {exc}", fg=typer.colors.RED, err=True)
+                return 2
             redis_url = redis.url
         engine_urls = list(settings.engine_urls)
         if not engine_urls:
-            engine = EngineProcess(EngineOptions(model=_model(settings), port=settings.engine_port))
+            model = _model(settings)
+            options = EngineOptions(
+                model=model,
+                port=settings.engine_port,
+                served_model_name=settings.served_model_name or served_model_name(model),
+                extra_args=shlex.split(settings.engine_extra_args),
+                log_path=settings.engine_log_path(),
+            )
+            engine = EngineProcess(options)
             engine.start()
             engine_urls = [engine.url]
             log.info("engine starting", extra={"url": engine.url, "log": str(engine.log_path)})
@@ -171,6 +266,13 @@ async def _watch(server: uvicorn.Server, engine: Any, startup_timeout_s: float) 
         await asyncio.sleep(1.0)
     log.error("engine exited", extra={"log": str(engine.log_path), "tail": engine.log_tail(20)})
     server.should_exit = True
+
+
+def served_model_name(model: str) -> str:
+    """The name clients use when none is set: a hub id as it is, a local folder by its name
+    (an absolute path would leak the host's layout into every client's config)."""
+    path = Path(model).expanduser()
+    return path.name if path.is_dir() else model
 
 
 def _model(settings: Settings) -> str:

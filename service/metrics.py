@@ -67,6 +67,12 @@ class Metrics:
         self.active_version = Gauge(
             "roma_active_router_version", "The active router version (Redis).", registry=r
         )
+        self.active_version_unfit = Gauge(
+            "roma_active_version_unfit",
+            "1 while the active router version cannot be applied to the served model (another "
+            "model's patch, or refused by the engines); /ready says why.",
+            registry=r,
+        )
         self.engine_version = Gauge(
             "roma_engine_router_version",
             "The router version each engine holds (-1: unknown or unreachable).",

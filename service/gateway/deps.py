@@ -11,7 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from roma_service.gateway.errors import APIError
 from roma_service.gateway.state import Gateway
 
-_bearer = HTTPBearer(auto_error=False, description="ROMA_ADMIN_TOKEN")
+_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="ROMA_ADMIN_TOKEN")
+_api_key = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="one of ROMA_API_KEYS")
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -23,18 +25,39 @@ def require_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Bearer ``ROMA_ADMIN_TOKEN``, compared in constant time (no timing oracle on the token)."""
-    challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise APIError(
             401,
             "control routes need 'Authorization: Bearer <ROMA_ADMIN_TOKEN>'",
             "missing_token",
-            headers=challenge,
+            headers=_CHALLENGE,
         )
     expected = get_gateway(request).settings.admin_token_value() or ""
     if not expected or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise APIError(401, "the admin token is not valid", "invalid_token", headers=challenge)
+        raise APIError(401, "the admin token is not valid", "invalid_token", headers=_CHALLENGE)
+
+
+def require_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)],
+) -> None:
+    """One of ``ROMA_API_KEYS`` as a bearer token (vLLM's ``--api-key`` convention); nothing
+    when no key is set. Every key is compared, in constant time."""
+    keys = get_gateway(request).settings.api_key_values()
+    if not keys:
+        return
+    if credentials is None:
+        raise APIError(
+            401,
+            "this gateway needs an API key: 'Authorization: Bearer <key>'",
+            "missing_api_key",
+            headers=_CHALLENGE,
+        )
+    given = credentials.credentials.encode()
+    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
+        raise APIError(401, "the API key is not valid", "invalid_api_key", headers=_CHALLENGE)
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 AdminDep = Annotated[None, Depends(require_admin)]
+ApiKeyDep = Depends(require_api_key)

@@ -15,6 +15,7 @@ import httpx
 
 from roma_patch import BaseRouters
 from roma_service.engine.client import EngineClient
+from roma_service.gateway.fit import ActiveFit
 from roma_service.logging import set_active_version
 from roma_service.metrics import Metrics
 
@@ -72,6 +73,7 @@ class EnginePool:
         )
         self.base: BaseRouters | None = None
         self.active: int | None = None  # the active version, as last read from Redis
+        self.fit = ActiveFit(metrics)  # whether the engines can take the active version
         # (version, patch bytes) of the active version, to restore engines while Redis is away.
         self._blob: tuple[int, bytes | None] | None = None
         self._rr = itertools.count()
@@ -91,6 +93,7 @@ class EnginePool:
 
     def set_active(self, version: int) -> None:
         self.active = version
+        self.fit.active_is(version)
         self.metrics.active_version.set(version)
         set_active_version(version)
         self._publish_metrics()
@@ -140,6 +143,8 @@ class EnginePool:
     def why_not_ready(self) -> str:
         if self.active is None:
             return "the gateway is starting: the active router version is not known yet"
+        if unfit := self.fit.reason():
+            return unfit
         states = "; ".join(
             f"{e.url}: " + (e.error or f"holds version {e.version}, active is {self.active}")
             for e in self.engines

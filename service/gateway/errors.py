@@ -4,13 +4,16 @@ way as a bad completion request."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
@@ -23,7 +26,7 @@ from roma_service.gateway.swaps.errors import (
     PatchRejected,
     SwapError,
 )
-from roma_service.registry import ActiveVersion, RegistryError, UnknownVersion
+from roma_service.registry import ActiveVersion, RegistryError, RegistryNotReady, UnknownVersion
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,28 @@ class APIError(Exception):
         self.headers = headers
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what went wrong, for people")
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
+                      "service_unavailable_error, ... (from the HTTP status)")  # fmt: skip
+    param: str | None = Field(None, description="the parameter at fault, if one is")
+    code: str | None = Field(None, description="machine-readable reason, e.g. shape_mismatch")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the gateway answers, its own or an engine's, has this shape (OpenAI's)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the error statuses a route really answers."""
+    return {
+        status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
+        for status in statuses
+    }
+
+
 def error_type(status: int) -> str:
     """OpenAI's ``type`` field: invalid_request_error for 4xx, the status phrase otherwise."""
     if status == 401:
@@ -85,12 +110,60 @@ def error_response(
     return JSONResponse(error_body(status, message, code, param), status, headers=headers)
 
 
+def from_engine(status: int, content: bytes) -> dict[str, Any]:
+    """An engine's error answer in the gateway's shape. vLLM's own errors carry an integer
+    ``code`` and a class name as ``type`` (``{"type": "BadRequestError", "code": 400}``); others
+    are FastAPI's ``{"detail": ...}`` or plain text. The message and param are kept; type and
+    code follow the gateway's scheme (``not_found_error`` / ``not_found``)."""
+    message, param, kind = content.decode(errors="replace").strip(), None, None
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            kind = error.get("type") if isinstance(error.get("type"), str) else None
+        elif "detail" in payload:
+            message = str(payload["detail"])
+    if kind and kind.endswith("Error"):  # BadRequestError -> bad_request
+        code = re.sub(r"(?<!^)(?=[A-Z])", "_", kind.removesuffix("Error")).lower()
+    else:
+        code = _phrase(status)
+    return error_body(status, message or HTTPStatus(status).phrase, code, param)
+
+
+def _phrase(status: int) -> str:
+    return HTTPStatus(status).phrase.lower().replace(" ", "_")
+
+
 def from_patch_error(exc: PatchError) -> APIError:
     status = 413 if exc.code in _TOO_LARGE else 400
     return APIError(status, exc.message, exc.code, exc.param)
 
 
+def _declare_no_422(app: FastAPI) -> None:
+    """Validation errors are answered 400 (below), so the schema must not promise FastAPI's
+    default 422 and its body."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _declare_no_422(app)
+
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
@@ -102,7 +175,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        code = _phrase(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code, None, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -119,6 +192,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ActiveVersion)
     async def _active(_: Request, exc: ActiveVersion) -> JSONResponse:
         return error_response(409, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(RegistryNotReady)
+    async def _not_ready(_: Request, exc: RegistryNotReady) -> JSONResponse:
+        return error_response(503, exc.message, exc.code, exc.param, {"Retry-After": "5"})
 
     @app.exception_handler(RegistryError)
     async def _registry(_: Request, exc: RegistryError) -> JSONResponse:

@@ -90,8 +90,8 @@ class Synchroniser:
         delay = 0.5
         while not self._stopping:
             try:
+                await self._learn_base()  # opens the served model's namespace in Redis
                 await self._heartbeat()
-                await self._learn_base()
                 if await self.reconciler.reconcile(wait_s=self.settings.deploy_lock_timeout_s):
                     # Count expert load from the first request on (when it is exported).
                     healthy = [e for e in self.pool.engines if e.healthy]

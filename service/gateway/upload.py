@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from roma_service.gateway.errors import APIError
+
+log = logging.getLogger(__name__)
 
 # Room for multipart boundaries and part headers around the patch itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -26,10 +29,18 @@ async def read_body(request: Request, limit: int, what: str = "the request body"
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit, what)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit, what)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit, what)
+    except ClientDisconnect:
+        # A client that gave up (a closed socket, an evaluation harness's timeout) is no
+        # server fault: one info line, and an answer nobody will read.
+        log.info("client disconnected while sending its request", extra={
+            "path": request.url.path, "received_bytes": len(body)})  # fmt: skip
+        raise APIError(400, "the client disconnected before sending its whole request",
+                       "client_disconnected") from None  # fmt: skip
     return bytes(body)
 
 

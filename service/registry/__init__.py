@@ -1,6 +1,12 @@
 """The registry: router versions in Redis (see :mod:`.keys` for the layout)."""
 
-from roma_service.registry.errors import ActiveVersion, BaseMismatch, RegistryError, UnknownVersion
+from roma_service.registry.errors import (
+    ActiveVersion,
+    BaseMismatch,
+    RegistryError,
+    RegistryNotReady,
+    UnknownVersion,
+)
 from roma_service.registry.local import LocalRedis
 from roma_service.registry.records import BaseRecord, HistoryEntry, VersionRecord
 from roma_service.registry.store import Registry
@@ -13,6 +19,7 @@ __all__ = [
     "LocalRedis",
     "Registry",
     "RegistryError",
+    "RegistryNotReady",
     "UnknownVersion",
     "VersionRecord",
 ]

@@ -23,3 +23,9 @@ class BaseMismatch(RegistryError):
     """Redis already holds versions trained for other base routers: refuse to mix them."""
 
     code = "base_mismatch"
+
+
+class RegistryNotReady(RegistryError):
+    """The served model's namespace is not open yet (no engine has reported its base routers)."""
+
+    code = "not_ready"

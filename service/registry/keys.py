@@ -1,4 +1,8 @@
-"""The Redis key layout of the registry (one namespace per ``ROMA_REDIS_PREFIX``, default roma).
+"""The Redis key layout of the registry: one namespace per served model.
+
+``{p}`` is ``ROMA_REDIS_PREFIX`` (default roma), a colon, and the first 16 hex digits of the
+served model's base-router fingerprint (``roma:3f2a9c0e5b7d1e48``), so one Redis holds several
+models' versions side by side and a patch is never applied to another model's weights.
 
 =======================  =======  ==============================================================
 key                      type     holds

@@ -17,7 +17,15 @@ class VersionRecord(BaseModel):
     id: str | None = Field(None, description="sha256 of the patch file; None for version 0")
     size: int = 0
     layers: list[int] = Field(default_factory=list)
-    base_fingerprint: str
+    model_fingerprint: str = Field(
+        description="fingerprint of all of the served model's base routers (the registry's "
+        "namespace): the same for every version"
+    )
+    base_fingerprint: str | None = Field(
+        None,
+        description="the patch's base_fingerprint, as in its metadata: fingerprint of the base "
+        "routers of the layers it replaces; None for version 0 (no patch)",
+    )
     objective: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict, description="the patch's metadata")
     created_at: str
@@ -28,13 +36,14 @@ class VersionRecord(BaseModel):
     )
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> VersionRecord:
+    def from_hash(cls, raw: dict[bytes, bytes], model_fingerprint: str) -> VersionRecord:
         data = {k.decode(): v.decode() for k, v in raw.items()}
         return cls(
             version=int(data["version"]),
             id=data["id"],
             size=int(data["size"]),
             layers=json.loads(data["layers"]),
+            model_fingerprint=model_fingerprint,
             base_fingerprint=data["base_fingerprint"],
             objective=data.get("objective") or None,
             meta=json.loads(data.get("meta") or "{}"),
@@ -48,7 +57,7 @@ class BaseRecord(BaseModel):
     """Version 0: what the served model's base routers are, recorded at the first start-up."""
 
     model: str
-    fingerprint: str
+    fingerprint: str = Field(description="of all the base routers: the namespace's name")
     specs: dict[str, Any]
     recorded_at: str
 

@@ -18,7 +18,12 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 
 from roma_patch import BaseRouters, Patch
-from roma_service.registry.errors import ActiveVersion, BaseMismatch, UnknownVersion
+from roma_service.registry.errors import (
+    ActiveVersion,
+    BaseMismatch,
+    RegistryNotReady,
+    UnknownVersion,
+)
 from roma_service.registry.keys import Keys
 from roma_service.registry.records import BaseRecord, HistoryEntry, VersionRecord
 
@@ -79,7 +84,9 @@ class Registry:
 
     def __init__(self, redis: Redis, prefix: str = "roma") -> None:
         self.redis = redis
-        self.keys = Keys(prefix)
+        self.prefix = prefix
+        self._keys: Keys | None = None  # the served model's namespace, set by record_base
+        self._fingerprint = ""  # the served model's (all base routers), set by record_base
         self._store = redis.register_script(_STORE)
         self._activate = redis.register_script(_ACTIVATE)
         self._delete = redis.register_script(_DELETE)
@@ -102,35 +109,49 @@ class Registry:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    @property
+    def keys(self) -> Keys:
+        if self._keys is None:
+            raise RegistryNotReady(
+                "the router registry is not open yet: no engine has reported the served "
+                "model's base routers"
+            )
+        return self._keys
+
     # --- version 0 -----------------------------------------------------------------------------
     async def record_base(self, base: BaseRouters) -> BaseRecord:
-        """Record the served model's base routers as version 0, or check they match the record.
+        """Open the served model's namespace (``{prefix}:{fingerprint[:16]}``) and record its
+        base routers there as version 0, or check they match the record.
 
-        Versions in one namespace are only valid for one set of base routers; serving another
-        model against them would apply patches to the wrong weights, so that is refused."""
+        Versions are only valid for the base routers they were made for, so each model keeps
+        its own versions, active pointer and history: gateways serving different models can
+        share one Redis (and one prefix) without ever applying a patch to the wrong weights."""
+        fingerprint = base.fingerprint()
+        keys = Keys(f"{self.prefix}:{fingerprint[:16]}")
         record = BaseRecord(
             model=base.model,
-            fingerprint=base.fingerprint(),
+            fingerprint=fingerprint,
             specs=base.to_json()["specs"],
             recorded_at=_now(),
         )
-        created = await self.redis.hsetnx(self.keys.base, "record", record.model_dump_json())
-        if created:
-            return record
-        existing = await self.base()
-        assert existing is not None
-        if existing.fingerprint != record.fingerprint:
+        created = await self.redis.hsetnx(keys.base, "record", record.model_dump_json())
+        existing = record if created else await self._read_base(keys)
+        if existing is None or existing.fingerprint != fingerprint:
+            found = "nothing readable" if existing is None else repr(existing.model)
             raise BaseMismatch(
-                f"Redis namespace {self.keys.prefix!r} holds router versions for base model "
-                f"{existing.model!r} (fingerprint {existing.fingerprint[:12]}...), but the engine "
-                f"serves {base.model!r} (fingerprint {record.fingerprint[:12]}...). Set "
-                "ROMA_REDIS_PREFIX to another namespace for this model."
+                f"Redis namespace {keys.prefix!r} holds router versions for {found}, not for "
+                f"{base.model!r} (fingerprint {fingerprint[:16]}...). Set ROMA_REDIS_PREFIX to "
+                "another namespace for this model."
             )
+        self._keys, self._fingerprint = keys, fingerprint
         return existing
 
-    async def base(self) -> BaseRecord | None:
-        raw = await self.redis.hget(self.keys.base, "record")
+    async def _read_base(self, keys: Keys) -> BaseRecord | None:
+        raw = await self.redis.hget(keys.base, "record")
         return BaseRecord.model_validate_json(raw) if raw else None
+
+    async def base(self) -> BaseRecord | None:
+        return await self._read_base(self.keys)
 
     # --- versions ------------------------------------------------------------------------------
     async def store(self, patch: Patch, data: bytes) -> tuple[VersionRecord, bool]:
@@ -158,7 +179,7 @@ class Registry:
         raw = await self.redis.hgetall(self.keys.version(version))
         if not raw:
             raise UnknownVersion(f"router version {version} does not exist", "version")
-        return VersionRecord.from_hash(raw)
+        return VersionRecord.from_hash(raw, self._fingerprint)
 
     async def list(self) -> list[VersionRecord]:
         """Version 0 first, then every stored version in increasing order."""
@@ -167,7 +188,8 @@ class Registry:
             for n in numbers:
                 pipe.hgetall(self.keys.version(n))
             rows = await pipe.execute()
-        return [await self._base_version()] + [VersionRecord.from_hash(r) for r in rows if r]
+        base = await self._base_version()
+        return [base] + [VersionRecord.from_hash(r, self._fingerprint) for r in rows if r]
 
     async def blob(self, version: int) -> bytes | None:
         """The patch bytes of ``version``; None for version 0 (the base routers)."""
@@ -281,7 +303,7 @@ class Registry:
             raise UnknownVersion("version 0 is not recorded yet (no engine has started)", "version")
         return VersionRecord(
             version=0,
-            base_fingerprint=base.fingerprint,
+            model_fingerprint=base.fingerprint,
             meta={"model": base.model},
             created_at=base.recorded_at,
             status="base",

@@ -18,6 +18,12 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.core.failures import FailureGroup
 
 from benchmarks.bad_inputs import CASES, PATCH_LIMIT, REQUEST_LIMIT, Case, Target, deploy_one_patch
 from benchmarks.bad_inputs import probe as probe_served
@@ -28,6 +34,8 @@ from tests.fixtures.engine import RunningEngine
 pytestmark = pytest.mark.slow
 
 TOKEN = "bad-inputs-token"
+# The answer is one the schema declares: its status, its content type, its body.
+SCHEMA_CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES_PER_OPERATION = 12
 
 
@@ -109,13 +117,15 @@ def test_bad_inputs_changed_nothing(gateway: Target, served_before: tuple[int, s
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_schemathesis_finds_no_server_error(gateway: Target, mode: GenerationMode) -> None:
     """Inputs generated from the gateway's own OpenAPI schema, valid (positive) and invalid
-    (negative), each sent with and without the admin token: no answer is a 5xx. Bounded to
-    a few examples per operation (schemathesis' pytest loader does not run under pytest 9, so
-    each operation's strategy is driven by hypothesis directly)."""
+    (negative), each sent with and without the admin token: no answer is a 5xx, and every
+    answer is one the schema declares (status, content type, body: the error model for
+    errors). Bounded to a few examples per operation (schemathesis' pytest loader does not run
+    under pytest 9, so each operation's strategy is driven by hypothesis directly)."""
     schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10, [op.label for op in operations]
     server_errors: list[str] = []
+    undeclared: list[str] = []
     exercised: list[str] = []
     for operation in operations:
 
@@ -130,11 +140,16 @@ def test_schemathesis_finds_no_server_error(gateway: Target, mode: GenerationMod
         def call(case: schemathesis.Case) -> None:
             for headers in (gateway.auth, {}):
                 response = case.call(base_url=gateway.url, headers=headers, timeout=60)
+                answer = (
+                    f"{case.method} {case.formatted_path} body={str(case.body)[:200]!r} "
+                    f"-> {response.status_code}: {response.text[:200]}"
+                )
                 if response.status_code >= 500:
-                    server_errors.append(
-                        f"{case.method} {case.formatted_path} body={str(case.body)[:200]!r} "
-                        f"-> {response.status_code}: {response.text[:200]}"
-                    )
+                    server_errors.append(answer)
+                try:
+                    case.validate_response(response, checks=SCHEMA_CHECKS)
+                except FailureGroup as exc:
+                    undeclared.append(f"{answer}\n  {str(exc)[:300]}")
 
         try:
             call()
@@ -144,5 +159,6 @@ def test_schemathesis_finds_no_server_error(gateway: Target, mode: GenerationMod
             continue
         exercised.append(operation.label)
     assert not server_errors, "\n".join(server_errors)
+    assert not undeclared, "\n".join(undeclared[:10])
     # Negative inputs exist for every operation with a path parameter, query or body.
     assert len(exercised) >= (10 if mode is GenerationMode.POSITIVE else 6), exercised

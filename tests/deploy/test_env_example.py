@@ -13,12 +13,10 @@ from tests.deploy.support import COMPOSE, COMPOSE_CPU, ENV_EXAMPLE, ROOT
 # `NAME=value` lines, active or commented out (commented = documented default).
 LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 ENTRYPOINT = ROOT / "deploy/engine-entrypoint.sh"
-# Read from os.environ outside Settings (service/settings.py, roma_models.default).
-EXTRA_KNOWN = {"ROMA_CACHE_DIR"}
 # Documented with the value compose gives them, not Settings' default (embedded mode).
 COMPOSE_VALUES = {"engine_urls", "redis_url"}
 # Defaults computed at run time (home folder, host name).
-COMPUTED = {"redis_dir", "gateway_id"}
+COMPUTED = {"redis_dir", "cache_dir", "gateway_id"}
 
 
 def _entries() -> dict[str, tuple[bool, str]]:
@@ -62,10 +60,8 @@ def test_every_variable_the_deploy_files_read_is_listed() -> None:
 
 def test_nothing_stale() -> None:
     """Each ROMA_ variable listed is read by the gateway or by the deploy files."""
-    known = (
-        {f"ROMA_{name.upper()}" for name in Settings.model_fields}
-        | _referenced_in_deploy_files()
-        | EXTRA_KNOWN
+    known = {f"ROMA_{name.upper()}" for name in Settings.model_fields} | (
+        _referenced_in_deploy_files()
     )
     stale = {name for name in _entries() if name.startswith("ROMA_")} - known
     assert not stale, f"nothing reads {sorted(stale)}"

@@ -46,8 +46,8 @@ async def test_deploy_matches_transformers_and_rollback_restores_base(
         body = deployed.json()
         assert body["version"] == 1 and body["created"] and body["engines"] == [engine_url]
         for phase in ("upload", "validate", "store", "apply", "verify", "total"):
-            assert body["timings"][phase] >= 0.0
-        assert body["timings"]["apply"] > 0.0 and body["timings"]["verify"] > 0.0
+            assert body["timings_ms"][phase] >= 0.0
+        assert body["timings_ms"]["apply"] > 0.0 and body["timings_ms"]["verify"] > 0.0
 
         tokens, response = await greedy(gw)
         assert tokens == patched_expected

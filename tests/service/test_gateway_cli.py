@@ -1,6 +1,7 @@
-"""``roma-serve`` end to end as a user runs it: no ROMA_* settings but a model and a port, so it
-starts its own engine and Redis, prints a generated admin token, serves, deploys, and on SIGTERM
-stops everything it started."""
+"""``roma-serve`` end to end as a user runs it: no ROMA_* settings but a model, a port and its
+state folder, so it starts its own engine (with an engine option passed through) and Redis,
+prints a generated admin token and where its state lives, serves under the folder's name,
+deploys, and on SIGTERM stops everything it started."""
 
 from __future__ import annotations
 
@@ -30,7 +31,15 @@ def test_help_reads_like_docs() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    for option in ("--model", "--engine-url", "--redis-url", "--port", "--swap-policy"):
+    for option in (
+        "--model",
+        "--served-model-name",
+        "--engine-url",
+        "--redis-url",
+        "--port",
+        "--swap-policy",
+        "--reset-state",
+    ):
         assert option in result.stdout
     assert "ROMA_ADMIN_TOKEN" in result.stdout
 
@@ -44,7 +53,17 @@ def test_embedded_default_serves_deploys_and_stops_cleanly(
     env["ROMA_CACHE_DIR"] = str(tmp_path / "cache")  # the local Redis keeps its data here
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "roma_service.cli", "--model", str(tiny_olmoe), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "roma_service.cli",
+            "--model",
+            str(tiny_olmoe),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "384",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -68,7 +87,13 @@ def test_embedded_default_serves_deploys_and_stops_cleanly(
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names and "vllm.entrypoints.openai.api_server" in names
 
-        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        assert f"state: router versions in {tmp_path / 'cache' / 'redis'}" in output
+        served = httpx.get(f"{base}/v1/models").json()["data"][0]
+        model = served["id"]
+        assert model == tiny_olmoe.name  # the folder's name, not its absolute path
+        assert served["max_model_len"] == 384  # an engine option passed through
+        engine_log = tmp_path / "cache" / "logs" / f"engine-{port}.log"
+        assert "vllm" in engine_log.read_text().lower()
         body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"{base}/v1/completions", json=body).headers["X-Router-Version"] == "0"
         deployed = httpx.post(

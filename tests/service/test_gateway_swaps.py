@@ -122,7 +122,7 @@ async def test_drain_lets_in_flight_requests_finish_on_their_version(
         assert ": x-router-version 0" in result["comments"]
         assert not any("changed" in c for c in result["comments"])
         assert result["ended"] <= deployed_at
-        assert deploy.json()["timings"]["drain"] >= 500  # ms: it waited out the paused stream
+        assert deploy.json()["timings_ms"]["drain"] >= 500  # ms: it waited out the paused stream
         _, after = await greedy(gw)
         assert after.headers["X-Router-Version"] == "1"
 

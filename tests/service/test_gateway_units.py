@@ -13,7 +13,9 @@ from roma_service.gateway.gate import GateTimeout, SwapGate
 from roma_service.logging import JsonFormatter, request_version, set_active_version
 from roma_service.registry import LocalRedis, Registry
 from roma_service.settings import Settings
-from tests.service.gateway_support import AUTH, gateway_settings, running_gateway
+from tests.service.gateway_support import ADMIN_TOKEN, AUTH, gateway_settings, running_gateway
+
+DEAD = "http://127.0.0.1:9"  # discard port: connection refused
 
 
 def test_settings_read_engine_urls_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,7 +89,7 @@ async def test_before_any_engine_answers(redis_server: LocalRedis, redis_prefix:
     """Nothing listens on the engine URL: alive, not ready (with the reason), completions 503,
     control routes still authenticated; every error in the OpenAI shape."""
     settings = gateway_settings(redis_prefix)
-    dead = "http://127.0.0.1:9"  # discard port: connection refused
+    dead = DEAD
     async with running_gateway(settings, redis_server.url, [dead], wait_ready=False) as gw:
         assert (await gw.get("/health")).json() == {"status": "ok"}
         ready = await gw.get("/ready")
@@ -128,3 +130,31 @@ async def test_deploy_lock_held_by_another_gateway_is_503_retry_later(
             assert free.json()["error"]["code"] == "unknown_version"
     finally:
         await other.aclose()
+
+
+async def test_a_client_gone_mid_body_is_one_info_line(
+    redis_server: LocalRedis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its socket half-way through its request (an evaluation harness
+    giving up) is logged once at info level: no ERROR, no traceback."""
+    settings = gateway_settings(redis_prefix)
+    caplog.set_level(logging.INFO)
+    async with running_gateway(settings, redis_server.url, [DEAD], wait_ready=False) as gw:
+        port = int(str(gw.base_url).rsplit(":", 1)[1].rstrip("/"))
+        for path in ("/v1/completions", "/routers"):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+                + b'{"model": "m", "prompt": "'
+            )
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the gateway is reading the body
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.5)
+    gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert [(r.levelno, r.path) for r in gone] == [(logging.INFO, "/v1/completions"),  # type: ignore[attr-defined]
+                                                   (logging.INFO, "/routers")]  # fmt: skip
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors and not any(r.exc_info for r in caplog.records), errors

@@ -16,6 +16,7 @@ from roma_service.registry import (
     BaseMismatch,
     LocalRedis,
     Registry,
+    RegistryNotReady,
     UnknownVersion,
 )
 from tests.fixtures.engine import base_routers, patch_bytes
@@ -31,14 +32,41 @@ async def test_version_zero_is_the_recorded_base(registry: Registry, tiny_olmoe:
     assert record.fingerprint == base.fingerprint()
     zero = await registry.get(0)
     assert zero.version == 0 and zero.status == "base" and zero.id is None
-    assert zero.base_fingerprint == base.fingerprint()
+    assert zero.model_fingerprint == base.fingerprint() and zero.base_fingerprint is None
     assert await registry.active() == 0
     assert await registry.blob(0) is None
-    # The same base again is fine; another model's base is refused.
+    assert registry.keys.prefix == f"{registry.prefix}:{base.fingerprint()[:16]}"
+    # The same base again is fine; a record of other routers in that namespace is refused.
     await registry.record_base(base)
+    forged = record.model_copy(update={"model": "other", "fingerprint": "0" * 64})
+    await registry.redis.hset(registry.keys.base, "record", forged.model_dump_json())
+    with pytest.raises(BaseMismatch, match=r"'other'.*ROMA_REDIS_PREFIX"):
+        await registry.record_base(base)
+
+
+async def test_each_model_has_its_own_versions_in_one_redis(
+    redis_server: LocalRedis, redis_prefix: str, tiny_olmoe: Path
+) -> None:
+    """Restarting on another model against the same Redis (and prefix) starts that model at
+    version 0; the first model's versions, active pointer and history are still there."""
+    base = base_routers(tiny_olmoe)
     other = BaseRouters(model="other", specs=dict(list(base.specs.items())[:1]))
-    with pytest.raises(BaseMismatch, match="ROMA_REDIS_PREFIX"):
-        await registry.record_base(other)
+    a = Registry.from_url(redis_server.url, redis_prefix)
+    b = Registry.from_url(redis_server.url, redis_prefix)
+    try:
+        with pytest.raises(RegistryNotReady):
+            await a.active()  # nothing is read before the served model is known
+        await a.record_base(base)
+        rec, _ = await _store(a, make_patch(tiny_olmoe))
+        await a.activate(rec.version, "deploy", "gw-a")
+        await b.record_base(other)
+        assert a.keys.prefix != b.keys.prefix
+        assert await b.active() == 0 and [r.version for r in await b.list()] == [0]
+        assert (await b.get(0)).meta["model"] == "other"
+        assert await a.active() == rec.version and len(await a.history()) == 1
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path) -> None:
@@ -55,6 +83,9 @@ async def test_store_dedupes_and_counts_up(registry: Registry, tiny_olmoe: Path)
     assert again.version == 1
     assert rec_a.id == read_patch(a).id and rec_a.size == len(a)
     assert rec_a.layers == [4, 5] and rec_a.status == "staged"
+    # base_fingerprint is the patch's (the layers it replaces); model_fingerprint the model's.
+    assert rec_a.base_fingerprint == read_patch(a).meta.base_fingerprint
+    assert rec_a.model_fingerprint == base_routers(tiny_olmoe).fingerprint()
     assert rec_a.meta["objective"] == "test"
     assert await registry.blob(1) == a
     assert [r.version for r in await registry.list()] == [0, 1, 2]
@@ -126,11 +157,13 @@ async def test_concurrent_stores_get_distinct_increasing_versions(
 
 
 async def test_deploy_lock_excludes_other_gateways(
-    redis_server: LocalRedis, redis_prefix: str
+    redis_server: LocalRedis, redis_prefix: str, tiny_olmoe: Path
 ) -> None:
     a = Registry.from_url(redis_server.url, redis_prefix)
     b = Registry.from_url(redis_server.url, redis_prefix)
     try:
+        await a.record_base(base_routers(tiny_olmoe))
+        await b.record_base(base_routers(tiny_olmoe))
         async with a.deploy_lock(lease_s=10, wait_s=1):
             with pytest.raises(LockError):
                 async with b.deploy_lock(lease_s=10, wait_s=0.3):
@@ -160,7 +193,10 @@ async def test_nothing_lost_when_redis_crashes(own_redis: LocalRedis, tiny_olmoe
         await registry.aclose()
 
 
-async def test_heartbeats_tell_which_other_gateways_are_alive(registry: Registry) -> None:
+async def test_heartbeats_tell_which_other_gateways_are_alive(
+    registry: Registry, tiny_olmoe: Path
+) -> None:
+    await registry.record_base(base_routers(tiny_olmoe))
     await registry.heartbeat("gw-a", valid_s=30)
     await registry.heartbeat("gw-b", valid_s=30)
     await registry.heartbeat("gw-gone", valid_s=-1)  # its validity already ran out

@@ -152,10 +152,15 @@ async def test_bad_input_is_refused_and_changes_nothing(
         _assert_error(await gw.delete("/routers/0", headers=AUTH), 409, "version_active")
 
         # Completions: not JSON, not an object; unknown routes and methods.
-        _assert_error(await gw.post("/v1/completions", content=b"{nope"), 400, "invalid_json")
+        json_type = {"Content-Type": "application/json"}
+        nope = await gw.post("/v1/completions", content=b"{nope", headers=json_type)
+        _assert_error(nope, 400, "invalid_json")
+        untyped = await gw.post("/v1/completions", content=b"{nope")
+        _assert_error(untyped, 415, "unsupported_media_type")
         _assert_error(await gw.post("/v1/completions", json=[1, 2]), 400, "invalid_json")
         deep = b"[" * 30_000 + b"]" * 30_000
-        _assert_error(await gw.post("/v1/completions", content=deep), 400, "invalid_json")
+        deep_nested = await gw.post("/v1/completions", content=deep, headers=json_type)
+        _assert_error(deep_nested, 400, "invalid_json")
         streamy = {"model": "m", "prompt": "x", "stream": "yes"}
         _assert_error(await gw.post("/v1/completions", json=streamy), 400, "invalid_value")
         _assert_error(await gw.get("/v1/nothing"), 404, "not_found")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from roma_service.gateway.completions.protocol import (
@@ -27,7 +27,7 @@ from roma_service.gateway.completions.protocol import (
     version_comment,
 )
 from roma_service.gateway.engines import EngineHandle, NoEngine
-from roma_service.gateway.errors import APIError
+from roma_service.gateway.errors import APIError, error_response, from_engine
 from roma_service.gateway.gate import GateTimeout
 from roma_service.gateway.state import Gateway
 from roma_service.gateway.upload import read_body
@@ -70,10 +70,23 @@ class CompletionsProxy:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
+    async def model(self, request: Request, model_id: str) -> Response:
+        """``GET /v1/models/{id}``, which vLLM does not serve: its model list, filtered."""
+        listing = await self.forward(request, "/v1/models", "models")
+        if listing.status_code != 200:
+            return listing
+        headers = {VERSION_HEADER: listing.headers[VERSION_HEADER]}
+        for entry in json.loads(listing.body).get("data", []):
+            if entry.get("id") == model_id:
+                return JSONResponse(entry, headers=headers)
+        message = f"the model {model_id!r} is not served here (GET /v1/models lists it)"
+        return error_response(404, message, "not_found", "model", headers)
+
     async def forward(self, request: Request, path: str, route: str) -> Response:
         body = b""
         stream = False
         if request.method == "POST":
+            _require_json(request)
             body = await read_body(request, self.gw.settings.max_request_bytes)
             stream = _wants_stream(body)
         drain = self.gw.settings.swap_policy == "drain"
@@ -125,6 +138,10 @@ class CompletionsProxy:
                 headers[CHANGED_HEADER] = f"{version}->{_now_holding(engine)}"
             log.info("proxied", extra={"route": route, "status": upstream.status_code,
                                        "engine": engine.url})  # fmt: skip
+            if upstream.status_code >= 400:  # the engine's refusal, in the gateway's shape
+                error = from_engine(upstream.status_code, content)
+                headers.pop("content-type", None)
+                return JSONResponse(error, upstream.status_code, headers=headers)
             return Response(content, upstream.status_code, headers=headers)
 
         async def body_iter() -> AsyncIterator[bytes]:
@@ -209,6 +226,17 @@ class CompletionsProxy:
 def _now_holding(engine: EngineHandle) -> str:
     """The version the engine holds now; "?" while a swap on it is still under way."""
     return "?" if engine.swapping else str(engine.version)
+
+
+def _require_json(request: Request) -> None:
+    """JSON bodies only, as vLLM itself answers (415 before the body is read)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, not {media_type or 'missing'!r}",
+            "unsupported_media_type",
+        )
 
 
 def _wants_stream(body: bytes) -> bool:

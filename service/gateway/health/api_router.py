@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from roma_service.gateway.deps import GatewayDep
-from roma_service.gateway.errors import error_body
+from roma_service.gateway.errors import ErrorDetail, error_body
 
 router = APIRouter(tags=["operations"])
 
@@ -24,6 +24,12 @@ class Ready(BaseModel):
     engines: list[dict[str, object]]
 
 
+class NotReady(Ready):
+    """The same body plus the error saying why (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
 @router.get("/health", response_model=Health, summary="The gateway process is alive")
 async def health() -> Health:
     return Health()
@@ -33,7 +39,7 @@ async def health() -> Health:
     "/ready",
     response_model=Ready,
     summary="Engines up and holding the active router version",
-    responses={503: {"description": "not ready; the error message says why"}},
+    responses={503: {"model": NotReady, "description": "not ready; the error says why"}},
 )
 async def ready(gateway: GatewayDep) -> JSONResponse:
     pool = gateway.pool

@@ -8,6 +8,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from roma_service.gateway.deps import AdminDep, GatewayDep
+from roma_service.gateway.errors import error_responses
 from roma_service.gateway.routers.protocol import (
     DeleteResponse,
     DeployResponse,
@@ -44,31 +45,67 @@ _PATCH_BODY = {
     status_code=201,
     openapi_extra=_PATCH_BODY,
     summary="Deploy a router patch (safetensors, raw body or multipart field 'patch')",
-    responses={200: {"description": "the same bytes were already stored: that version"}},
+    description="Validate, store, apply to every engine, verify, activate. The same bytes "
+    "again answer 200 with the version that holds them, activated again if it is not the "
+    "active one. `activate=false` only validates and stores (a canary to activate later).",
+    responses={
+        200: {
+            "model": DeployResponse,
+            "description": "the same bytes were already stored: that version",
+        }
+    }
+    | error_responses(400, 401, 413, 502, 503),
 )
-async def deploy(request: Request, gateway: GatewayDep, _: AdminDep) -> JSONResponse:
-    result = await RoutersService(gateway).deploy(request)
+async def deploy(
+    request: Request,
+    gateway: GatewayDep,
+    _: AdminDep,
+    activate: Annotated[
+        bool, Query(description="false: store the version without activating it")
+    ] = True,
+) -> JSONResponse:
+    result = await RoutersService(gateway).deploy(request, activate)
     return JSONResponse(result.model_dump(mode="json"), 201 if result.created else 200)
 
 
-@router.get("", response_model=VersionList, summary="All versions, the active one marked")
+@router.get(
+    "",
+    response_model=VersionList,
+    summary="All versions, the active one marked",
+    responses=error_responses(401, 503),
+)
 async def list_versions(gateway: GatewayDep, _: AdminDep) -> VersionList:
     return await RoutersService(gateway).list()
 
 
-@router.get("/active", response_model=VersionInfo, summary="The active version")
+@router.get(
+    "/active",
+    response_model=VersionInfo,
+    summary="The active version",
+    responses=error_responses(401, 503),
+)
 async def active_version(gateway: GatewayDep, _: AdminDep) -> VersionInfo:
     return await RoutersService(gateway).active()
 
 
-@router.get("/history", response_model=HistoryList, summary="Activations, oldest first")
+@router.get(
+    "/history",
+    response_model=HistoryList,
+    summary="Activations, oldest first",
+    responses=error_responses(400, 401, 503),
+)
 async def history(
     gateway: GatewayDep, _: AdminDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
 ) -> HistoryList:
     return await RoutersService(gateway).history(limit)
 
 
-@router.get("/{version}", response_model=VersionInfo, summary="One version")
+@router.get(
+    "/{version}",
+    response_model=VersionInfo,
+    summary="One version",
+    responses=error_responses(400, 401, 404, 503),
+)
 async def get_version(version: Version, gateway: GatewayDep, _: AdminDep) -> VersionInfo:
     return await RoutersService(gateway).get(version)
 
@@ -77,6 +114,9 @@ async def get_version(version: Version, gateway: GatewayDep, _: AdminDep) -> Ver
     "/{version}/activate",
     response_model=DeployResponse,
     summary="Roll back or forward to a stored version (0 = base routers)",
+    description="Version 0 can always be activated: with no engine reachable the pointer moves "
+    "and returning engines get the base routers before they take traffic.",
+    responses=error_responses(400, 401, 404, 502, 503),
 )
 async def activate(version: Version, gateway: GatewayDep, _: AdminDep) -> DeployResponse:
     return await RoutersService(gateway).activate(version)
@@ -86,6 +126,7 @@ async def activate(version: Version, gateway: GatewayDep, _: AdminDep) -> Deploy
     "/{version}",
     response_model=DeleteResponse,
     summary="Delete an inactive version and its patch (409 for the active one)",
+    responses=error_responses(400, 401, 404, 409, 503),
 )
 async def delete(version: Version, gateway: GatewayDep, _: AdminDep) -> DeleteResponse:
     await RoutersService(gateway).delete(version)

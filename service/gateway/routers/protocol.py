@@ -20,10 +20,11 @@ class VersionList(BaseModel):
 
 
 class SwapTimings(BaseModel):
-    """Milliseconds per phase: upload (reading the body), validate (format, names, shapes,
-    dtype, finiteness, base fingerprint), store (Redis), lock (waiting for another deploy),
-    drain (in-flight requests finishing), apply (every engine, round trip), verify (fresh
-    read-back from every engine), activate (prefix-cache reset + active pointer), total."""
+    """Milliseconds per phase (hence ``timings_ms``): upload (reading the body), validate
+    (format, names, shapes, dtype, finiteness, base fingerprint), store (Redis), lock (waiting
+    for another deploy), drain (in-flight requests finishing), apply (every engine, round
+    trip), verify (fresh read-back from every engine), activate (prefix-cache reset + active
+    pointer), total."""
 
     upload: float = 0.0
     validate_: float = Field(0.0, alias="validate")
@@ -45,10 +46,13 @@ class DeployResponse(BaseModel):
     version: int
     id: str | None
     created: bool = Field(description="False when the same bytes were already stored")
-    changed: bool = Field(description="False when this version was already active everywhere")
-    active: int
-    engines: list[str] = Field(description="engines that verifiably hold the version")
-    timings: SwapTimings
+    changed: bool = Field(
+        description="whether the engines' routers changed: False when this version was already "
+        "active everywhere, or when it was only stored (activate=false)"
+    )
+    active: int = Field(description="the active version after this call")
+    engines: list[str] = Field(description="engines that verifiably hold the active version")
+    timings_ms: SwapTimings
 
 
 class DeleteResponse(BaseModel):

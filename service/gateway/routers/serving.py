@@ -21,11 +21,22 @@ class RoutersService:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
-    async def deploy(self, request: Request) -> DeployResponse:
+    async def deploy(self, request: Request, activate: bool) -> DeployResponse:
         timings = Timings()
         with timings.phase("upload"):
             data = await read_patch_upload(request, self.gw.settings.max_patch_bytes)
-        return self._response(await self.gw.deployer.deploy(data, timings))
+        if activate:
+            return self._response(await self.gw.deployer.deploy(data, timings))
+        record, created = await self.gw.deployer.stage(data, timings)
+        return DeployResponse(
+            version=record.version,
+            id=record.id,
+            created=created,
+            changed=False,
+            active=await self.gw.registry.active(),
+            engines=[],
+            timings_ms=SwapTimings.model_validate(timings.total()),
+        )
 
     async def activate(self, version: int) -> DeployResponse:
         return self._response(await self.gw.deployer.activate(version, Timings()))
@@ -58,5 +69,5 @@ class RoutersService:
             changed=result.changed,
             active=result.record.version,
             engines=result.engines,
-            timings=SwapTimings.model_validate(result.timings),
+            timings_ms=SwapTimings.model_validate(result.timings),
         )

@@ -70,6 +70,15 @@ class Deployer:
             self.ctx.metrics.deploy_latency.labels(phase).observe(ms / 1e3)
         return result
 
+    async def stage(self, data: bytes, timings: Timings) -> tuple[VersionRecord, bool]:
+        """Validate and store a patch without touching the engines or the active version (a
+        canary is activated later). Returns (record, created), as the registry's store."""
+        with timings.phase("validate"):
+            patch = read_patch(data, max_bytes=self.ctx.settings.max_patch_bytes)
+            validate_patch(patch, base_of(self.ctx.pool))
+        with timings.phase("store"):
+            return await self.ctx.registry.store(patch, data)
+
     async def activate(self, version: int, timings: Timings) -> SwapResult:
         """Roll back or forward to a stored version (0 = the base routers)."""
         async with self.ctx.lock.hold(timings):
@@ -77,6 +86,9 @@ class Deployer:
             if version == await self.ctx.registry.active() and self._all_hold(version):
                 return SwapResult(record, False, False, self._urls(), timings.total())
             target = await self.ctx.fetch(version)
+            if target.data is not None:  # stored for other base routers: 400, nothing changes
+                patch = read_patch(target.data, max_bytes=self.ctx.settings.max_patch_bytes)
+                validate_patch(patch, base_of(self.ctx.pool))
             engines = await self.swap(target, timings, "activate")
             record = await self.ctx.registry.get(version)
         self.ctx.metrics.deploys.labels("activate", "ok").inc()
@@ -88,6 +100,8 @@ class Deployer:
         previous = await self.ctx.registry.active()
         engines = [e for e in self.ctx.pool.engines if e.healthy]
         if not engines:
+            if target.version == 0:
+                return await self._activate_base_without_engines(previous, reason)
             raise CannotSwap(self.ctx.pool.why_not_ready(), "no_engine", "engine")
         drain = self.ctx.settings.swap_policy == "drain"
         async with contextlib.AsyncExitStack() as stack:
@@ -126,6 +140,16 @@ class Deployer:
                    "engines": [e.url for e in engines], "timings_ms": timings.total()},
         )  # fmt: skip
         return [e.url for e in engines]
+
+    async def _activate_base_without_engines(self, previous: int, reason: str) -> list[str]:
+        """Version 0 with no engine reachable: the base routers need no verification, and an
+        engine that comes back is given them by the reconciler before it takes traffic."""
+        await self.ctx.registry.activate(0, reason, self.ctx.settings.gateway_id, [])
+        self.ctx.pool.cache_blob(0, None)
+        self.ctx.pool.set_active(0)
+        log.info("router version active", extra={
+            "version": 0, "previous": previous, "reason": reason, "engines": []})  # fmt: skip
+        return []
 
     async def _drain(
         self, stack: contextlib.AsyncExitStack, engines: list[EngineHandle], timings: Timings

@@ -17,7 +17,7 @@ from roma_service.gateway.engines import EngineHandle
 from roma_service.gateway.swaps import steps
 from roma_service.gateway.swaps.context import SwapContext
 from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
-from roma_service.gateway.swaps.target import Target, held_version, mismatch, target_of
+from roma_service.gateway.swaps.target import Target, base_of, held_version, mismatch, target_of
 from roma_service.gateway.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,11 @@ class Reconciler:
         return True
 
     async def converge(self, target: Target) -> None:
-        """Refresh what each engine holds; give lagging, reachable engines ``target``."""
-        for engine in self.ctx.pool.engines:
+        """Refresh what each engine holds; give lagging, reachable engines ``target`` unless it
+        is known not to fit the served model (:mod:`roma_service.gateway.fit`)."""
+        pool = self.ctx.pool
+        pool.fit.read(target.version, target.data, base_of(pool), self.ctx.settings.max_patch_bytes)
+        for engine in pool.engines:
             try:
                 await self.bring_in_step(engine, target)
             except EngineError as exc:
@@ -83,9 +86,15 @@ class Reconciler:
         # Lagging (late start, restart, failed rollback): out of rotation, then repair.
         held = held_version(state)
         self.ctx.pool.set_held(engine, held)
+        if self.ctx.pool.fit.blocks(target.version):
+            return  # reachable, but no engine can take the active version
         log.info("restoring active version", extra={"engine": engine.url, "held": held})
         await self.ctx.expert_load.collect([engine])  # booked to what it held until now
-        problem = await steps.restore(engine, target)
+        try:
+            problem = await steps.restore(engine, target)
+        except EngineRejected as exc:
+            self.ctx.pool.fit.refused(target.version, f"{engine.url} refused it: {exc.message}")
+            return
         if problem:
             self.ctx.pool.mark_down(engine, problem)
             self.ctx.metrics.deploys.labels("reconcile", "failed").inc()
