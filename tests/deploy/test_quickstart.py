@@ -16,7 +16,7 @@ import pytest
 
 from roma_service.registry.local import free_port
 from tests.deploy.support import ROOT
-from tests.service.gateway_support import make_patch
+from tests.fixtures.engine import patch_bytes
 
 SCRIPT = ROOT / "deploy/local/quickstart.sh"
 DEAD_ENGINE = "http://127.0.0.1:9"  # discard port: connection refused
@@ -25,7 +25,7 @@ DEAD_ENGINE = "http://127.0.0.1:9"  # discard port: connection refused
 @pytest.fixture(scope="module")
 def patch_file(tmp_path_factory: pytest.TempPathFactory, tiny_olmoe: Path) -> Path:
     path = tmp_path_factory.mktemp("patch") / "patch.safetensors"
-    path.write_bytes(make_patch(tiny_olmoe))
+    path.write_bytes(patch_bytes(tiny_olmoe, layers=(4, 5), scale=2.0))
     return path
 
 

@@ -10,13 +10,12 @@ import httpx
 import pytest
 
 from roma_service.registry import LocalRedis
-from tests.fixtures.engine import RunningEngine
+from tests.fixtures.engine import RunningEngine, patch_bytes
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
     gateway_settings,
     greedy,
-    make_patch,
     model_id,
     running_gateway,
 )
@@ -108,7 +107,7 @@ async def test_a_version_stored_without_activating_waits_for_its_activation(
         gateway_settings(redis_prefix), redis_server.url, [engine.url]
     ) as gw:
         base_tokens, _ = await greedy(gw)
-        patch = make_patch(tiny_olmoe, ALL_LAYERS, seed=5)
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=5)
         staged = await gw.post(
             "/routers", params={"activate": "false"}, headers=AUTH, content=patch
         )

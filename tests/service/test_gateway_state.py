@@ -17,13 +17,11 @@ from roma_models import default_model_dir
 from roma_patch import read_patch
 from roma_service.registry import LocalRedis, Registry
 from roma_service.registry.local import free_port
-from tests.fixtures.engine import RunningEngine
+from tests.fixtures.engine import RunningEngine, base_routers, patch_bytes
 from tests.service.gateway_support import (
     AUTH,
-    base_routers,
     gateway_settings,
     greedy,
-    make_patch,
     model_id,
     running_gateway,
     wait_until_ready,
@@ -40,7 +38,7 @@ async def _other_models_patch_active(engine: RunningEngine, url: str, prefix: st
     registry = Registry.from_url(url, prefix)
     try:
         await registry.record_base(base)
-        data = make_patch(Path(default_model_dir()), (4, 5), seed=3)
+        data = patch_bytes(Path(default_model_dir()), layers=(4, 5), scale=2.0, seed=3)
         record, _ = await registry.store(read_patch(data), data)
         await registry.activate(record.version, "deploy", "other-instance")
     finally:
@@ -95,7 +93,7 @@ async def test_another_model_against_the_same_redis_starts_at_its_own_version_0(
     registry = Registry.from_url(redis_server.url, redis_prefix)
     try:
         await registry.record_base(base_routers(other_dir))
-        data = make_patch(other_dir, (4, 5), seed=3)
+        data = patch_bytes(other_dir, layers=(4, 5), scale=2.0, seed=3)
         record, _ = await registry.store(read_patch(data), data)
         await registry.activate(record.version, "deploy", "other-model")
         settings = gateway_settings(redis_prefix)
@@ -153,7 +151,9 @@ async def test_version_0_can_be_activated_with_no_engine_reachable(
     url = f"http://127.0.0.1:{forwarder.port}"
     async with running_gateway(gateway_settings(redis_prefix), redis_server.url, [url]) as gw:
         base_tokens, _ = await greedy(gw)
-        deployed = await gw.post("/routers", headers=AUTH, content=make_patch(tiny_olmoe))
+        deployed = await gw.post(
+            "/routers", headers=AUTH, content=patch_bytes(tiny_olmoe, layers=(4, 5), scale=2.0)
+        )
         assert deployed.status_code == 201, deployed.text
         await forwarder.stop()
         deadline = time.monotonic() + 30

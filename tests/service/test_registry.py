@@ -57,7 +57,7 @@ async def test_each_model_has_its_own_versions_in_one_redis(
         with pytest.raises(RegistryNotReady):
             await a.active()  # nothing is read before the served model is known
         await a.record_base(base)
-        rec, _ = await _store(a, make_patch(tiny_olmoe))
+        rec, _ = await _store(a, patch_bytes(tiny_olmoe, layers=(4, 5), scale=2.0))
         await a.activate(rec.version, "deploy", "gw-a")
         await b.record_base(other)
         assert a.keys.prefix != b.keys.prefix
