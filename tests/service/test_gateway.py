@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from roma_service.registry import LocalRedis
-from tests.fixtures.engine import hf_greedy, patch_bytes, perturbed_routers
+from roma_service.registry import LocalRedis, Registry
+from tests.fixtures.engine import base_routers, hf_greedy, patch_bytes, perturbed_routers
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
@@ -212,3 +212,24 @@ async def test_expert_load_is_exported_per_layer_and_router_version(
     assert before == {k: v for k, v in routers.items() if k[0] == "0"}  # nothing moved to 1
     # The patch moved the routers: the two versions' expert shares differ somewhere.
     assert any(experts.get(("0", at, e)) != experts.get(("1", at, e)) for _, at, e in experts)
+
+
+async def test_deploy_lock_held_by_another_gateway_is_503_retry_later(
+    engine_url: str, tiny_olmoe: Path, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    """A swap waits ``ROMA_DEPLOY_LOCK_TIMEOUT_S`` for the lock another gateway holds, then
+    answers 503 ``deploy_in_progress`` with Retry-After; once the lock is free it gets past it."""
+    settings = gateway_settings(redis_prefix, deploy_lock_timeout_s=0.3)
+    other = Registry.from_url(redis_server.url, redis_prefix)
+    try:
+        async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+            await other.record_base(base_routers(tiny_olmoe))  # the same model's namespace
+            async with other.deploy_lock(lease_s=30, wait_s=1):
+                busy = await gw.post("/routers/0/activate", headers=AUTH)
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["error"]["code"] == "deploy_in_progress"
+            assert busy.headers["Retry-After"] == "5"
+            free = await gw.post("/routers/0/activate", headers=AUTH)
+            assert free.status_code == 200, free.text
+    finally:
+        await other.aclose()

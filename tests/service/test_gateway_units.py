@@ -11,7 +11,7 @@ import pytest
 
 from roma_service.gateway.gate import GateTimeout, SwapGate
 from roma_service.logging import JsonFormatter, request_version, set_active_version
-from roma_service.registry import LocalRedis, Registry
+from roma_service.registry import LocalRedis
 from roma_service.settings import Settings
 from tests.service.gateway_support import ADMIN_TOKEN, AUTH, gateway_settings, running_gateway
 
@@ -107,29 +107,6 @@ async def test_before_any_engine_answers(redis_server: LocalRedis, redis_prefix:
             schema["paths"]
         )
         assert "roma_active_router_version" in (await gw.get("/metrics")).text
-
-
-async def test_deploy_lock_held_by_another_gateway_is_503_retry_later(
-    redis_server: LocalRedis, redis_prefix: str
-) -> None:
-    """A swap waits ``ROMA_DEPLOY_LOCK_TIMEOUT_S`` for the lock another gateway holds, then
-    answers 503 ``deploy_in_progress`` with Retry-After; once the lock is free it gets past it."""
-    settings = gateway_settings(redis_prefix, deploy_lock_timeout_s=0.3)
-    other = Registry.from_url(redis_server.url, redis_prefix)
-    dead = "http://127.0.0.1:9"
-    try:
-        async with running_gateway(settings, redis_server.url, [dead], wait_ready=False) as gw:
-            async with other.deploy_lock(lease_s=30, wait_s=1):
-                busy = await gw.post("/routers/0/activate", headers=AUTH)
-            assert busy.status_code == 503, busy.text
-            assert busy.json()["error"]["code"] == "deploy_in_progress"
-            assert busy.headers["Retry-After"] == "5"
-            free = await gw.post("/routers/0/activate", headers=AUTH)
-            # Past the lock: version 0 is not recorded until an engine has answered.
-            assert free.status_code == 404, free.text
-            assert free.json()["error"]["code"] == "unknown_version"
-    finally:
-        await other.aclose()
 
 
 async def test_a_client_gone_mid_body_is_one_info_line(
