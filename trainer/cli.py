@@ -65,8 +65,9 @@ def train(
         str | None,
         typer.Option(
             help="Training data: a JSONL file with one "
-            '{"task","prompt","choices","answer"} a line, or hf:NAME for a Hugging Face dataset '
-            "(columns mapped in the config file)."
+            '{"task","prompt","choices","answer"} a line, hf:NAME for a Hugging Face dataset '
+            "(columns mapped in the config file), or olmes:TASK:SPLIT for a benchmark split "
+            "(e.g. olmes:arc_easy:train)."
         ),
     ] = None,
     model: Annotated[
@@ -217,7 +218,13 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    data: Annotated[str, typer.Option(help="JSONL file (or hf:NAME) of multiple-choice samples.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="JSONL file of multiple-choice samples, hf:NAME, or olmes:TASK:SPLIT "
+            "(e.g. olmes:piqa:validation)."
+        ),
+    ],
     model: Annotated[
         str | None,
         typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
