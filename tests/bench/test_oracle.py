@@ -112,3 +112,24 @@ def test_shared_oracle_starts_at_its_init_and_lowers_the_tasks_gold_loss(tiny_ol
     # Only the shared routing moved: the weights and their requires_grad flags are as before.
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
     assert [p.requires_grad for p in model.parameters()] == trainable
+
+
+def test_success_routing_covers_a_task_the_base_never_answers(tiny_olmoe) -> None:
+    """Identical choices make the base pick choice 0: a task whose gold is 1 has an empty
+    success set and starts from the mean routing of all its pool samples instead."""
+    from roma_bench.oracle import success_routing_by_task
+    from roma_trainer.routers import RoutingCapture
+    from roma_trainer.scoring import score_samples
+
+    loaded = load_model(tiny_olmoe, "float32")
+    model, tok = loaded.model, loaded.tokenizer
+    layers = select_layers(list(find_routers(model)), "last2")
+    prompts = ["one two", "three four five", "six"]
+    pool = [Sample("hit", p, (" a", " a"), 0) for p in prompts[:2]]
+    pool += [Sample("miss", p, (" a", " a"), 1) for p in prompts]
+    means = success_routing_by_task(model, tok, pool, layers)
+    assert set(means) == {"hit", "miss"}
+    with torch.no_grad(), RoutingCapture(model, layers) as capture:
+        routing = score_samples(model, tok, pool, "last", capture).routing
+    torch.testing.assert_close(means["hit"], routing[:2].mean(0))
+    torch.testing.assert_close(means["miss"], routing[2:].mean(0))
