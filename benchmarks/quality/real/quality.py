@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from roma_bench.protocol import METHODS, Protocol, QualityConfig
+from roma_bench.protocol import Protocol, QualityConfig
 from roma_bench.real.references import all_experts_dir, load_reference
 from roma_bench.real.report import PLOT_TITLE, goals, markdown
 from roma_bench.real.results import OutOfSet, RealResults, References
@@ -18,7 +18,7 @@ from roma_bench.real.splits import OUT_OF_SET, TASKS, write_out_of_set, write_sp
 from roma_bench.report import accuracy_plot
 from roma_bench.results import Accuracy, RunRecord, SharedRouting
 from roma_bench.runs import accuracies
-from roma_bench.stats import gap_closed, paired_difference, seed_stats, summarise
+from roma_bench.stats import ablation_stats, gap_closed, paired_difference, seed_stats, summarise
 from roma_trainer.data import data_fingerprint
 
 log = logging.getLogger("roma_bench")
@@ -139,9 +139,7 @@ class Real(Protocol):
         oracle_control = self.oracle_control(oracle.lr)
         shared = self.shared_routing()
         references = self.references()
-        searches = {m: self.search(m) for m in METHODS}
-        finals = {m: self.seeds(m, lr=s.best.lr, lam=s.best.lam) for m, s in searches.items()}
-        ablations = self.ablations(searches["roma_knn"].best) if self.cfg.ablations else {}
+        searches, finals, ablations = self.methods()
         methods = summarise(finals, base["test"], oracle.test)
         return RealResults(
             config=self.cfg,
@@ -159,12 +157,7 @@ class Real(Protocol):
             references=references,
             search=searches,
             methods=methods,
-            ablations={
-                factor: {
-                    name: seed_stats(runs, base["test"], oracle.test) for name, runs in opts.items()
-                }
-                for factor, opts in ablations.items()
-            },
+            ablations=ablation_stats(ablations, base["test"], oracle.test),
             out_of_set=self.out_of_set(finals),
             goals=goals(methods),
             success_set=finals["roma_knn"][0].train_metrics.get("success_set_size"),

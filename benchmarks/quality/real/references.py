@@ -38,4 +38,3 @@ def load_reference(path: Path) -> tuple[torch.nn.Module, object, str]:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer, weights_fingerprint(model)
-

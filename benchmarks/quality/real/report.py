@@ -3,12 +3,11 @@ out-of-set tasks and the issue's goals, each marked met or not on the measured n
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from roma_bench.protocol import LABELS
 from roma_bench.real.results import Goal, OutOfSet, RealResults, References
 from roma_bench.report import (
     GOAL_SHARE,
+    TEST_HEADING,
     TaskTable,
     ablations_section,
     difference,
@@ -16,6 +15,7 @@ from roma_bench.report import (
     methods_table,
     oracle_control_note,
     pct,
+    run_summary,
 )
 from roma_bench.results import MethodStats, SharedRouting
 
@@ -60,11 +60,7 @@ def markdown(results: RealResults) -> str:
     lines = [
         "# Real-task quality benchmark",
         "",
-        f"Model `{Path(results.model).name}`; splits: {results.sizes} samples "
-        f"(train pool / val / test / out-of-set), {len(table.task_names)} tasks; "
-        f"success set |S| = {results.success_set}; {cfg.steps} steps of batch "
-        f"{cfg.batch_size} per run; seeds {cfg.seeds}. This invocation took "
-        f"{results.seconds:.0f} s (runs already in runs.jsonl are reused, not retrained).",
+        run_summary(results, "train pool / val / test / out-of-set", len(table.task_names)),
         "",
         "## Goals (RoMA k-NN)",
         "",
@@ -72,12 +68,7 @@ def markdown(results: RealResults) -> str:
         "|---|---|---|",
         *(f"| {g.name} | {'yes' if g.met else 'no'} | {g.value} |" for g in results.goals),
         "",
-        "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
-        "",
-        "vs CE: the difference to CE-only in points, paired by seed (same batches), with its "
-        "95 % Student-t interval over the seeds; an interval that contains 0 is no evidence "
-        "of a difference.",
-        "",
+        *TEST_HEADING,
         *methods_table(table, base["test"], oracle.test, results.methods),
         *references_rows(table, results.references, results.shared_routing),
         *oracle_control_note(results.oracle_control, oracle),
@@ -103,7 +94,9 @@ def references_rows(table: TaskTable, refs: References, shared: SharedRouting) -
     if refs.dense is not None:
         lines.append(table.bound("Dense model", refs.dense, None))
     lines.append(
-        table.bound(f"Best task-shared routing (step {shared.lr:g})", shared.test, shared.gap_closed)
+        table.bound(
+            f"Best task-shared routing (step {shared.lr:g})", shared.test, shared.gap_closed
+        )
     )
     return lines
 

@@ -4,8 +4,6 @@ models, the out-of-set tasks and the issue's goals. ``RealResults`` dumps to ``r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from pydantic import field_serializer
@@ -20,6 +18,7 @@ from roma_bench.results import (
     Search,
     SeedStats,
     SharedRouting,
+    config_json,
 )
 
 
@@ -64,7 +63,7 @@ class RealResults(Model):
 
     @field_serializer("config")
     def _config(self, cfg: Any) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        return config_json(cfg)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"

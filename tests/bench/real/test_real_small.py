@@ -80,9 +80,7 @@ def test_validation_picks_and_test_only_reports(small: Path) -> None:
     runs = [r for r in _ledger(small) if "patch" in r]
     for method, search in results["search"].items():
         grid = search["grid"]
-        best = grid[
-            best_on_val(tuple(range(len(grid))), {i: p["val"] for i, p in enumerate(grid)})
-        ]
+        best = grid[best_on_val(tuple(range(len(grid))), {i: p["val"] for i, p in enumerate(grid)})]
         assert search["best"] == {"lr": best["lr"], "lam": best["lam"]}, method
     assert {r["config"]["data"] for r in runs} <= {
         str(small / "data" / "train.jsonl"),
