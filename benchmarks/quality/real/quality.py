@@ -5,7 +5,6 @@ goals checked against the measured numbers."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +19,6 @@ from roma_bench.results import Accuracy, RunRecord, SharedRouting
 from roma_bench.runs import accuracies
 from roma_bench.stats import ablation_stats, gap_closed, paired_difference, seed_stats, summarise
 from roma_trainer.data import data_fingerprint
-
-log = logging.getLogger("roma_bench")
 
 # The patches scored on the out-of-set tasks (with the base routers).
 OUT_OF_SET_METHODS: tuple[str, ...] = ("ce", "roma_knn")
