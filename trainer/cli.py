@@ -112,7 +112,13 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    data: Annotated[str, typer.Option(help="JSONL file (or hf:NAME) of multiple-choice samples.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="JSONL file of multiple-choice samples, hf:NAME, or olmes:TASK:SPLIT "
+            "(e.g. olmes:piqa:validation)."
+        ),
+    ],
     model: Annotated[
         str | None,
         typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),

@@ -98,7 +98,8 @@ class TrainConfig(BaseModel):
     data: str | None = Field(
         None,
         description='training data: a JSONL file with one {"task","prompt","choices","answer"} '
-        "a line, or hf:NAME for a Hugging Face dataset (its columns mapped by columns)",
+        "a line, hf:NAME for a Hugging Face dataset (its columns mapped by columns), or "
+        "olmes:TASK:SPLIT for a benchmark split (e.g. olmes:arc_easy:train)",
     )
     hf_config: str | None = Field(None, description="for hf:NAME only: the dataset config name")
     hf_split: str = Field("train", description="for hf:NAME only: the split to train on")

@@ -1,4 +1,5 @@
-"""Multiple-choice samples: from JSONL files or Hugging Face datasets, validated, fingerprinted.
+"""Multiple-choice samples: from JSONL files, Hugging Face datasets or OLMES benchmark splits,
+validated, fingerprinted.
 
 JSONL: one object a line, ``{"task": str, "prompt": str, "choices": [str, ...], "answer": int}``
 (blank lines are skipped). A problem raises :class:`DataError` naming the file and the 1-based
@@ -145,8 +146,13 @@ def load_samples(
     hf_split: str = "train",
     columns: ColumnMap | None = None,
 ) -> list[Sample]:
-    """``hf:NAME`` loads a Hugging Face dataset; anything else is a JSONL path."""
+    """``hf:NAME`` loads a Hugging Face dataset, ``olmes:<task>:<split>`` a benchmark split
+    (:mod:`roma_trainer.olmes`); anything else is a JSONL path."""
     spec = str(spec)
+    if spec.startswith("olmes:"):
+        from roma_trainer.olmes import load_olmes  # it builds on this module's parse_sample
+
+        return load_olmes(spec)
     if spec.startswith(HF_PREFIX):
         return load_hf(spec.removeprefix(HF_PREFIX), hf_config, hf_split, columns or ColumnMap())
     return load_jsonl(spec)

@@ -1,4 +1,5 @@
-"""``roma-bench``: pretrain the benchmark model, run the quality benchmark, screen a model.
+"""``roma-bench``: pretrain the benchmark model, run the quality benchmark (synthetic or real
+tasks), screen a model.
 
 The commands import their heavy dependencies lazily, so ``roma-bench --help`` stays fast.
 """
@@ -135,3 +136,47 @@ def screen_cmd(
     quiet_libraries()
     screen(cfg, specs)
     console.print((out / "screen.md").read_text(), highlight=False)
+
+
+@app.command("real")
+def real_cmd(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The MoE checkpoint directory (Qwen2-MoE or OLMoE), e.g. the output of "
+            "`roma-models build smollm2-moe`."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results directory (default: results/real, or results/real-small)."),
+    ] = None,
+    small: Annotated[
+        bool, typer.Option(help="The small version (a couple of minutes on a tiny model).")
+    ] = False,
+    dense: Annotated[
+        str | None, typer.Option(help="The dense model the MoE was made from (a reference).")
+    ] = None,
+    ablations: Annotated[bool, typer.Option(help="Run the ablations too.")] = True,
+) -> None:
+    """The protocol on real tasks (ARC-Easy, SciQ, PIQA, HellaSwag, SIQA, COPA from OLMES
+    data), with the all-experts and dense references and two out-of-set tasks; writes real.md,
+    real.json and real_accuracy.png into --out. Re-runs reuse every run in runs.jsonl."""
+    from roma_bench.real.quality import RealConfig, run_real
+
+    if model is None:
+        raise typer.BadParameter(
+            "pass the MoE checkpoint directory (build it with `roma-models build smollm2-moe`)",
+            param_hint="--model",
+        )
+    if small:
+        cfg = RealConfig.small(out or Path("results/real-small"))
+    else:
+        cfg = RealConfig(out=out or Path("results/real"))
+    cfg.model = model
+    cfg.dense = dense
+    cfg.ablations = ablations
+    quiet_libraries()
+    results = run_real(cfg)
+    console.print((cfg.out / "real.md").read_text(), highlight=False)
+    console.print(f"total {results.seconds:.0f} s; wrote {cfg.out}", highlight=False)

@@ -189,22 +189,31 @@ def success_routing_by_task(
     model: nn.Module, tokenizer, pool: Sequence[Sample], layers: Sequence[int], token: str = "last"
 ) -> dict[str, torch.Tensor]:
     """Mean base routing ``[layers, experts]`` at ``token`` of the pool samples the base model
-    answers correctly (the success set S), per task."""
+    answers correctly (the success set S), per task. A task none of whose pool samples is
+    answered (a small pool of a hard task) gets the mean over all its pool samples, so that every
+    task has a starting point."""
     from roma_trainer.routers import RoutingCapture
     from roma_trainer.scoring import score_samples
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    sums: dict[tuple[str, bool], torch.Tensor] = {}
+    counts: dict[tuple[str, bool], int] = {}
     with RoutingCapture(model, layers) as capture:
         for i in range(0, len(pool), 32):
             batch = list(pool[i : i + 32])
             scores = score_samples(model, tokenizer, batch, token, capture)
             assert scores.routing is not None
             for sample, logprob, routing in zip(batch, scores.logprob, scores.routing, strict=True):
-                if int(logprob.argmax()) == sample.answer:
-                    sums[sample.task] = sums.get(sample.task, 0) + routing
-                    counts[sample.task] = counts.get(sample.task, 0) + 1
-    return {task: total / counts[task] for task, total in sums.items()}
+                key = (sample.task, int(logprob.argmax()) == sample.answer)
+                sums[key] = sums.get(key, 0) + routing
+                counts[key] = counts.get(key, 0) + 1
+    means = {}
+    for task in {task for task, _ in sums}:
+        hit, miss = (task, True), (task, False)
+        if hit in sums:
+            means[task] = sums[hit] / counts[hit]
+        else:
+            means[task] = sums[miss] / counts[miss]
+    return means
 
 
 @torch.no_grad()

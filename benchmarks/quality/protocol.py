@@ -218,6 +218,17 @@ class Protocol:
         assert best is not None
         return Search(best=best[1], grid=grid)
 
+    def methods(
+        self,
+    ) -> tuple[
+        dict[str, Search], dict[str, list[RunRecord]], dict[str, dict[str, list[RunRecord]]]
+    ]:
+        """Every method's search, its winner with every seed, and the ablations (when on)."""
+        searches = {m: self.search(m) for m in METHODS}
+        finals = {m: self.seeds(m, lr=s.best.lr, lam=s.best.lam) for m, s in searches.items()}
+        ablations = self.ablations(searches["roma_knn"].best) if self.cfg.ablations else {}
+        return searches, finals, ablations
+
     def ablations(self, best: Setting) -> dict[str, dict[str, list[RunRecord]]]:
         """RoMA k-NN at its winning setting with one factor changed, every ablation seed."""
         cfg = self.cfg

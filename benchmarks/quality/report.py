@@ -58,6 +58,28 @@ class TaskTable:
         return self.row(label, acc.tasks, pct(acc.average), pct(gap))
 
 
+def run_summary(results: Any, roles: str, n_tasks: int) -> str:
+    """The line under a report's title: model, split sizes (``roles`` names them), budget, seeds
+    and time taken; ``results`` is a benchmark's results model."""
+    cfg = results.config
+    return (
+        f"Model `{Path(results.model).name}`; splits: {results.sizes} samples ({roles}), "
+        f"{n_tasks} tasks; success set |S| = {results.success_set}; {cfg.steps} steps of batch "
+        f"{cfg.batch_size} per run; seeds {cfg.seeds}. This invocation took "
+        f"{results.seconds:.0f} s (runs already in runs.jsonl are reused, not retrained)."
+    )
+
+
+TEST_HEADING = [
+    "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
+    "",
+    "vs CE: the difference to CE-only in points, paired by seed (same batches), with its "
+    "95 % Student-t interval over the seeds; an interval that contains 0 is no evidence "
+    "of a difference.",
+    "",
+]
+
+
 def methods_table(
     table: TaskTable, base: Accuracy, oracle: Accuracy, methods: dict[str, MethodStats]
 ) -> list[str]:

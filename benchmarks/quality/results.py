@@ -9,6 +9,8 @@ the lookup (the share of the oracle's gap), so a cached record stays what it was
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -18,6 +20,11 @@ class Model(BaseModel):
     """Strict about unknown keys: a record of another shape is an error, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def config_json(cfg: Any) -> dict[str, Any]:
+    """A benchmark's config dataclass as JSON values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
 class Accuracy(Model):

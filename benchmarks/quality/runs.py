@@ -64,15 +64,15 @@ class Scorer:
         finally:
             self.reset()
 
-    def score(self, patch: str | Path | None = None) -> dict[str, Accuracy]:
-        """Accuracy (raw log-likelihood) on every split, for the base or ``patch``."""
+    def score(
+        self,
+        patch: str | Path | None = None,
+        splits: dict[str, Sequence[Sample]] | None = None,
+    ) -> dict[str, Accuracy]:
+        """Accuracy (raw log-likelihood) on every split (default: the scorer's own), for the
+        base or ``patch``."""
         with self.patched(patch) as model:
-            backend = HFBackend(model, self.loaded.tokenizer, self.batch_size)
-            reports = {name: evaluate(backend, s) for name, s in self.splits.items()}
-        return {
-            name: Accuracy(tasks={t: s.acc for t, s in r.tasks.items()}, average=r.average.acc)
-            for name, r in reports.items()
-        }
+            return accuracies(model, self.loaded.tokenizer, splits or self.splits, self.batch_size)
 
     def routing(
         self, samples: list[Sample], patch: str | None, layers_spec: str = "last5"
@@ -84,6 +84,21 @@ class Scorer:
             routing = score_samples(model, self.loaded.tokenizer, samples, "last", cap).routing
         assert routing is not None
         return routing.numpy(), layers
+
+
+def accuracies(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: dict[str, Sequence[Sample]],
+    batch_size: int = 64,
+) -> dict[str, Accuracy]:
+    """Accuracy (raw log-likelihood) of any causal LM on every split, by task."""
+    backend = HFBackend(model, tokenizer, batch_size)
+    reports = {name: evaluate(backend, s) for name, s in splits.items()}
+    return {
+        name: Accuracy(tasks={t: s.acc for t, s in r.tasks.items()}, average=r.average.acc)
+        for name, r in reports.items()
+    }
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

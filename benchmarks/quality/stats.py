@@ -80,6 +80,16 @@ def summarise(
     }
 
 
+def ablation_stats(
+    ablations: dict[str, dict[str, list[RunRecord]]], base: Accuracy, oracle: Accuracy
+) -> dict[str, dict[str, SeedStats]]:
+    """Seed statistics of every ablation setting, factor by factor."""
+    return {
+        factor: {name: seed_stats(runs, base, oracle) for name, runs in options.items()}
+        for factor, options in ablations.items()
+    }
+
+
 def _test(run: RunRecord) -> Accuracy:
     if run.test is None:
         raise ValueError(f"run {run.key} has no test scores (a validation-only screen run)")

@@ -19,13 +19,18 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_console_script_lists_its_commands() -> None:
     done = _run(str(BIN / "roma-bench"), "--help")
     assert done.returncode == 0, done.stderr
-    for command in ("pretrain", "quality", "screen"):
+    for command in ("pretrain", "quality", "screen", "real"):
         assert command in done.stdout
 
 
 @pytest.mark.parametrize(
     ("command", "option"),
-    [("pretrain", "--read-share"), ("quality", "--small"), ("screen", "--run")],
+    [
+        ("pretrain", "--read-share"),
+        ("quality", "--small"),
+        ("screen", "--run"),
+        ("real", "--dense"),
+    ],
 )
 def test_commands_have_help(command: str, option: str) -> None:
     done = _run(str(BIN / "roma-bench"), command, "--help")

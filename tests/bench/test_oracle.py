@@ -72,15 +72,15 @@ def test_routing_transplant_with_the_base_routing_is_the_base_model(tiny_olmoe) 
     assert correct_with_routing(model, tok, data, layers, base.routing) == base_correct
 
     means = success_routing_by_task(model, tok, data, layers)
-    expected_tasks = {s.task for s, ok in zip(data, base_correct, strict=True) if ok}
-    assert set(means) == expected_tasks
-    for task, mean in means.items():
+    answered = {s.task for s, ok in zip(data, base_correct, strict=True) if ok}
+    assert set(means) == {s.task for s in data}  # a task without successes: see below
+    for task in answered:
         rows = [
             i
             for i, (s, ok) in enumerate(zip(data, base_correct, strict=True))
             if ok and s.task == task
         ]
-        assert torch.allclose(mean, base.routing[rows].mean(0), atol=1e-6)
+        assert torch.allclose(means[task], base.routing[rows].mean(0), atol=1e-6)
 
 
 def test_shared_oracle_starts_at_its_init_and_lowers_the_tasks_gold_loss(tiny_olmoe) -> None:
@@ -112,3 +112,24 @@ def test_shared_oracle_starts_at_its_init_and_lowers_the_tasks_gold_loss(tiny_ol
     # Only the shared routing moved: the weights and their requires_grad flags are as before.
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
     assert [p.requires_grad for p in model.parameters()] == trainable
+
+
+def test_success_routing_covers_a_task_the_base_never_answers(tiny_olmoe) -> None:
+    """Identical choices make the base pick choice 0: a task whose gold is 1 has an empty
+    success set and starts from the mean routing of all its pool samples instead."""
+    from roma_bench.oracle import success_routing_by_task
+    from roma_trainer.routers import RoutingCapture
+    from roma_trainer.scoring import score_samples
+
+    loaded = load_model(tiny_olmoe, "float32")
+    model, tok = loaded.model, loaded.tokenizer
+    layers = select_layers(list(find_routers(model)), "last2")
+    prompts = ["one two", "three four five", "six"]
+    pool = [Sample("hit", p, (" a", " a"), 0) for p in prompts[:2]]
+    pool += [Sample("miss", p, (" a", " a"), 1) for p in prompts]
+    means = success_routing_by_task(model, tok, pool, layers)
+    assert set(means) == {"hit", "miss"}
+    with torch.no_grad(), RoutingCapture(model, layers) as capture:
+        routing = score_samples(model, tok, pool, "last", capture).routing
+    torch.testing.assert_close(means["hit"], routing[:2].mean(0))
+    torch.testing.assert_close(means["miss"], routing[2:].mean(0))

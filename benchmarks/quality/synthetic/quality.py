@@ -19,11 +19,11 @@ from statistics import mean, pstdev
 import numpy as np
 
 from roma_bench.oracle import base_correct, run_oracle
-from roma_bench.protocol import METHODS, Protocol, QualityConfig
+from roma_bench.protocol import Protocol, QualityConfig
 from roma_bench.report import accuracy_plot, routing_plot
 from roma_bench.results import Accuracy, RunRecord, SharedRouting
 from roma_bench.runs import Scorer
-from roma_bench.stats import accuracy_by_task, gap_closed, seed_stats, summarise
+from roma_bench.stats import ablation_stats, accuracy_by_task, gap_closed, summarise
 from roma_bench.synthetic import tasks
 from roma_bench.synthetic.pretrain import domain_experts
 from roma_bench.synthetic.report import PLOT_TITLE, markdown
@@ -190,9 +190,7 @@ class Quality(Protocol):
         oracle_control = self.oracle_control(oracle.lr)
         domain_routing = self.domain_routing()
         shared_routing = self.shared_routing()
-        searches = {m: self.search(m) for m in METHODS}
-        finals = {m: self.seeds(m, lr=s.best.lr, lam=s.best.lam) for m, s in searches.items()}
-        ablations = self.ablations(searches["roma_knn"].best) if self.cfg.ablations else {}
+        searches, finals, ablations = self.methods()
         in_distribution = self.in_distribution(finals, oracle.lr)
         domain_mass = self.domain_mass(finals)
         base_test, oracle_test = base["test"], oracle.test
@@ -217,12 +215,7 @@ class Quality(Protocol):
             domain_mass=domain_mass,
             search=searches,
             methods=summarise(finals, base_test, oracle_test),
-            ablations={
-                factor: {
-                    name: seed_stats(runs, base_test, oracle_test) for name, runs in opts.items()
-                }
-                for factor, opts in ablations.items()
-            },
+            ablations=ablation_stats(ablations, base_test, oracle_test),
             success_set=finals["roma_knn"][0].train_metrics.get("success_set_size"),
             seconds=round(time.perf_counter() - started, 1),
         )

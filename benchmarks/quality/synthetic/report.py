@@ -3,10 +3,9 @@ with the synthetic diagnostics between them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from roma_bench.protocol import LABELS, METHODS
 from roma_bench.report import (
+    TEST_HEADING,
     TaskTable,
     ablations_section,
     bounds_table,
@@ -14,6 +13,7 @@ from roma_bench.report import (
     methods_table,
     oracle_control_note,
     pct,
+    run_summary,
 )
 from roma_bench.stats import gap_closed
 from roma_bench.synthetic.results import DomainMass, FrameRow, InDistribution, QualityResults
@@ -27,18 +27,9 @@ def markdown(results: QualityResults) -> str:
     lines = [
         "# Routing-gap benchmark",
         "",
-        f"Model `{Path(results.model).name}`; splits: {results.sizes} samples "
-        f"(train pool / val / test), {len(table.task_names)} tasks; "
-        f"success set |S| = {results.success_set}; {cfg.steps} steps of batch "
-        f"{cfg.batch_size} per run; seeds {cfg.seeds}. This invocation took "
-        f"{results.seconds:.0f} s (runs already in runs.jsonl are reused, not retrained).",
+        run_summary(results, "train pool / val / test", len(table.task_names)),
         "",
-        "## Test accuracy (%), mean over seeds (± std); gap = share of base->oracle gap closed",
-        "",
-        "vs CE: the difference to CE-only in points, paired by seed (same batches), with its "
-        "95 % Student-t interval over the seeds; an interval that contains 0 is no evidence "
-        "of a difference.",
-        "",
+        *TEST_HEADING,
         *methods_table(table, base["test"], oracle.test, results.methods),
         *oracle_control_note(results.oracle_control, oracle),
         *bounds_table(

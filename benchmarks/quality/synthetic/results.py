@@ -5,8 +5,6 @@ diagnostics only synthetic tasks allow (per phrasing, in distribution, per domai
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from pydantic import field_serializer, model_serializer, model_validator
@@ -21,6 +19,7 @@ from roma_bench.results import (
     Search,
     SeedStats,
     SharedRouting,
+    config_json,
 )
 
 
@@ -119,7 +118,7 @@ class QualityResults(Model):
 
     @field_serializer("config")
     def _config(self, cfg: QualityConfig) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        return config_json(cfg)
 
     def to_json(self) -> str:
         unset = {"routing_plot_task"} if self.routing_plot_task is None else set()

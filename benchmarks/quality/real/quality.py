@@ -1,0 +1,180 @@
+"""The quality benchmark on real tasks: the protocol (``roma_bench.protocol``) on capped OLMES
+splits (``splits.py``) and any Qwen2-MoE/OLMoE checkpoint, plus what a real model allows: the
+all-experts and dense references, the patches on tasks no method trained on, and the issue's
+goals checked against the measured numbers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from roma_bench.protocol import Protocol, QualityConfig
+from roma_bench.real.references import all_experts_dir, load_reference
+from roma_bench.real.report import PLOT_TITLE, goals, markdown
+from roma_bench.real.results import OutOfSet, RealResults, References
+from roma_bench.real.splits import OUT_OF_SET, TASKS, write_out_of_set, write_splits
+from roma_bench.report import accuracy_plot
+from roma_bench.results import Accuracy, RunRecord, SharedRouting
+from roma_bench.runs import accuracies
+from roma_bench.stats import ablation_stats, gap_closed, paired_difference, seed_stats, summarise
+from roma_trainer.data import data_fingerprint
+
+# The patches scored on the out-of-set tasks (with the base routers).
+OUT_OF_SET_METHODS: tuple[str, ...] = ("ce", "roma_knn")
+SMALL_TASKS: tuple[str, ...] = ("copa", "sciq", "arc_easy")
+
+
+@dataclass
+class RealConfig(QualityConfig):
+    """The protocol's settings with caps per task sized for a 135M model on two cores: one run
+    (success set, training, scoring val and test) takes minutes (docs/real-quality.md)."""
+
+    model: str | None = None  # required: the MoE checkpoint directory
+    out: Path = Path("results/real")
+    n_train: int = 100  # pool per task
+    n_val: int = 30
+    n_test: int = 60
+    steps: int = 60
+    shared_steps: int = 10  # the task-shared oracle: 30 steps would take hours on 2 cores
+    tasks: tuple[str, ...] = TASKS
+    out_of_set: tuple[str, ...] = OUT_OF_SET
+    n_out_of_set: int = 60  # per out-of-set task
+    dense: str | None = None  # the dense model the MoE was made from, if any
+
+    @classmethod
+    def small(cls, out: Path = Path("results/real-small")) -> RealConfig:
+        """A few minutes on a tiny model: the three tasks with the shortest prompts, a handful
+        of samples each, the protocol's small grids and seeds, short batches (a tiny model's
+        byte-level tokenizer makes real prompts hundreds of tokens long)."""
+        small = super().small(out)
+        return replace(
+            small,
+            tasks=SMALL_TASKS,
+            n_train=8,
+            n_val=3,
+            n_test=4,
+            n_out_of_set=3,
+            steps=3,
+            batch_size=4,
+        )
+
+
+class Real(Protocol):
+    """The protocol on the real splits (written into ``cfg.out``/data)."""
+
+    def __init__(self, cfg: RealConfig) -> None:
+        if cfg.model is None:
+            raise ValueError(
+                "the real benchmark needs --model (build one with `roma-models build smollm2-moe`)"
+            )
+        data = Path(cfg.out) / "data"
+        caps = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+        paths = write_splits(data, cfg.tasks, caps, cfg.data_seed)
+        paths["out_of_set"] = write_out_of_set(
+            data, cfg.out_of_set, cfg.n_out_of_set, cfg.data_seed
+        )
+        super().__init__(cfg, str(cfg.model), paths)
+        self.cfg: RealConfig = cfg
+
+    def references(self) -> References:
+        """The MoE with every expert on and the dense model, on the test split; cached."""
+        test = {"test": self.samples["test"]}
+
+        def score(path: Path) -> Accuracy:
+            model, tokenizer, _ = load_reference(path)
+            return accuracies(model, tokenizer, test)["test"]
+
+        every = self.out / "models" / "all-experts"
+        all_experts = self.cached(
+            {"reference": "all_experts"},
+            Accuracy,
+            lambda: score(all_experts_dir(Path(self.model), every)),
+        )
+        dense = None
+        if self.cfg.dense is not None:
+            model, tokenizer, weights = load_reference(Path(self.cfg.dense))
+            dense = self.cached(
+                {"reference": "dense", "weights": weights},
+                Accuracy,
+                lambda: accuracies(model, tokenizer, test)["test"],
+            )
+        return References(all_experts=all_experts, dense=dense)
+
+    def out_of_set(self, finals: dict[str, list[RunRecord]]) -> OutOfSet:
+        """The base routers and the final CE and RoMA patches (every seed) on the out-of-set
+        tasks; each score cached."""
+        samples = self.samples["out_of_set"]
+        data = data_fingerprint(samples)
+
+        def score(patch: str | None) -> Accuracy:
+            return self.cached(
+                {"out_of_set_score": patch, "data": data},
+                Accuracy,
+                lambda: self.scorer.score(patch, {"o": samples})["o"],
+            )
+
+        base = score(None)
+        runs = {
+            m: [r.model_copy(update={"test": score(r.patch)}) for r in finals[m]]
+            for m in OUT_OF_SET_METHODS
+        }
+        sizes: dict[str, int] = {}
+        for s in samples:
+            sizes[s.task] = sizes.get(s.task, 0) + 1
+        return OutOfSet(
+            sizes=sizes,
+            base=base,
+            methods={m: seed_stats(r, base, base) for m, r in runs.items()},
+            vs_ce={m: paired_difference(r, runs["ce"]) for m, r in runs.items() if m != "ce"},
+        )
+
+    def run_all(self) -> RealResults:
+        started = time.perf_counter()
+        base = self.scorer.score(None)
+        oracle = self.oracle()
+        oracle_control = self.oracle_control(oracle.lr)
+        shared = self.shared_routing()
+        references = self.references()
+        searches, finals, ablations = self.methods()
+        methods = summarise(finals, base["test"], oracle.test)
+        return RealResults(
+            config=self.cfg,
+            model=self.model,
+            sizes={s: len(v) for s, v in self.samples.items()},
+            base=base,
+            oracle=oracle,
+            oracle_control=oracle_control,
+            shared_routing=SharedRouting(
+                **dict(shared),
+                gap_closed=gap_closed(
+                    shared.test.average, base["test"].average, oracle.test.average
+                ),
+            ),
+            references=references,
+            search=searches,
+            methods=methods,
+            ablations=ablation_stats(ablations, base["test"], oracle.test),
+            out_of_set=self.out_of_set(finals),
+            goals=goals(methods),
+            success_set=finals["roma_knn"][0].train_metrics.get("success_set_size"),
+            seconds=round(time.perf_counter() - started, 1),
+        )
+
+
+def run_real(cfg: RealConfig) -> RealResults:
+    """Everything: the runs, then real.json, real.md and real_accuracy.png in ``cfg.out``."""
+    results = Real(cfg).run_all()
+    out = Path(cfg.out)
+    if cfg.plots:
+        accuracy_plot(
+            results.methods,
+            results.base["test"].average,
+            results.oracle.test.average,
+            results.shared_routing.test.average,
+            PLOT_TITLE,
+            out / "real_accuracy.png",
+        )
+    (out / "real.json").write_text(results.to_json())
+    (out / "real.md").write_text(markdown(results))
+    return results

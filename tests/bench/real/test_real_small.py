@@ -1,0 +1,112 @@
+"""The small real benchmark runs end to end through the CLI on a tiny OLMoE with real OLMES
+data, the real trainer and the real MiniLM embedder: every method and reference is reported,
+validation picks the settings, test only reports, out-of-set tasks are scored, and a second
+invocation reuses the ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from roma_bench.cli import app
+from roma_bench.protocol import LABELS, METHODS
+from roma_bench.real.quality import SMALL_TASKS
+from roma_bench.real.splits import OUT_OF_SET
+from roma_bench.stats import best_on_val
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory, tiny_olmoe: Path) -> Path:
+    out = tmp_path_factory.mktemp("real-small")
+    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(out)]
+    # The "dense" reference: any causal LM scores; the tiny OLMoE stands in for one.
+    result = CliRunner().invoke(app, [*args, "--dense", str(tiny_olmoe)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _ledger(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+def test_every_method_task_and_reference_is_reported(small: Path) -> None:
+    results = json.loads((small / "real.json").read_text())
+    assert set(results["methods"]) == set(METHODS)
+    assert set(results["base"]["test"]["tasks"]) == set(SMALL_TASKS)
+    for name, stats in results["methods"].items():
+        assert len(stats["test_runs"]) == len(results["config"]["seeds"]), name
+    refs = results["references"]
+    assert set(refs["all_experts"]["tasks"]) == set(SMALL_TASKS)
+    # The stand-in dense model is the MoE itself: it scores exactly the base routers.
+    assert refs["dense"] == results["base"]["test"]
+    assert results["oracle"]["test_before"]["average"] == pytest.approx(
+        results["base"]["test"]["average"]
+    )
+    for factor in ("layers", "token", "k", "fraction", "embedder"):
+        assert len(results["ablations"][factor]) >= 2, factor
+    assert {g["name"].split(" ")[0] for g in results["goals"]} >= {"closes", "beats"}
+    text = (small / "real.md").read_text()
+    for label in LABELS.values():
+        assert f"| {label} |" in text, label
+    assert "| MoE, all experts |" in text and "| Dense model |" in text
+    assert (small / "real_accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_out_of_set_tasks_score_the_base_ce_and_roma_patches(small: Path) -> None:
+    results = json.loads((small / "real.json").read_text())
+    found = results["out_of_set"]
+    assert set(found["sizes"]) == set(OUT_OF_SET)
+    assert set(found["base"]["tasks"]) == set(OUT_OF_SET)
+    assert set(found["methods"]) == {"ce", "roma_knn"}
+    roma = found["methods"]["roma_knn"]
+    assert roma["patches"] == results["methods"]["roma_knn"]["patches"]
+    ce = found["methods"]["ce"]["test_mean"]
+    assert found["vs_ce"]["roma_knn"]["mean"] == pytest.approx(roma["test_mean"] - ce)
+    in_set = {json.loads(x)["prompt"] for x in (small / "data" / "train.jsonl").open()}
+    out = [json.loads(x) for x in (small / "data" / "out_of_set.jsonl").open()]
+    assert not in_set & {r["prompt"] for r in out}
+    assert "Out-of-set tasks" in (small / "real.md").read_text()
+
+
+def test_validation_picks_and_test_only_reports(small: Path) -> None:
+    """The search's winner is the grid point with the best validation accuracy; the finals
+    run that setting; training read only the pool."""
+    results = json.loads((small / "real.json").read_text())
+    runs = [r for r in _ledger(small) if "patch" in r]
+    for method, search in results["search"].items():
+        grid = search["grid"]
+        best = grid[best_on_val(tuple(range(len(grid))), {i: p["val"] for i, p in enumerate(grid)})]
+        assert search["best"] == {"lr": best["lr"], "lam": best["lam"]}, method
+    assert {r["config"]["data"] for r in runs} <= {
+        str(small / "data" / "train.jsonl"),
+        *(str(p) for p in (small / "data").glob("train_*pct.jsonl")),
+    }
+    test = {json.loads(x)["prompt"] for x in (small / "data" / "test.jsonl").open()}
+    val = {json.loads(x)["prompt"] for x in (small / "data" / "val.jsonl").open()}
+    pool = {json.loads(x)["prompt"] for x in (small / "data" / "train.jsonl").open()}
+    assert not (test & val or test & pool or val & pool)
+
+
+def test_a_rerun_reuses_the_ledger_and_reports_the_same(small: Path, tiny_olmoe: Path) -> None:
+    ledger = (small / "runs.jsonl").read_text()
+    configs = [r["config"] for r in _ledger(small)]
+    assert sum("out_of_set_score" in c for c in configs) > 0
+    assert sum("reference" in c for c in configs) == 2
+    before = json.loads((small / "real.json").read_text())
+    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(small)]
+    result = CliRunner().invoke(app, [*args, "--dense", str(tiny_olmoe)])
+    assert result.exit_code == 0, result.output
+    assert (small / "runs.jsonl").read_text() == ledger
+    after = json.loads((small / "real.json").read_text())
+    assert after | {"seconds": 0} == before | {"seconds": 0}
+
+
+def test_the_model_is_required() -> None:
+    result = CliRunner().invoke(app, ["real", "--small"])
+    assert result.exit_code == 2
+    assert "roma-models build smollm2-moe" in result.output
