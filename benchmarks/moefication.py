@@ -14,7 +14,8 @@ highest summed log-prob. With ``--model`` the checkpoint is also scored with eve
 which must equal the dense model.
 
 Speed: the layers below the lowest MoE layer are the dense model's in every variant, so their
-output is computed once, in the dense run, and fed to each variant's upper layers.
+output is computed once, in the dense run, and fed to each variant's upper layers
+(``--dense-cache FILE`` keeps it for the next run).
 
 The summary column "kept" is the mean over tasks of (acc - chance) for the variant divided by
 the same mean for the dense model (chance = mean of 1 / number of choices).
@@ -65,7 +66,12 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     from roma_models.moe_build import calibrate, moefy
     from roma_models.smollm2 import load_dense
-    from roma_trainer.evaluate import HFBackend, LoglikelihoodBackend, evaluate
+    from roma_trainer.evaluate import (
+        HFBackend,
+        LoglikelihoodBackend,
+        LoglikelihoodResult,
+        evaluate,
+    )
     from roma_trainer.routers import find_routers
     from roma_trainer.scoring import encode_pairs, max_length, score_encoded
 
@@ -92,8 +98,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
         @torch.no_grad()
         def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list:
-            from roma_trainer.evaluate import LoglikelihoodResult
-
             out = []
             for index, begin in enumerate(range(0, len(requests), args.batch_size)):
                 chunk = requests[begin : begin + args.batch_size]
@@ -123,29 +127,67 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     else:
         start = min(dense.config.num_hidden_layers - s.moe_layers for s, _ in variants)
 
-    cache: list[torch.Tensor] = []
-    hook = dense.model.layers[start - 1].register_forward_hook(
-        lambda _m, _a, out: cache.append(out[0] if isinstance(out, tuple) else out)
-    )
-    began = time.perf_counter()
-    results = {"dense": evaluate(HFBackend(dense, tokenizer, args.batch_size), samples)}
-    hook.remove()
-    print(f"dense: {time.perf_counter() - began:.0f} s", flush=True)
+    class Recording(LoglikelihoodBackend):
+        """Keeps the log-likelihoods ``evaluate`` asked for, to compare variants per request."""
 
-    def score(name: str, model: nn.Module) -> None:
+        def __init__(self, inner: LoglikelihoodBackend) -> None:
+            self.inner, self.results = inner, []
+
+        def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list:
+            self.results = self.inner.loglikelihood(requests)
+            return self.results
+
+    results, logprobs = {}, {}
+
+    def score(name: str, backend: LoglikelihoodBackend) -> None:
         began = time.perf_counter()
-        backend = PrefixBackend(model.eval(), tokenizer, start, cache)
-        results[name] = evaluate(backend, samples)
+        recording = Recording(backend)
+        results[name] = evaluate(recording, samples)
+        logprobs[name] = torch.tensor([r.logprob for r in recording.results], dtype=torch.float64)
         print(f"{name}: {time.perf_counter() - began:.0f} s", flush=True)
+
+    class Replay(LoglikelihoodBackend):
+        """The dense run's results, read back from ``--dense-cache``."""
+
+        def __init__(self, rows: torch.Tensor) -> None:
+            self.rows = rows
+
+        def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list:
+            assert len(requests) == len(self.rows)
+            return [LoglikelihoodResult(float(a), int(b), bool(c)) for a, b, c in self.rows]
+
+    key = [args.samples, args.seed, start, args.batch_size]
+    saved = args.dense_cache and args.dense_cache.exists()
+    stored = torch.load(args.dense_cache, weights_only=True) if saved else None
+    if stored is not None and stored["key"] == key:
+        cache = stored["hidden"]
+        score("dense", Replay(stored["results"]))
+    else:
+        cache = []
+        hook = dense.model.layers[start - 1].register_forward_hook(
+            lambda _m, _a, out: cache.append(out[0] if isinstance(out, tuple) else out)
+        )
+        recording = Recording(HFBackend(dense, tokenizer, args.batch_size))
+        score("dense", recording)
+        hook.remove()
+        if args.dense_cache:
+            rows = torch.tensor(
+                [[r.logprob, r.n_tokens, r.is_greedy] for r in recording.results],
+                dtype=torch.float64,
+            )
+            torch.save({"key": key, "hidden": cache, "results": rows}, args.dense_cache)
 
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        score("top-k", AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32))
-        all_on = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        for router in find_routers(all_on).values():
-            router.top_k = router.num_experts
-        score("all experts on", all_on)
+        for name in ("top-k", "all experts on"):
+            moe = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+            if name == "all experts on":
+                for router in find_routers(moe).values():
+                    router.top_k = router.num_experts
+            score(name, PrefixBackend(moe, tokenizer, start, cache))
+        gap = (logprobs["all experts on"] - logprobs["dense"]).abs()
+        print(f"all experts on vs dense, per (prompt, choice) log-prob: max |d| {gap.max():.2e}")
     else:
         deepest = replace(variants[0][0], moe_layers=dense.config.num_hidden_layers - start)
         layers = deepest.layers(dense.config.num_hidden_layers)
@@ -160,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                         random_rows = torch.randn(gate.weight.shape, generator=generator)
                         gate.weight.copy_(random_rows * 2.0**-16)
             name = f"{shape.moe_layers}/{shape.shared_size}/{shape.num_experts}/{shape.top_k}"
-            score(name + ("" if router == "trained" else f" {router}"), moe)
+            name += "" if router == "trained" else f" {router}"
+            score(name, PrefixBackend(moe.eval(), tokenizer, start, cache))
 
     table: dict[str, dict[str, float]] = {}
     dense_above = sum(results["dense"].tasks[t].acc - chance[t] for t in TASKS) / len(TASKS)
@@ -194,6 +237,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--dense-cache",
+        type=Path,
+        help="keep the dense run (lower layers' output and scores, ~1 GB) in this file and "
+        "reuse it when samples, seed, batch size and lowest MoE layer match",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     table = run(args)
