@@ -1,9 +1,10 @@
 """Tiny MoE checkpoints of the real architectures, for tests, benchmarks and the embedded default.
 
 Nothing can be fetched from a model hub on the machines this project is built on, so every test
-builds its model here: a real transformers config (OLMoE, Qwen3-MoE, DeepSeek-V2/V3 MoE), random
-weights from a fixed seed, and a real byte-level BPE tokenizer, written with ``save_pretrained``
-so that both transformers and vLLM load the directory as they would a hub checkpoint.
+builds its model here: a real transformers config (OLMoE, Qwen3-MoE, Qwen2-MoE, DeepSeek-V2/V3
+MoE), random weights from a fixed seed, and a real byte-level BPE tokenizer, written with
+``save_pretrained`` so that both transformers and vLLM load the directory as they would a hub
+checkpoint.
 
 Sizes respect vLLM-CPU's limits (see PLATFORM.md): head_dim 64 (CPU attention refuses 16), and
 the DeepSeek configs carry the fields vLLM asserts on (``n_group``/``topk_group``; V3's
@@ -17,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-Family = Literal["olmoe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
-FAMILIES: tuple[Family, ...] = ("olmoe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+Family = Literal["olmoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3"]
+FAMILIES: tuple[Family, ...] = ("olmoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 # A small fixed corpus so that the tokenizer (and hence every fixture) is deterministic.
@@ -62,7 +63,13 @@ def build_tokenizer(
 
 def tiny_config(family: Family, vocab_size: int, **overrides: object):  # -> PretrainedConfig
     """A real transformers config of ``family``, small enough to build in a second."""
-    from transformers import DeepseekV2Config, DeepseekV3Config, OlmoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV3Config,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common: dict[str, object] = dict(
         vocab_size=vocab_size,
@@ -89,6 +96,18 @@ def tiny_config(family: Family, vocab_size: int, **overrides: object):  # -> Pre
         common.setdefault("head_dim", 64)
         common.setdefault("norm_topk_prob", True)
         return Qwen3MoeConfig(**common)
+    if family == "qwen2_moe":
+        # The shape of roma-models' MoEfied SmolLM2: a dense first layer, a shared expert with
+        # its sigmoid gate beside the routed ones, q/k/v biases, un-normalised top-k weights.
+        # head_dim is hidden / heads = 64 here (Qwen2-MoE has no head_dim field).
+        common.setdefault("moe_intermediate_size", 64)
+        common.setdefault("intermediate_size", 128)
+        common.setdefault("shared_expert_intermediate_size", 128)
+        common.setdefault("num_experts", 8)
+        common.setdefault("mlp_only_layers", [0])
+        common.setdefault("norm_topk_prob", False)
+        common.setdefault("qkv_bias", True)
+        return Qwen2MoeConfig(**common)
     deepseek: dict[str, object] = dict(
         moe_intermediate_size=64,
         intermediate_size=128,

@@ -86,6 +86,34 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
     assert _group_is_gone(pgid), "stop() must end the engine core and workers too"
 
 
+async def test_qwen2_moe_patch_applies_and_outputs_equal_transformers(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen2-MoE (the MoEfied SmolLM2's family): the engine finds the routed-expert routers
+    ``mlp.gate`` and leaves ``mlp.shared_expert_gate`` alone; greedy text equals transformers'
+    before the patch, with it, and after rolling back."""
+    model_dir = tiny_models["qwen2_moe"]
+    prompts = prompt_ids(model_dir)
+    routers = perturbed_routers(model_dir)
+    assert all(name.endswith(".mlp.gate.weight") for name in routers)
+    base_hf = hf_greedy(model_dir, prompts)
+    patched_hf = hf_greedy(model_dir, prompts, routers=routers)
+    assert patched_hf != base_hf
+
+    process = start(model_dir, tmp_path, cpu_cores=spare_core())
+    try:
+        async with EngineClient(process.url) as client:
+            assert engine_greedy(process.url, model_dir, prompts) == base_hf
+            result = await client.apply(patch_bytes(model_dir, routers), 1)
+            assert result.verified
+            assert sorted(result.changed) == sorted(routers)
+            assert engine_greedy(process.url, model_dir, prompts) == patched_hf
+            assert (await client.apply(None, 0)).verified
+            assert engine_greedy(process.url, model_dir, prompts) == base_hf
+    finally:
+        process.stop()
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 async def test_deepseek_patch_applies_and_routes_like_transformers(
     family: str, tiny_models: dict[str, Path], tmp_path: Path

@@ -30,6 +30,7 @@ SAMPLES = [
 MOE_LAYERS = {
     "olmoe": [0, 1, 2, 3, 4, 5],
     "qwen3_moe": [0, 1, 2, 3, 4, 5],
+    "qwen2_moe": [1, 2, 3, 4, 5],  # mlp_only_layers=[0]; shared_expert_gate is no router
     "deepseek_v2": [1, 2, 3, 4, 5],  # first_k_dense_replace=1: layer 0 is a dense MLP
     "deepseek_v3": [1, 2, 3, 4, 5],
 }
