@@ -19,6 +19,7 @@ Objective = Literal["manifold", "ce", "l1", "l2", "entropy"]
 NeighbourMode = Literal["knn", "eps", "random"]
 TokenPosition = Literal["last", "first", "middle"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+HiddenCacheMode = Literal["off", "memory", "disk"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "roma_default.yaml"
 _LAYERS_RE = re.compile(r"^(all|last\d+)$")
@@ -90,6 +91,15 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     embedder: str | None = Field(None, description="sentence-transformers id or path")
     embed_batch_size: int = Field(64, ge=1)
+    hidden_cache: HiddenCacheMode = Field(
+        "memory",
+        description="keep the hidden states entering the first tuned layer per sequence and run "
+        "only the tuned layers at every step: memory | disk (also saved under hidden_cache_dir "
+        "for later runs on the same model and data) | off",
+    )
+    hidden_cache_dir: Path | None = Field(
+        None, description="disk mode's folder; None = $ROMA_CACHE_DIR/hidden-states"
+    )
 
     @field_validator("layers")
     @classmethod

@@ -38,7 +38,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -46,12 +45,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from roma_patch import fingerprint, raw_from_torch
+from roma_trainer.config import HiddenCacheMode
 from roma_trainer.data import Sample, data_fingerprint
 from roma_trainer.scoring import Encoded
 
 log = logging.getLogger("roma_trainer.hidden_cache")
 
-HiddenCacheMode = Literal["off", "memory", "disk"]
 FILE_FORMAT = "roma-hidden-cache/1"
 MIB = 2**20
 
@@ -226,7 +225,7 @@ class HiddenCache:
         )
         os.replace(partial, self.path)
         self.unsaved = False
-        log.info("hidden cache saved path=%s %s", self.path, self.describe())
+        log.info("hidden cache saved path=%s", self.path)
 
     def _load(self, path: Path) -> None:
         with safe_open(path, "pt") as f:
