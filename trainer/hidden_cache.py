@@ -47,6 +47,7 @@ from torch import nn
 from roma_patch import fingerprint, raw_from_torch
 from roma_trainer.config import HiddenCacheMode
 from roma_trainer.data import Sample, data_fingerprint
+from roma_trainer.packing import Layout, can_share_prompts
 from roma_trainer.scoring import Encoded
 
 log = logging.getLogger("roma_trainer.hidden_cache")
@@ -109,6 +110,9 @@ class HiddenCache:
         self.model = model
         self.decoder = model.get_decoder()
         self.first_layer = first_layer
+        self.hidden_size: int = model.config.hidden_size
+        self.dtype = next(model.parameters()).dtype
+        self.share = can_share_prompts(model)
         self.path = path
         self.prompts: dict[bytes, torch.Tensor] = {}  # prompt ids -> [prompt len, H]
         self.choices: dict[tuple[bytes, int], torch.Tensor] = {}  # (ids, prompt len) -> [n, H]
@@ -118,44 +122,70 @@ class HiddenCache:
 
     # ------------------------------------------------------------------------- forward
     def last_hidden_state(self, enc: Encoded) -> torch.Tensor:
-        """What ``model.get_decoder()(enc)`` returns, running only ``layers[first:]``."""
+        """What ``model.get_decoder()(enc)`` returns, running only ``layers[first:]`` (on
+        prompts shared by their choices, see :mod:`roma_trainer.packing`)."""
+        self._fill(enc)  # before the cut below: it may run the prefix
+        layout = Layout.of(enc, self.share)
+        entering = torch.zeros(
+            (len(layout.position_ids), layout.width, self.hidden_size), dtype=self.dtype
+        )
+        for row, (prompt, choice) in enumerate(self._keys(enc)):
+            b, start, n = layout.row_of[row], layout.start_of[row], enc.continuation_lens[row]
+            entering[b, : enc.context_lens[row]] = self.prompts[prompt]
+            entering[b, start : start + n] = self.choices[choice]
         device = next(self.model.parameters()).device
-        entering = self.hidden_states(enc).to(device)  # outside the cut: it may run the prefix
         with only_layers(self.decoder, self.first_layer, None):
-            return self.decoder(
-                inputs_embeds=entering,
-                attention_mask=enc.attention_mask.to(device),
+            out = self.decoder(
+                inputs_embeds=entering.to(device),
+                attention_mask=layout.attention_mask(self.model, self.dtype).to(device),
+                position_ids=layout.position_ids.to(device),
                 use_cache=False,
             ).last_hidden_state
+        unpacked = out.reshape(-1, out.shape[-1]).index_select(
+            0, layout.unpack_index(enc).to(device)
+        )
+        return unpacked.view(*enc.input_ids.shape, out.shape[-1])
+
+    def routing_rows(self, enc: Encoded, rows: Sequence[int]) -> tuple[list[int], int]:
+        """Where :meth:`last_hidden_state` puts the prompt of each of ``enc``'s ``rows``:
+        (packed row of each, packed width), for :meth:`RoutingCapture.target`."""
+        layout = Layout.of(enc, self.share)
+        return [layout.row_of[row] for row in rows], layout.width
 
     def hidden_states(self, enc: Encoded) -> torch.Tensor:
-        """``[N, S, H]`` states entering layer ``first`` for ``enc``'s rows (zeros on padding),
-        computing the sequences not cached yet in one prefix forward."""
-        keys = [self._keys(enc, row) for row in range(len(enc.context_lens))]
-        missing = [
-            i for i, (p, c) in enumerate(keys) if p not in self.prompts or c not in self.choices
-        ]
-        if missing:
-            self._compute(enc, missing, keys)
-        some = self.prompts[keys[0][0]]
-        out = torch.zeros((*enc.input_ids.shape, some.shape[-1]), dtype=some.dtype)
-        for row, (prompt, choice) in enumerate(keys):
+        """``[N, S, H]`` states entering layer ``first`` for ``enc``'s rows (zeros on padding)."""
+        self._fill(enc)
+        out = torch.zeros((*enc.input_ids.shape, self.hidden_size), dtype=self.dtype)
+        for row, (prompt, choice) in enumerate(self._keys(enc)):
             n_prompt, n_choice = enc.context_lens[row], enc.continuation_lens[row]
             out[row, :n_prompt] = self.prompts[prompt]
             out[row, n_prompt : n_prompt + n_choice] = self.choices[choice]
         return out
 
-    def _keys(self, enc: Encoded, row: int) -> tuple[bytes, tuple[bytes, int]]:
-        n_prompt = enc.context_lens[row]
-        ids = enc.input_ids[row, : n_prompt + enc.continuation_lens[row]]
-        return _ids_key(ids[:n_prompt]), (_ids_key(ids), n_prompt)
+    def _keys(self, enc: Encoded) -> list[tuple[bytes, tuple[bytes, int]]]:
+        keys = []
+        for row, n_prompt in enumerate(enc.context_lens):
+            ids = enc.input_ids[row, : n_prompt + enc.continuation_lens[row]]
+            keys.append((_ids_key(ids[:n_prompt]), (_ids_key(ids), n_prompt)))
+        return keys
 
     @torch.no_grad()
-    def _compute(
-        self, enc: Encoded, rows: Sequence[int], keys: Sequence[tuple[bytes, tuple[bytes, int]]]
-    ) -> None:
-        lengths = [enc.context_lens[r] + enc.continuation_lens[r] for r in rows]
-        width = max(lengths)
+    def _fill(self, enc: Encoded) -> None:
+        """Compute the states of ``enc``'s rows not cached yet, in one forward of the prefix."""
+        keys = self._keys(enc)
+        rows = [
+            i for i, (p, c) in enumerate(keys) if p not in self.prompts or c not in self.choices
+        ]
+        if not rows:
+            return
+        sub = Encoded(
+            enc.input_ids[rows],
+            enc.attention_mask[rows],
+            [enc.context_lens[r] for r in rows],
+            [enc.continuation_lens[r] for r in rows],
+            [enc.first_text_token[r] for r in rows],
+        )
+        layout = Layout.of(sub, self.share)
         device = next(self.model.parameters()).device
         entering: list[torch.Tensor] = []
         # layers[:first] then the final norm: the norm's input is the output of layer first-1
@@ -165,19 +195,20 @@ class HiddenCache:
         try:
             with only_layers(self.decoder, 0, self.first_layer):
                 self.decoder(
-                    input_ids=enc.input_ids[rows, :width].to(device),
-                    attention_mask=enc.attention_mask[rows, :width].to(device),
+                    input_ids=layout.pack(sub, sub.input_ids).to(device),
+                    attention_mask=layout.attention_mask(self.model, self.dtype).to(device),
+                    position_ids=layout.position_ids.to(device),
                     use_cache=False,
                 )
         finally:
             handle.remove()
-        states = entering[0].cpu()
+        states = entering[0].to("cpu", self.dtype)
         for j, row in enumerate(rows):
             prompt, choice = keys[row]
-            n_prompt = enc.context_lens[row]
+            b, start, n = layout.row_of[j], layout.start_of[j], sub.continuation_lens[j]
             if prompt not in self.prompts:
-                self.prompts[prompt] = states[j, :n_prompt].clone()
-            self.choices[choice] = states[j, n_prompt : lengths[j]].clone()
+                self.prompts[prompt] = states[b, : sub.context_lens[j]].clone()
+            self.choices[choice] = states[b, start : start + n].clone()
         self.unsaved = True
 
     # ------------------------------------------------------------------------- size

@@ -179,7 +179,10 @@ def score_samples(
     enc = encode_pairs(tokenizer, pairs, max_length(model))
     if capture is not None:
         positions = [token_position(enc, row, token) for row in first_row]
-        capture.target(torch.tensor(first_row), torch.tensor(positions), enc.input_ids.shape[1])
+        rows, width = (
+            cache.routing_rows(enc, first_row) if cache else (first_row, enc.input_ids.shape[1])
+        )
+        capture.target(torch.tensor(rows), torch.tensor(positions), width)
     scores = score_encoded(model, enc, cache)
     width = max(len(s.choices) for s in samples)
     device = scores.logprob.device
