@@ -2,9 +2,9 @@
 (every family, Qwen2-MoE with dense and sliding-window layers included), the cut sits exactly
 at the first tuned layer, and the disk cache round-trips and is keyed by model and data.
 
-Qwen2-MoE is built here from transformers' ``Qwen2MoeConfig`` (the shared fixtures do not
-build it): dense layers via ``mlp_only_layers``, a shared expert, and alternating sliding /
-full attention, so that ``config.layer_types`` differs between the prefix and the suffix.
+Qwen2-MoE comes from this folder's conftest (dense layers, a shared expert, and alternating
+sliding / full attention, so ``config.layer_types`` differs between the prefix and the suffix
+and the cache runs one row per sequence there); the other families share prompts.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from roma_models.tiny import build_tokenizer
 from roma_patch import read_patch
 from roma_trainer.cli import app
 from roma_trainer.config import TrainConfig
@@ -31,30 +30,6 @@ from roma_trainer.scoring import encode_pairs, score_samples
 
 SAMPLE_FILE = Path(__file__).parents[2] / "trainer" / "data" / "sample.jsonl"
 TOL = 1e-5
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 layers: 0-2 dense, 3-5 MoE (8 experts top-2 + a shared expert); even layers slide."""
-    out = tmp_path_factory.mktemp("qwen2-moe")
-    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(out))
-    config = Qwen2MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=6,
-        num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
-        moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=8,
-        num_experts_per_tok=2, mlp_only_layers=[0, 1, 2], use_sliding_window=True,
-        sliding_window=4, max_window_layers=6, max_position_embeddings=512,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(out)
-    assert len(set(config.layer_types)) == 2  # both kinds, so a wrong cut would show
-    return out
 
 
 @pytest.fixture(
@@ -117,10 +92,25 @@ def test_cached_states_are_those_entering_the_first_tuned_layer(tiny_qwen2_moe: 
     real = enc.attention_mask.bool()
     with torch.no_grad():
         states = HiddenCache(model, 3).hidden_states(enc)
-    torch.testing.assert_close(states[real], entering(model, enc, 3)[real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(states[real], entering(model, enc, 3)[real], atol=TOL, rtol=0)
     for other in (2, 4):
         assert not torch.allclose(states[real], entering(model, enc, other)[real], atol=1e-3)
     assert torch.all(states[~real] == 0)
+
+
+def test_eager_attention_takes_the_shared_prompt_mask(
+    tiny_models: dict[str, Path], samples
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_models["deepseek_v2"], attn_implementation="eager"
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models["deepseek_v2"])
+    cache = HiddenCache(model, 3)
+    assert cache.share
+    with torch.no_grad():
+        full = score_samples(model, tok, samples).logprob
+        cached = score_samples(model, tok, samples, cache=cache).logprob
+    torch.testing.assert_close(cached, full, atol=TOL, rtol=0)
 
 
 def test_the_first_tuned_layer_runs_live_and_the_layers_below_do_not(
@@ -256,33 +246,49 @@ def run_recipe(model: Path, out: Path, mode: str, caplog, **changes) -> tuple[Ro
     return recipe, steps
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "changes",
-    [{"neighbour_routing": "live"}, {"objective": "entropy", "token": "first"}],
-    ids=["manifold-live", "entropy"],
-)
-def test_training_with_the_cache_equals_training_without(
-    family_model: Path, tmp_path: Path, caplog, changes: dict
-) -> None:
-    off, off_steps = run_recipe(
-        family_model, tmp_path / "off.safetensors", "off", caplog, **changes
-    )
-    on, on_steps = run_recipe(
-        family_model, tmp_path / "on.safetensors", "memory", caplog, **changes
-    )
+def assert_same_training(model: Path, tmp_path: Path, caplog, **changes) -> RomaRecipe:
+    """Train with the cache off and on: same losses at every step, same metrics, same patch."""
+    off, off_steps = run_recipe(model, tmp_path / "off.safetensors", "off", caplog, **changes)
+    on, on_steps = run_recipe(model, tmp_path / "on.safetensors", "memory", caplog, **changes)
     assert off.cache is None
-    assert on.cache is not None and on.cache.first_layer == min(on.layers) == 4
+    assert on.cache is not None and on.cache.first_layer == min(on.layers)
     torch.testing.assert_close(torch.tensor(on_steps), torch.tensor(off_steps), atol=TOL, rtol=0)
     for key in ("train_acc_before", "train_acc_after", "train_ce_before", "train_ce_after"):
         assert on.metrics[key] == pytest.approx(off.metrics[key], abs=TOL), key
     patch_on = read_patch(on.cfg.out).to_torch()
     patch_off = read_patch(off.cfg.out).to_torch()
     assert patch_on.keys() == patch_off.keys()
-    base = {n: t for n, t in load(family_model)[0].state_dict().items() if n in patch_on}
+    base = {n: t for n, t in load(model)[0].state_dict().items() if n in patch_on}
     for name in patch_off:
         torch.testing.assert_close(patch_on[name], patch_off[name], atol=TOL, rtol=0)
         assert not torch.equal(patch_off[name], base[name]), f"{name} did not train"
+    return on
+
+
+@pytest.mark.slow
+def test_training_with_the_cache_equals_training_without(
+    family_model: Path, tmp_path: Path, caplog
+) -> None:
+    """RoMA with live neighbour routing: the routing capture, the neighbours' extra forward and
+    the success set's scoring all go through the cache."""
+    on = assert_same_training(family_model, tmp_path, caplog, neighbour_routing="live")
+    assert on.cache.first_layer == 4  # last2 of 6 layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "changes", "first"),
+    [
+        ("olmoe", {"objective": "entropy", "token": "first"}, 4),
+        ("deepseek_v3", {"objective": "ce", "layers": "all"}, 1),  # layer 0 is dense
+    ],
+    ids=["entropy", "ce-all-layers"],
+)
+def test_other_objectives_and_layers_train_the_same(
+    tiny_models: dict[str, Path], tmp_path: Path, caplog, family: str, changes: dict, first: int
+) -> None:
+    on = assert_same_training(tiny_models[family], tmp_path, caplog, **changes)
+    assert on.cache.first_layer == first
 
 
 @pytest.mark.slow
