@@ -55,9 +55,9 @@ def smollm2_tokenizer():
 
 def build_model(out: Path, args: argparse.Namespace) -> Path:
     """A random-weight Qwen2-MoE of SmolLM2-135M's shape, with a tokenizer, saved to ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
+    from transformers import AutoTokenizer, Qwen2MoeConfig
 
-    from roma_models.tiny import build_tokenizer
+    from roma_models.tiny import build_tokenizer, random_model
 
     tokenizer = smollm2_tokenizer() or AutoTokenizer.from_pretrained(build_tokenizer(out / "tok"))
     if tokenizer.pad_token_id is None:
@@ -72,13 +72,7 @@ def build_model(out: Path, args: argparse.Namespace) -> Path:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(out)
+    random_model(config, seed=0).save_pretrained(out)
     return out
 
 

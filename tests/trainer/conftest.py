@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
+from transformers import AutoTokenizer, Qwen2MoeConfig
 
-from roma_models.tiny import build_tokenizer
+from roma_models.tiny import build_tokenizer, random_model
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +25,6 @@ def tiny_qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sliding_window=4, max_window_layers=6, max_position_embeddings=512,
         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0.0, 0.5)  # as roma_models.tiny does: routing must matter
-    model.save_pretrained(out)
+    random_model(config, seed=0).save_pretrained(out)
     assert len(set(config.layer_types)) == 2
     return out
