@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -152,16 +152,6 @@ class HiddenCache:
         layout = Layout.of(enc, self.share)
         return [layout.row_of[row] for row in rows], layout.width
 
-    def hidden_states(self, enc: Encoded) -> torch.Tensor:
-        """``[N, S, H]`` states entering layer ``first`` for ``enc``'s rows (zeros on padding)."""
-        self._fill(enc)
-        out = torch.zeros((*enc.input_ids.shape, self.hidden_size), dtype=self.dtype)
-        for row, (prompt, choice) in enumerate(self._keys(enc)):
-            n_prompt, n_choice = enc.context_lens[row], enc.continuation_lens[row]
-            out[row, :n_prompt] = self.prompts[prompt]
-            out[row, n_prompt : n_prompt + n_choice] = self.choices[choice]
-        return out
-
     def _keys(self, enc: Encoded) -> list[tuple[bytes, tuple[bytes, int]]]:
         keys = []
         for row, n_prompt in enumerate(enc.context_lens):
@@ -259,12 +249,17 @@ class HiddenCache:
         log.info("hidden cache saved path=%s", self.path)
 
     def _load(self, path: Path) -> None:
-        with safe_open(path, "pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+        """Read a file :meth:`save` wrote; any other (or a damaged one) is ignored, with a
+        warning, and replaced by the next :meth:`save`."""
+        try:
+            with safe_open(path, "pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+            t = load_file(path) if fmt == FILE_FORMAT else {}
+        except (OSError, SafetensorError) as exc:
+            fmt, t = f"unreadable ({exc})", {}
         if fmt != FILE_FORMAT:
-            log.warning("hidden cache %s has format %r, not %s: ignored", path, fmt, FILE_FORMAT)
+            log.warning("hidden cache %s has format %s, not %s: ignored", path, fmt, FILE_FORMAT)
             return
-        t = load_file(path)
         prompt_ids = t["prompt_ids"].split(t["prompt_lens"].tolist())
         states = t["prompt_states"].split(t["prompt_lens"].tolist())
         self.prompts = {_ids_key(ids): s for ids, s in zip(prompt_ids, states, strict=True)}

@@ -50,8 +50,8 @@ def samples() -> list[Sample]:
     return load_jsonl(SAMPLE_FILE)[:8]
 
 
-def entering(model, enc, layer: int) -> torch.Tensor:
-    """The hidden states entering ``layer`` in a full forward (a pre-hook on the layer)."""
+def entering(model, layer: int, forward) -> torch.Tensor:
+    """The hidden states entering ``layer`` while ``forward()`` runs (a pre-hook on it)."""
     seen = []
     handle = (
         model.get_decoder()
@@ -63,10 +63,10 @@ def entering(model, enc, layer: int) -> torch.Tensor:
     )
     try:
         with torch.no_grad():
-            model.get_decoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+            forward()
     finally:
         handle.remove()
-    return seen[0]
+    return seen[-1]
 
 
 def test_scores_and_routing_equal_the_full_model(family_model: Path, samples) -> None:
@@ -85,17 +85,22 @@ def test_scores_and_routing_equal_the_full_model(family_model: Path, samples) ->
         assert cache.n_tokens > 0
 
 
-def test_cached_states_are_those_entering_the_first_tuned_layer(tiny_qwen2_moe: Path) -> None:
-    """Off by one either way would hand layer ``first`` the input of ``first - 1`` or ``+ 1``."""
+def test_the_first_tuned_layer_gets_what_it_gets_in_the_full_model(tiny_qwen2_moe: Path) -> None:
+    """Off by one either way would hand layer ``first`` the input of ``first - 1`` or ``+ 1``.
+    (Qwen2-MoE here slides, so the cached forward keeps one row per sequence, as ``enc``.)"""
     model, tok = load(tiny_qwen2_moe)
     enc = encode_pairs(tok, [("The sky is", " blue"), ("Paris is", " the capital of France.")])
     real = enc.attention_mask.bool()
-    with torch.no_grad():
-        states = HiddenCache(model, 3).hidden_states(enc)
-    torch.testing.assert_close(states[real], entering(model, enc, 3)[real], atol=TOL, rtol=0)
+    cache = HiddenCache(model, 3)
+    assert not cache.share
+
+    def full() -> None:
+        model.get_decoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+
+    cached = entering(model, 3, lambda: cache.last_hidden_state(enc))
+    torch.testing.assert_close(cached[real], entering(model, 3, full)[real], atol=TOL, rtol=0)
     for other in (2, 4):
-        assert not torch.allclose(states[real], entering(model, enc, other)[real], atol=1e-3)
-    assert torch.all(states[~real] == 0)
+        assert not torch.allclose(cached[real], entering(model, other, full)[real], atol=1e-3)
 
 
 def test_eager_attention_takes_the_shared_prompt_mask(
@@ -212,14 +217,24 @@ def test_disk_cache_is_keyed_by_model_data_and_layer(
     assert stale.path != cache.path and not stale.choices
 
 
-def test_a_file_of_another_format_is_ignored(tiny_models, samples, tmp_path: Path) -> None:
-    model, tok = load(tiny_models["olmoe"])
-    cache = open_hidden_cache("disk", model, 4, tok, samples, tmp_path)
+@pytest.mark.parametrize("content", ["other-format", "damaged"])
+def test_a_file_it_did_not_write_is_ignored_and_replaced(
+    tiny_models, samples, tmp_path: Path, content: str
+) -> None:
     from safetensors.torch import save_file
 
-    save_file({"x": torch.zeros(1)}, cache.path, metadata={"format": "something-else"})
+    model, tok = load(tiny_models["olmoe"])
+    path = open_hidden_cache("disk", model, 4, tok, samples, tmp_path).path
+    if content == "damaged":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    else:
+        save_file({"x": torch.zeros(1)}, path, metadata={"format": "something-else"})
     reopened = open_hidden_cache("disk", model, 4, tok, samples, tmp_path)
     assert not reopened.prompts and not reopened.choices
+    with torch.no_grad():
+        score_samples(model, tok, samples, cache=reopened)
+    reopened.save()
+    assert open_hidden_cache("disk", model, 4, tok, samples, tmp_path).choices
 
 
 # ------------------------------------------------------------------------------ training
