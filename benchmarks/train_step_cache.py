@@ -13,6 +13,13 @@ one warm-up step, the ratio of the medians, the median of the per-step ratios, a
 of both runs side by side (they must agree to 1e-5: the cache changes where the states come
 from, not what is computed), plus the largest difference between the two runs' routers.
 
+Threads: one by default. On a machine shared with other jobs, a second intra-op thread spends
+its time waiting at OpenMP barriers for a core another job holds, which slows a step made of
+many small operations (the cached one) far more than one made of large matmuls (measured on
+the 2-core build machine at load average 4: cache on 0.55-0.6 s a step with 1 thread, 7.6 s
+with 2; cache off 5.3 vs 19 s). ``--threads 2`` measures that case; the process CPU time a
+step is shown beside the wall time.
+
 The default model is SmolLM2-135M's shape as a Qwen2-MoE (hidden 576, 30 layers, 9 heads /
 3 KV heads of 64, vocab 49152, dense FFN 1536 in layers 0-21, MoE in the last 8 with 16 experts
 of 96 top-4 plus a shared expert of 384) with random weights: timing does not depend on the
@@ -95,9 +102,10 @@ def write_data(out: Path, tokenizer, prompt_tokens: int) -> tuple[Path, float]:
     return out, statistics.mean(lengths)
 
 
-def step(recipe, idx: list[int]) -> tuple[float, float]:
-    """One training step exactly as ``RomaRecipe.train`` runs it; returns (seconds, loss)."""
-    start = time.perf_counter()
+def step(recipe, idx: list[int]) -> tuple[float, float, float]:
+    """One training step exactly as ``RomaRecipe.train`` runs it; returns (wall seconds,
+    process CPU seconds, loss)."""
+    start, cpu = time.perf_counter(), time.process_time()
     loss, parts = recipe.loss(idx, recipe.lam_at(recipe.step))
     recipe.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -105,7 +113,7 @@ def step(recipe, idx: list[int]) -> tuple[float, float]:
         torch.nn.utils.clip_grad_norm_(recipe.params, recipe.cfg.grad_clip)
     recipe.optimizer.step()
     recipe.step += 1
-    return time.perf_counter() - start, parts["loss"]
+    return time.perf_counter() - start, time.process_time() - cpu, parts["loss"]
 
 
 def main() -> None:
@@ -117,8 +125,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="samples (all their choices)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=9, help="steps of each run (1 is warm-up)")
+    parser.add_argument("--steps", type=int, default=11, help="steps of each run (1 is warm-up)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (see the docstring)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from rich.console import Console
     from rich.table import Table
@@ -148,6 +160,7 @@ def main() -> None:
         seed_everything(0)
         order = torch.randperm(len(off.samples)).tolist() * args.steps
         times: dict[str, list[float]] = {"off": [], "memory": []}
+        cpu: dict[str, list[float]] = {"off": [], "memory": []}
         losses: dict[str, list[float]] = {"off": [], "memory": []}
         tokens = []
         for i in range(args.steps):
@@ -159,8 +172,9 @@ def main() -> None:
                       for c in s.choices)
             )  # fmt: skip
             for mode in ("off", "memory") if i % 2 == 0 else ("memory", "off"):
-                seconds, loss = step(recipes[mode], idx)
+                seconds, cpu_seconds, loss = step(recipes[mode], idx)
                 times[mode].append(seconds)
+                cpu[mode].append(cpu_seconds)
                 losses[mode].append(loss)
         router_diff = max(
             (a - b).abs().max().item() for a, b in zip(off.params, on.params, strict=True)
@@ -188,6 +202,11 @@ def main() -> None:
         f"[bold]{med['off'] / med['memory']:.2f}x[/]",
     )  # fmt: skip
     table.add_row("median of paired ratios", "", "", f"{paired:.2f}x")
+    cpu_med = {mode: statistics.median(t[1:]) for mode, t in cpu.items()}
+    table.add_row(
+        "process CPU time a step, median (s)", f"{cpu_med['off']:.3f}",
+        f"{cpu_med['memory']:.3f}", f"{cpu_med['off'] / cpu_med['memory']:.2f}x",
+    )  # fmt: skip
     table.add_row("tokens/s", f"{tok / med['off']:.0f}", f"{tok / med['memory']:.0f}", "")
     table.add_row(
         "setup (s)", f"{setup_s['off']:.1f}", f"{setup_s['memory']:.1f}",
