@@ -381,3 +381,12 @@ def test_eval_refuses_a_memory_cache(tiny_models: dict[str, Path]) -> None:
     )  # fmt: skip
     assert result.exit_code == 2
     assert "use off or disk" in result.output
+
+
+def test_train_refuses_an_unknown_cache_mode(tiny_models: dict[str, Path]) -> None:
+    result = CliRunner().invoke(
+        app, ["train", "--model", str(tiny_models["olmoe"]), "--data", str(SAMPLE_FILE),
+              "--hidden-cache", "ram"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "hidden_cache" in result.output
