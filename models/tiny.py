@@ -147,6 +147,24 @@ _VLLM_CONFIG_FIXES: dict[str, dict[str, object]] = {
 }
 
 
+def random_model(config, seed: int = 0):  # PretrainedConfig -> PreTrainedModel
+    """A float32 causal LM of ``config`` with random weights from ``seed``, routers included:
+    HF initialises routers to zeros in some families; random routers make routing (and a
+    patch) actually matter, as in a pretrained model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from roma_patch import router_of_tensor
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if router_of_tensor(name) is not None:
+                param.normal_(0.0, 0.5)
+    return model
+
+
 def build_tiny_model(
     family: Family,
     out_dir: str | Path,
@@ -156,22 +174,9 @@ def build_tiny_model(
     **overrides: object,
 ) -> Path:
     """Write a tiny random-weight checkpoint + tokenizer of ``family`` to ``out_dir``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from roma_patch import router_of_tensor
-
     out = Path(out_dir)
     build_tokenizer(out, corpus, vocab_size)
-    config = tiny_config(family, vocab_size, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        # HF initialises routers to zeros in some families; random routers make routing
-        # (and a patch) actually matter, as in a pretrained model.
-        for name, param in model.named_parameters():
-            if router_of_tensor(name) is not None:
-                param.normal_(0.0, 0.5)
+    model = random_model(tiny_config(family, vocab_size, **overrides), seed)
     model.save_pretrained(out)
     fixes = _VLLM_CONFIG_FIXES.get(family)
     if fixes:

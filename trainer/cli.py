@@ -133,6 +133,14 @@ def eval_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Run the checkpoint's own modelling code (DeepSeekMoE 16B).")
     ] = False,
+    hidden_cache: Annotated[
+        str,
+        typer.Option(
+            help="off | disk: with --patch, keep the hidden states entering the first patched "
+            "layer in $ROMA_CACHE_DIR/hidden-states, so evaluating another patch of the same "
+            "layers on the same model and data runs only those layers."
+        ),
+    ] = "off",
     gateway: Annotated[
         str | None,
         typer.Option(
@@ -148,15 +156,25 @@ def eval_cmd(
         return
     from roma_trainer.apply import apply_patch
     from roma_trainer.evaluate import HFBackend, evaluate, render, write_json
+    from roma_trainer.hidden_cache import open_hidden_cache
     from roma_trainer.modeling import load_model
 
+    if hidden_cache not in ("off", "disk"):
+        fail(f"--hidden-cache {hidden_cache!r}: use off or disk")
     try:
         samples = load_samples(data)
         loaded = load_model(model, dtype="auto", trust_remote_code=trust_remote_code)
         applied = apply_patch(loaded.model, patch, loaded.model_id) if patch else None
     except BAD_INPUT as exc:
         fail(f"{patch}: {exc}" if isinstance(exc, PatchError) else str(exc))
-    report = evaluate(HFBackend(loaded.model, loaded.tokenizer, batch_size), samples)
+    cache = None
+    if applied and hidden_cache == "disk":  # every layer below the first patched one is base
+        cache = open_hidden_cache(
+            "disk", loaded.model, min(applied.layers), loaded.tokenizer, samples
+        )
+    report = evaluate(HFBackend(loaded.model, loaded.tokenizer, batch_size, cache), samples)
+    if cache is not None:
+        cache.save()
     report.extra = {
         "model": loaded.model_id,
         "data": data,

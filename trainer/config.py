@@ -23,6 +23,8 @@ from pydantic.fields import FieldInfo
 
 from roma_trainer import objectives
 
+HiddenCacheMode = Literal["off", "memory", "disk"]
+
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "roma_default.yaml"
 _LAYERS_RE = re.compile(r"^(all|last\d+)$")
 _COMMENT_COLUMN = 25  # where the YAML's inline comments start
@@ -176,6 +178,16 @@ class TrainConfig(BaseModel):
         description="sentence-transformers id or path (unset: the packaged all-MiniLM-L6-v2)",
     )
     embed_batch_size: int = Field(64, ge=1, description="prompts per batch of the embedder")
+
+    hidden_cache: HiddenCacheMode = Field(
+        "memory",
+        description="keep the hidden states entering the first tuned layer per sequence and run "
+        "only the tuned layers at every step; disk also saves them under hidden_cache_dir for "
+        "later runs on the same model and data",
+    )
+    hidden_cache_dir: Path | None = Field(
+        None, description="disk mode's folder (unset: $ROMA_CACHE_DIR/hidden-states)"
+    )
 
     @field_validator("objective")
     @classmethod

@@ -23,6 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from roma_trainer.data import Sample
+from roma_trainer.hidden_cache import HiddenCache
 from roma_trainer.scoring import encode_pairs, max_length, score_encoded
 
 
@@ -42,21 +43,24 @@ class LoglikelihoodBackend(ABC):
 
 
 class HFBackend(LoglikelihoodBackend):
-    """A local transformers model, scored in batches of ``batch_size`` requests."""
+    """A local transformers model, scored in batches of ``batch_size`` requests (the layers
+    below ``cache``'s first layer from the cache, when given)."""
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 32) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, batch_size: int = 32, cache: HiddenCache | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.cache = cache
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
         out: list[LoglikelihoodResult] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
-            scores = score_encoded(
-                self.model, encode_pairs(self.tokenizer, chunk, max_length(self.model))
-            )
+            enc = encode_pairs(self.tokenizer, chunk, max_length(self.model))
+            scores = score_encoded(self.model, enc, self.cache)
             out.extend(
                 LoglikelihoodResult(float(lp), int(n), bool(g))
                 for lp, n, g in zip(

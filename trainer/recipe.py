@@ -23,6 +23,7 @@ from roma_patch import PatchMeta, write_patch
 from roma_trainer import objectives
 from roma_trainer.config import ConfigError, TrainConfig
 from roma_trainer.data import Sample, data_fingerprint, load_samples
+from roma_trainer.hidden_cache import HiddenCache, open_hidden_cache
 from roma_trainer.modeling import LoadedModel, load_model
 from roma_trainer.neighbours import Neighbours, embed, find_neighbours
 from roma_trainer.routers import (
@@ -56,6 +57,7 @@ class RomaRecipe:
         self.metrics: dict[str, Any] = {}
         self.step = 0
         self.capture: RoutingCapture | None = None
+        self.cache: HiddenCache | None = None
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -82,9 +84,21 @@ class RomaRecipe:
         self.base_params = [p.detach().clone() for p in self.params]
         self.capture = RoutingCapture(self.model, self.layers)
         self.capture.__enter__()
+        # layers below the first tuned one never change: their output comes from this cache
+        self.cache = open_hidden_cache(
+            cfg.hidden_cache,
+            self.model,
+            self.layers[0],
+            self.loaded.tokenizer,
+            self.samples,
+            cfg.hidden_cache_dir,
+        )
 
         # success set S (the base model answers correctly) and base routing r_j of its members
         base = self.score_all(with_routing=self.objective.neighbours)
+        if self.cache is not None:
+            self.cache.save()  # disk mode: later runs on this model and data skip the prefix
+            log.info("hidden cache %s", self.cache.describe())
         correct = (base.logprob.argmax(-1) == self.answers).tolist()
         self.success = [i for i, ok in enumerate(correct) if ok]
         self.metrics.update(
@@ -132,6 +146,7 @@ class RomaRecipe:
                 [self.samples[i] for i in idx],
                 self.cfg.token,
                 self.capture if with_routing else None,
+                self.cache,
             )
             for idx in batches(len(self.samples), self.cfg.batch_size)
         ]
@@ -159,7 +174,7 @@ class RomaRecipe:
         batch = [self.samples[self.success[m]] for m in members.tolist()]
         batch = [Sample(s.task, s.prompt, s.choices[:1], 0) for s in batch]
         routing = score_samples(
-            self.model, self.loaded.tokenizer, batch, self.cfg.token, self.capture
+            self.model, self.loaded.tokenizer, batch, self.cfg.token, self.capture, self.cache
         ).routing
         assert routing is not None
         return routing.flatten(1)[slot]
@@ -169,7 +184,9 @@ class RomaRecipe:
         objective = self.objective
         batch = [self.samples[i] for i in idx]
         capture = self.capture if objective.routing else None
-        scores = score_samples(self.model, self.loaded.tokenizer, batch, self.cfg.token, capture)
+        scores = score_samples(
+            self.model, self.loaded.tokenizer, batch, self.cfg.token, capture, self.cache
+        )
         answers = self.answers[list(idx)].to(scores.logprob.device)
         ce = objectives.choice_cross_entropy(scores.logprob, answers)
         if objective.term is None:
@@ -247,7 +264,8 @@ class RomaRecipe:
         path = Path(out or self.cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         hparams = self.cfg.model_dump(
-            mode="json", exclude={"model", "data", "out", "trust_remote_code"}
+            mode="json",
+            exclude={"model", "data", "out", "trust_remote_code", "hidden_cache_dir"},
         )
         meta = PatchMeta(
             base_model=self.loaded.model_id,

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from roma_trainer.data import Sample
 from roma_trainer.routers import RoutingCapture
+
+if TYPE_CHECKING:  # hidden_cache imports Encoded from here
+    from roma_trainer.hidden_cache import HiddenCache
 
 TokenPosition = str  # "last" | "first" | "middle" (validated by the config)
 
@@ -100,18 +104,22 @@ class PairScores:
     is_greedy: torch.Tensor  # [N] bool: every continuation token is the argmax
 
 
-def score_encoded(model: nn.Module, enc: Encoded) -> PairScores:
+def score_encoded(model: nn.Module, enc: Encoded, cache: HiddenCache | None = None) -> PairScores:
     """Run the model once over the batch and score each continuation (keeps the graph).
 
     Only the rows that predict continuation tokens go through the LM head, so memory is
-    ``sum(continuation tokens) x vocab`` rather than ``N x S x vocab``.
+    ``sum(continuation tokens) x vocab`` rather than ``N x S x vocab``. With ``cache``, the
+    layers below its first layer are not run: their output comes from the cache.
     """
     device = next(model.parameters()).device
-    hidden = model.get_decoder()(
-        input_ids=enc.input_ids.to(device),
-        attention_mask=enc.attention_mask.to(device),
-        use_cache=False,
-    ).last_hidden_state
+    if cache is not None:
+        hidden = cache.last_hidden_state(enc)
+    else:
+        hidden = model.get_decoder()(
+            input_ids=enc.input_ids.to(device),
+            attention_mask=enc.attention_mask.to(device),
+            use_cache=False,
+        ).last_hidden_state
     width = enc.input_ids.shape[1]
     rows, targets, owner = [], [], []
     for i, (ctx, cont) in enumerate(zip(enc.context_lens, enc.continuation_lens, strict=True)):
@@ -153,10 +161,12 @@ def score_samples(
     samples: Sequence[Sample],
     token: TokenPosition = "last",
     capture: RoutingCapture | None = None,
+    cache: HiddenCache | None = None,
 ) -> ChoiceScores:
     """One forward over all choices of ``samples``; routing of each sample's prompt when
     ``capture`` is given (taken from its first choice's sequence: causal attention makes the
-    prompt's hidden states identical in every choice's sequence)."""
+    prompt's hidden states identical in every choice's sequence); the layers below ``cache``'s
+    first layer come from it when given."""
     pairs, first_row = [], []
     for sample in samples:
         first_row.append(len(pairs))
@@ -164,8 +174,11 @@ def score_samples(
     enc = encode_pairs(tokenizer, pairs, max_length(model))
     if capture is not None:
         positions = [token_position(enc, row, token) for row in first_row]
-        capture.target(torch.tensor(first_row), torch.tensor(positions), enc.input_ids.shape[1])
-    scores = score_encoded(model, enc)
+        rows, width = (
+            cache.routing_rows(enc, first_row) if cache else (first_row, enc.input_ids.shape[1])
+        )
+        capture.target(torch.tensor(rows), torch.tensor(positions), width)
+    scores = score_encoded(model, enc, cache)
     width = max(len(s.choices) for s in samples)
     device = scores.logprob.device
     logprob = torch.full((len(samples), width), float("-inf"), device=device)
