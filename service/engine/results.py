@@ -59,6 +59,8 @@ class SlotInfo(BaseModel):
 class SlotTableState(BaseModel):
     capacity: int
     strategy: str
+    steps: int = Field(0, description="model forwards since the engine started")
+    mixed_steps: int = Field(0, description="forwards whose tokens used more than one slot")
     slots: list[SlotInfo]
     misses: dict[int, int] = Field(
         default_factory=dict,

@@ -76,6 +76,8 @@ class SlotsAPI:
         return SlotTableState(
             capacity=first["capacity"],
             strategy=first["strategy"],
+            steps=first["steps"],
+            mixed_steps=first["mixed_steps"],
             slots=rows,
             misses=misses,
             tainted=[int(v) for v in first["tainted"]],

@@ -98,6 +98,7 @@ class SlotTable:
         }
         self.slots = [Slot(i) for i in range(slots)]
         self.steps = 0
+        self.mixed_steps = 0  # steps whose tokens used more than one slot
         self.misses: collections.Counter[str] = collections.Counter()
         # Versions whose cache salt may hold KV computed under other routers (requests moved
         # off them by an eviction): the client resets the prefix cache when one is loaded.
@@ -121,6 +122,7 @@ class SlotTable:
             self.slots[first].last_used = self.steps
             self.step.uniform(first, tokens)
             return
+        self.mixed_steps += 1
         for slot in set(per_request):
             self.slots[slot].last_used = self.steps
         # Tokens are laid out request after request, in batch order (query_start_loc).
@@ -330,6 +332,7 @@ class SlotTable:
             "capacity": len(self.slots),
             "strategy": self.strategy,
             "steps": self.steps,
+            "mixed_steps": self.mixed_steps,
             "slots": rows,
             "misses": dict(self.misses),
             "tainted": sorted(self.tainted),

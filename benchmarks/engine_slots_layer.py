@@ -1,0 +1,186 @@
+"""Per-token cost of router slots in one MoE layer (vLLM's OLMoE block: gate + fused experts),
+in this process, pinned to one core. Goal: 4 resident versions cost <= 1 % over vLLM's plain
+gate.
+
+    python benchmarks/engine_slots_layer.py                                # OLMoE-1B-7B layer
+    python benchmarks/engine_slots_layer.py --hidden 128 --experts 8 --intermediate 64 --top-k 2
+
+Modes, all on the same layer and weights, interleaved round by round (order rotated each round):
+* ``vLLM gate``: the layer as vLLM builds it (what ROMA_ROUTER_SLOTS=1 runs);
+* ``4 slots, one version``: slots installed, 3 patches resident, every token of the forward on
+  the same patched slot (the step's tokens share a version: the gate calls that slot's kernel);
+* ``4 slots, mixed``: tokens spread evenly over the 4 versions (base + 3 patches);
+* ``stacked, mixed``: the CUDA-graph strategy on the CPU (one GEMM against the stacked weights
+  with torch's F.linear, then a gather), for reference: not what a CPU engine runs.
+
+Each measurement times ``--forwards`` forwards of ``--tokens`` tokens; the table gives the
+median over ``--rounds`` rounds, the ratio of medians to the vLLM gate, and the median of
+same-round ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False)
+SLOTS = 4
+
+
+def _distributed(config: object) -> None:
+    """A one-process vLLM worker context (config + distributed group), as in a worker."""
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        distributed_init_method=f"tcp://127.0.0.1:{port}",
+        backend="gloo",
+    )
+    initialize_model_parallel(1, 1)
+
+
+def _moe_layer(hidden: int, experts: int, intermediate: int, top_k: int) -> torch.nn.Module:
+    """vLLM's OLMoE MoE block with random weights, prepared as a CPU engine prepares it."""
+    from vllm.model_executor.models.olmoe import OlmoeMoE
+
+    torch.manual_seed(0)
+    moe = OlmoeMoE(experts, top_k, hidden, intermediate, prefix="model.layers.0.mlp")
+    with torch.no_grad():
+        for param in moe.parameters():
+            param.normal_(std=0.02)
+    for module in moe.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+    return moe
+
+
+@app.command()
+def main(
+    hidden: int = 2048,
+    experts: int = 64,
+    intermediate: int = 1024,
+    top_k: Annotated[int, typer.Option("--top-k")] = 8,
+    tokens: Annotated[list[int], typer.Option(help="tokens per forward (repeatable)")] = [16, 256],  # noqa: B006
+    forwards: int = 5,
+    rounds: int = 30,
+    core: Annotated[int | None, typer.Option(help="default: the last core allowed")] = None,
+) -> None:
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+
+    from roma_service.engine.slot_gate import SlotGate, StepSlots
+
+    pinned = core if core is not None else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {pinned})
+    torch.set_num_threads(1)
+    config = VllmConfig()
+    with set_current_vllm_config(config), torch.inference_mode():
+        _distributed(config)
+        moe = _moe_layer(hidden, experts, intermediate, top_k)
+        gate = moe.gate
+        patches = [torch.randn(experts, hidden) * 0.02 for _ in range(SLOTS - 1)]
+
+        base = torch.randn(experts, hidden) * 0.02  # slot 0 of both slot gates (the checkpoint)
+        grouped_step = StepSlots(SLOTS, max(tokens), torch.device("cpu"), write_index=False)
+        grouped = SlotGate("g", gate, grouped_step, "grouped", base)
+        for slot, weight in enumerate(patches, 1):
+            grouped.stage(slot, weight).commit()
+        slot_forward = gate.forward
+        unpacked = GateLinear(hidden, experts, prefix="model.layers.0.mlp.gate")
+        unpacked.weight.data.copy_(base)
+        stacked_step = StepSlots(SLOTS, max(tokens), torch.device("cpu"), write_index=True)
+        stacked = SlotGate("s", unpacked, stacked_step, "stacked", base)
+        for slot, weight in enumerate(patches, 1):
+            stacked.stage(slot, weight).commit()
+
+        def mode(name: str, n: int) -> Callable[[], None]:
+            """Put the layer in ``name``'s state for a forward of ``n`` tokens."""
+            spread = np.arange(n, dtype=np.int64) % SLOTS
+
+            def setup() -> None:
+                moe.gate = gate
+                gate.__dict__.pop("forward", None)
+                if name == "vLLM gate":
+                    return
+                if name.startswith("stacked"):
+                    moe.gate = unpacked
+                    stacked_step.mixed(spread, n)
+                    return
+                gate.forward = slot_forward
+                if name.endswith("one version"):
+                    grouped_step.uniform(1, n)
+                else:
+                    grouped_step.mixed(spread, n)
+
+            return setup
+
+        names = ["vLLM gate", "4 slots, one version", "4 slots, mixed", "stacked, mixed"]
+        console = Console()
+        for n in tokens:
+            x = torch.randn(n, hidden) * 0.5
+            results: dict[str, list[float]] = {name: [] for name in names}
+            setups = {name: mode(name, n) for name in names}
+            with set_forward_context(None, config, num_tokens=n):
+                for name in names:  # warm-up
+                    setups[name]()
+                    moe(x)
+                for r in range(rounds):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        setups[name]()
+                        start = time.perf_counter()
+                        for _ in range(forwards):
+                            moe(x)
+                        results[name].append((time.perf_counter() - start) / forwards * 1e6)
+            _table(console, results, names, n, hidden, experts, intermediate, top_k, pinned)
+
+
+def _table(
+    console: Console,
+    results: dict[str, list[float]],
+    names: list[str],
+    tokens: int,
+    hidden: int,
+    experts: int,
+    intermediate: int,
+    top_k: int,
+    core: int,
+) -> None:
+    base = statistics.median(results["vLLM gate"])
+    table = Table(
+        title=f"one MoE layer (hidden {hidden}, {experts} experts x {intermediate}, top-{top_k}),"
+        f" {tokens} tokens/forward, core {core}, {len(results[names[0]])} rounds"
+    )
+    for column in ("gate", "median us/forward", "min", "ratio to vLLM gate", "paired ratio"):
+        table.add_column(column, justify="left" if column == "gate" else "right")
+    for name in names:
+        values = results[name]
+        paired = [v / b for v, b in zip(values, results["vLLM gate"], strict=True)]
+        table.add_row(
+            name,
+            f"{statistics.median(values):.1f}",
+            f"{min(values):.1f}",
+            f"{statistics.median(values) / base:.4f}",
+            f"{statistics.median(paired):.4f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
