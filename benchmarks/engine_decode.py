@@ -16,41 +16,16 @@ ignored, greedy), tokens counted from the engine's usage, over the wall time of 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated
 
-import httpx
 import typer
-from engine_setup import median, patches, serving
+from engine_setup import batch, median, patches, serving
 from rich.console import Console
 from rich.table import Table
 
 from roma_service.engine.client import EngineClient
 
 app = typer.Typer(add_completion=False)
-PROMPT = "Mixture of experts routes each token to a few experts with a tiny linear router."
-
-
-async def batch(url: str, model: str, streams: int, max_tokens: int) -> float:
-    """Generated tokens per second for ``streams`` concurrent completions."""
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-    }
-    async with httpx.AsyncClient(base_url=url, timeout=600.0) as http:
-        started = time.perf_counter()
-        responses = await asyncio.gather(
-            *(http.post("/v1/completions", json=body) for _ in range(streams))
-        )
-        elapsed = time.perf_counter() - started
-    tokens = 0
-    for response in responses:
-        response.raise_for_status()
-        tokens += response.json()["usage"]["completion_tokens"]
-    return tokens / elapsed
 
 
 async def measure(

@@ -60,6 +60,7 @@ def test_compose_environment_becomes_vllm_flags(tmp_path: Path) -> None:
     assert _flag(argv, "--host") == "0.0.0.0"
     assert _flag(argv, "--port") == "8000"
     assert _flag(argv, "--worker-extension-cls") == "roma_service.engine.extension.RouterExtension"
+    assert _flag(argv, "--worker-cls") == "roma_service.engine.worker.SlotWorker"
     assert _flag(argv, "--gpu-memory-utilization") == "0.85"
 
 

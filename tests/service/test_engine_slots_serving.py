@@ -18,6 +18,7 @@ import torch
 from roma_service.engine.binding import bind_request
 from roma_service.engine.errors import EngineRejected
 from tests.fixtures.engine import (
+    PROMPTS,
     SLOTS,
     RunningEngine,
     engine_greedy,
@@ -77,8 +78,9 @@ async def test_prefix_cache_is_per_version(engine: RunningEngine, slots_freed: N
     transformers' B: nothing of A's cache leaked in), and A's second request is served from
     A's cache (the engine's prefix-cache hit counter)."""
     model_dir = engine.model_dir
-    rng = random.Random(7)
-    prompt = [rng.randrange(3, 384) for _ in range(300)]  # > 2 KV blocks of 128
+    text = " ".join([PROMPTS[1], PROMPTS[0], PROMPTS[2]] * 6)
+    prompt = prompt_ids(model_dir, [text])[0]
+    assert len(prompt) > 256, "two full KV blocks (128 tokens each on the CPU) to cache"
     a, b = perturbed_routers(model_dir, seed=201), perturbed_routers(model_dir, seed=202)
     hf_a = hf_greedy(model_dir, [prompt], 8, routers=a)
     hf_b = hf_greedy(model_dir, [prompt], 8, routers=b)
