@@ -19,9 +19,8 @@ import asyncio
 from typing import Annotated
 
 import typer
-from engine_setup import batch, median, patches, serving
+from engine_setup import batch, patches, serving, throughput_table
 from rich.console import Console
-from rich.table import Table
 
 from roma_service.engine.client import EngineClient
 
@@ -65,24 +64,8 @@ def main(
             measure(engine.url, str(md), patch, modes, rounds, streams, max_tokens)
         )
 
-    base = median(results["base"])
-    table = Table(
-        title=f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
-    )
-    for column in ("mode", "median tok/s", "min", "max", "ratio to base", "paired ratio"):
-        table.add_column(column, justify="right" if column != "mode" else "left")
-    for mode in modes:
-        values = results[mode]
-        table.add_row(
-            mode,
-            f"{median(values):.1f}",
-            f"{min(values):.1f}",
-            f"{max(values):.1f}",
-            f"{median(values) / base:.3f}",
-            # Same-round pairs cancel slow drifts in machine load.
-            f"{median([v / b for v, b in zip(values, results['base'], strict=True)]):.3f}",
-        )
-    Console().print(table)
+    title = f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
+    Console().print(throughput_table(title, results, "base"))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from rich.table import Table
 
 from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, write_patch
 from roma_service.engine.binding import bind_request
@@ -121,3 +122,23 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def throughput_table(title: str, results: dict[str, list[float]], reference: str) -> Table:
+    """Median, min, max tokens/s per mode; ratio of medians to ``reference``; median of the
+    same-round ratios (pairs cancel slow drifts in machine load)."""
+    table = Table(title=title)
+    for column in ("mode", "median tok/s", "min", "max", f"ratio to {reference}", "paired ratio"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    base = median(results[reference])
+    for mode, values in results.items():
+        paired = [v / b for v, b in zip(values, results[reference], strict=True)]
+        table.add_row(
+            mode,
+            f"{median(values):.1f}",
+            f"{min(values):.1f}",
+            f"{max(values):.1f}",
+            f"{median(values) / base:.3f}",
+            f"{median(paired):.3f}",
+        )
+    return table

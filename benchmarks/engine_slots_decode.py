@@ -22,9 +22,8 @@ import asyncio
 from typing import Annotated
 
 import typer
-from engine_setup import batch, median, patches, serving
+from engine_setup import batch, patches, serving, throughput_table
 from rich.console import Console
-from rich.table import Table
 
 from roma_service.engine.client import EngineClient
 
@@ -68,24 +67,11 @@ def main(
             measure(engine.url, str(md), blobs, rounds, streams, max_tokens)
         )
 
-    base = median(results["one version"])
-    table = Table(
-        title=f"decode throughput, 4 slots, {streams} streams x {max_tokens} tokens, "
-        f"{rounds} rounds ({mixed_steps} mixed-slot steps)"
+    title = (
+        f"decode throughput, 4 slots, {streams} streams x {max_tokens} tokens, {rounds} rounds "
+        f"({mixed_steps} mixed-slot steps)"
     )
-    for column in ("mode", "median tok/s", "min", "max", "ratio to one version", "paired ratio"):
-        table.add_column(column, justify="right" if column != "mode" else "left")
-    for mode, values in results.items():
-        paired = [v / b for v, b in zip(values, results["one version"], strict=True)]
-        table.add_row(
-            mode,
-            f"{median(values):.1f}",
-            f"{min(values):.1f}",
-            f"{max(values):.1f}",
-            f"{median(values) / base:.3f}",
-            f"{median(paired):.3f}",
-        )
-    Console().print(table)
+    Console().print(throughput_table(title, results, "one version"))
 
 
 if __name__ == "__main__":

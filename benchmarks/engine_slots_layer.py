@@ -21,10 +21,11 @@ same-round ratios.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -33,25 +34,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.fixtures
+from tests.fixtures.vllm_layers import vllm_worker_context
+
 app = typer.Typer(add_completion=False)
 SLOTS = 4
-
-
-def _distributed(config: object) -> None:
-    """A one-process vLLM worker context (config + distributed group), as in a worker."""
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    init_distributed_environment(
-        world_size=1,
-        rank=0,
-        local_rank=0,
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
-        backend="gloo",
-    )
-    initialize_model_parallel(1, 1)
 
 
 def _moe_layer(hidden: int, experts: int, intermediate: int, top_k: int) -> torch.nn.Module:
@@ -81,7 +68,6 @@ def main(
     rounds: int = 30,
     core: Annotated[int | None, typer.Option(help="default: the last core allowed")] = None,
 ) -> None:
-    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.forward_context import set_forward_context
     from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 
@@ -90,9 +76,7 @@ def main(
     pinned = core if core is not None else max(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {pinned})
     torch.set_num_threads(1)
-    config = VllmConfig()
-    with set_current_vllm_config(config), torch.inference_mode():
-        _distributed(config)
+    with vllm_worker_context() as config, torch.inference_mode():
         moe = _moe_layer(hidden, experts, intermediate, top_k)
         gate = moe.gate
         patches = [torch.randn(experts, hidden) * 0.02 for _ in range(SLOTS - 1)]

@@ -187,24 +187,31 @@ class EngineClient(SlotsAPI):
         if any(r["ok"] for r in results) and not all(r["ok"] for r in results):
             await self._undo(version)
         self._raise_failures("apply", results)
-        checksums = self._merge_checksums("apply", results)
+        return ApplyResult(
+            **self._merge_applied("apply", results, rpc_ms),
+            changed=sorted({n for r in results for n in r["changed"]}),
+        )
+
+    def _merge_applied(
+        self, method: str, results: list[dict[str, Any]], rpc_ms: float
+    ) -> dict[str, Any]:
+        """The fields of :class:`Applied` from every worker's result (checksums must agree)."""
         layers: dict[str, LayerReadback] = {}
         for result in results:
             layers.update({n: LayerReadback(**v) for n, v in result["layers"].items()})
-        return ApplyResult(
-            version=int(results[0]["version"]),
-            checksums=checksums,
-            verified=all(r["verified"] for r in results),
-            max_abs_err=max(r["max_abs_err"] for r in results),
-            apply_ms=max(r["apply_ms"] for r in results),
-            verify_ms=max(r["verify_ms"] for r in results),
-            decode_ms=max(r["decode_ms"] for r in results),
-            worker_total_ms=max(r["total_ms"] for r in results),
-            rpc_ms=rpc_ms,
-            workers=len(results),
-            changed=sorted({n for r in results for n in r["changed"]}),
-            layers=layers,
-        )
+        return {
+            "version": int(results[0]["version"]),
+            "checksums": self._merge_checksums(method, results),
+            "verified": all(r["verified"] for r in results),
+            "max_abs_err": max(r["max_abs_err"] for r in results),
+            "apply_ms": max(r.get("apply_ms", 0.0) for r in results),
+            "verify_ms": max(r["verify_ms"] for r in results),
+            "decode_ms": max(r["decode_ms"] for r in results),
+            "worker_total_ms": max(r["total_ms"] for r in results),
+            "rpc_ms": rpc_ms,
+            "workers": len(results),
+            "layers": layers,
+        }
 
     async def _undo(self, version: int) -> None:
         # Best effort: the original failure is what the caller must see.

@@ -11,9 +11,9 @@ class LayerReadback(BaseModel):
     verified: bool
 
 
-class ApplyResult(BaseModel):
-    """What every worker reported after applying a version (merged; timings are the slowest
-    worker's)."""
+class Applied(BaseModel):
+    """What every worker reported after putting routers in place (merged; timings are the
+    slowest worker's)."""
 
     version: int
     checksums: dict[str, str]
@@ -25,8 +25,13 @@ class ApplyResult(BaseModel):
     decode_ms: float = 0.0
     worker_total_ms: float = Field(0.0, description="decode + validate + apply + verify")
     rpc_ms: float = Field(0.0, description="round trip seen by the client")
-    changed: list[str] = Field(default_factory=list)
     layers: dict[str, LayerReadback] = Field(default_factory=dict)
+
+
+class ApplyResult(Applied):
+    """The single-version swap (slot 0)."""
+
+    changed: list[str] = Field(default_factory=list)
 
 
 class EngineState(BaseModel):
@@ -75,24 +80,13 @@ class SlotTableState(BaseModel):
         return {s.version: s for s in self.slots if s.version is not None}
 
 
-class SlotLoadResult(BaseModel):
+class SlotLoadResult(Applied):
     slot: int
-    version: int
     loaded: bool = Field(description="False: the version was already resident")
     evicted: int | None = Field(None, description="version evicted to make room")
-    checksums: dict[str, str]
-    verified: bool
-    max_abs_err: float
     cache_reset: bool = Field(
         False, description="the prefix cache was reset: this version's salt held stale KV"
     )
-    apply_ms: float = 0.0
-    verify_ms: float = 0.0
-    decode_ms: float = 0.0
-    worker_total_ms: float = 0.0
-    rpc_ms: float = 0.0
-    workers: int = 1
-    layers: dict[str, LayerReadback] = Field(default_factory=dict)
 
 
 class SlotFreeResult(BaseModel):

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from roma_service.engine.errors import EngineError, EngineRPCFailed
 from roma_service.engine.results import (
-    LayerReadback,
     SlotFreeResult,
     SlotInfo,
     SlotLoadResult,
@@ -106,7 +105,7 @@ class SlotsAPI:
         try:
             self._raise_failures("load_slot", results)
             _agree("load_slot", results, "slot", "version", "evicted", "reset_cache")
-            self._merge_checksums("load_slot", results)
+            applied = self._merge_applied("load_slot", results, rpc_ms)
         except EngineError:
             if loaded_somewhere:
                 with contextlib.suppress(EngineError):
@@ -120,25 +119,12 @@ class SlotsAPI:
             if not await self.reset_prefix_cache():
                 await self.reset_prefix_cache(reset_running_requests=True)
             cache_reset = True
-        layers: dict[str, LayerReadback] = {}
-        for result in results:
-            layers.update({n: LayerReadback(**v) for n, v in result["layers"].items()})
         return SlotLoadResult(
+            **applied,
             slot=first["slot"],
-            version=int(first["version"]),
             loaded=first["loaded"],
             evicted=_version(first["evicted"]),
-            checksums=self._merge_checksums("load_slot", results),
-            verified=all(r["verified"] for r in results),
-            max_abs_err=max(r["max_abs_err"] for r in results),
             cache_reset=cache_reset,
-            apply_ms=max(r.get("apply_ms", 0.0) for r in results),
-            verify_ms=max(r["verify_ms"] for r in results),
-            decode_ms=max(r["decode_ms"] for r in results),
-            worker_total_ms=max(r["total_ms"] for r in results),
-            rpc_ms=rpc_ms,
-            workers=len(results),
-            layers=layers,
         )
 
     async def free_slot(

