@@ -43,17 +43,18 @@ Strategy = Literal["grouped", "stacked"]
 
 
 class StepSlots:
-    """Which slot each token of the current forward uses. ``index`` is a persistent buffer
-    (fixed address, written in place) for the stacked strategy; ``single`` and ``rows`` are
-    the grouped strategy's host-side view of the same step."""
+    """Which slot each token of the current forward uses: ``single`` (one slot for all) or,
+    for a mixed step, ``rows`` (grouped strategy: each patched slot's token rows) and ``index``
+    (stacked strategy: a persistent buffer of every token's slot, fixed address, written in
+    place)."""
 
     def __init__(
-        self, slots: int, max_tokens: int, device: torch.device, write_index: bool
+        self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
     ) -> None:
         self.slots = slots
         self.device = device
         self.index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.write_index = write_index
+        self.write_index = strategy == "stacked"
         self.tokens = 0
         self.single: int | None = 0  # every token uses this slot; None: mixed
         self.rows: dict[int, torch.Tensor] = {}  # mixed: slot (not 0) -> its token rows
@@ -67,13 +68,14 @@ class StepSlots:
     def mixed(self, token_slots: np.ndarray, tokens: int) -> None:
         """``token_slots``: the slot of each real token, in batch order; the rest of the
         ``tokens`` of the forward (CUDA-graph padding) use slot 0."""
-        self.tokens, self.single = tokens, None
-        self.rows = {
-            int(slot): torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device)
-            for slot in np.unique(token_slots)
-            if slot != 0
-        }
-        if self.write_index:
+        self.tokens, self.single, self.rows = tokens, None, {}
+        if not self.write_index:
+            self.rows = {
+                int(slot): torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device)
+                for slot in np.unique(token_slots)
+                if slot != 0
+            }
+        else:
             host = torch.zeros(tokens, dtype=torch.int64)
             host[: len(token_slots)] = torch.from_numpy(token_slots)
             # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.

@@ -91,7 +91,7 @@ class SlotTable:
         self.routers = routers
         self.runner = runner
         self.strategy = strategy
-        self.step = StepSlots(slots, max_tokens, device, write_index=strategy == "stacked")
+        self.step = StepSlots(slots, max_tokens, device, strategy)
         self.gates = {
             name: SlotGate(name, module, self.step, strategy, routers.held.weights[name])
             for name, module in routers.routers.items()
@@ -364,7 +364,7 @@ def install(worker: Any) -> SlotTable | None:
     config = worker.vllm_config
     for blocker, why in (
         (config.parallel_config.use_ubatching, "micro-batching (DBO) splits a step's tokens"),
-        (runner.speculative_config is not None, "speculative decoding runs other forwards"),
+        (config.speculative_config is not None, "speculative decoding runs other forwards"),
     ):
         if blocker:
             raise ValueError(f"router slots do not support {why}; set ROMA_ROUTER_SLOTS=1")

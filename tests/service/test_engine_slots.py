@@ -36,7 +36,7 @@ SLOTS = 4
 
 
 def _gates(model: nn.Module, weights: dict[str, torch.Tensor], strategy: str, tokens: int = 64):
-    step = StepSlots(SLOTS, tokens, torch.device("cpu"), write_index=strategy == "stacked")
+    step = StepSlots(SLOTS, tokens, torch.device("cpu"), strategy)
     gates = {
         router_name(i): SlotGate(
             router_name(i), layer.mlp.gate, step, strategy, weights[router_name(i)]
