@@ -5,7 +5,9 @@ gate.
     python benchmarks/engine_slots_layer.py                                # OLMoE-1B-7B layer
     python benchmarks/engine_slots_layer.py --hidden 128 --experts 8 --intermediate 64 --top-k 2
 
-Modes, all on the same layer and weights, interleaved round by round (order rotated each round):
+Modes, all on the same layer and weights, interleaved round by round (order rotated each round).
+Every slot holds the base router's values, so every mode routes each token to the same experts
+and the fused experts do identical work: what differs is the slot machinery alone.
 * ``vLLM gate``: the layer as vLLM builds it (what ROMA_ROUTER_SLOTS=1 runs);
 * ``4 slots, one version``: slots installed, 3 patches resident, every token of the forward on
   the same patched slot (the step's tokens share a version: the gate calls that slot's kernel);
@@ -45,8 +47,11 @@ app = typer.Typer(add_completion=False)
 SLOTS = 4
 
 
-def _moe_layer(hidden: int, experts: int, intermediate: int, top_k: int) -> torch.nn.Module:
-    """vLLM's OLMoE MoE block with random weights, prepared as a CPU engine prepares it."""
+def _moe_layer(
+    hidden: int, experts: int, intermediate: int, top_k: int
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """vLLM's OLMoE MoE block with random weights, prepared as a CPU engine prepares it, and
+    its router's weight (the packed router no longer holds it)."""
     from vllm.model_executor.models.olmoe import OlmoeMoE
 
     torch.manual_seed(0)
@@ -54,11 +59,12 @@ def _moe_layer(hidden: int, experts: int, intermediate: int, top_k: int) -> torc
     with torch.no_grad():
         for param in moe.parameters():
             param.normal_(std=0.02)
+    router = moe.gate.weight.detach().clone()
     for module in moe.modules():
         method = getattr(module, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(module)
-    return moe
+    return moe, router
 
 
 @app.command()
@@ -82,11 +88,12 @@ def main(
     os.sched_setaffinity(0, {pinned})
     torch.set_num_threads(1)
     with vllm_worker_context() as config, torch.inference_mode():
-        moe = _moe_layer(hidden, experts, intermediate, top_k)
+        moe, base = _moe_layer(hidden, experts, intermediate, top_k)
         gate = moe.gate
-        patches = [torch.randn(experts, hidden) * 0.02 for _ in range(SLOTS - 1)]
-
-        base = torch.randn(experts, hidden) * 0.02  # slot 0 of both slot gates (the checkpoint)
+        # Every slot holds the base router's values (in its own kernel, which the slot gate
+        # runs as for any patch): every mode routes every token to the same experts, so the
+        # fused experts do the same work and the difference is the slot machinery alone.
+        patches = [base.clone() for _ in range(SLOTS - 1)]
         grouped_step = StepSlots(SLOTS, max(tokens), torch.device("cpu"), "grouped")
         grouped = SlotGate("g", gate, grouped_step, "grouped", base)
         for slot, weight in enumerate(patches, 1):
