@@ -40,13 +40,18 @@ from torch import nn
 from roma_service.engine.swap import packed_twin
 
 Strategy = Literal["grouped", "stacked"]
+# Grouped strategy, mixed steps: up to this many weights (slots x experts x hidden), one packed
+# GEMM against all slots plus a gather is cheaper than a GEMM per slot (one core, 4 slots:
+# hidden 128 x 8 experts, 16 tokens: 28 us vs 123 us; hidden 2048 x 64 experts, 256 tokens:
+# 2153 us vs 1701 us; docs/engine.md).
+STACKED_MIXED_MAX_WEIGHTS = 1 << 18
 
 
 class StepSlots:
     """Which slot each token of the current forward uses: ``single`` (one slot for all) or,
-    for a mixed step, ``rows`` (grouped strategy: each patched slot's token rows) and ``index``
-    (stacked strategy: a persistent buffer of every token's slot, fixed address, written in
-    place)."""
+    for a mixed step, ``index`` (a persistent buffer of every token's slot, fixed address,
+    written in place; the stacked strategy also fills it for single-slot steps) and ``rows``
+    (grouped strategy: each slot's token rows)."""
 
     def __init__(
         self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
@@ -75,11 +80,10 @@ class StepSlots:
                 for slot in np.unique(token_slots)
                 if slot != 0
             }
-        else:
-            host = torch.zeros(tokens, dtype=torch.int64)
-            host[: len(token_slots)] = torch.from_numpy(token_slots)
-            # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
-            self.index[:tokens].copy_(host, non_blocking=True)
+        host = torch.zeros(tokens, dtype=torch.int64)
+        host[: len(token_slots)] = torch.from_numpy(token_slots)
+        # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
+        self.index[:tokens].copy_(host, non_blocking=True)
 
     @contextlib.contextmanager
     def forced(self, slot: int, tokens: int) -> Iterator[None]:
@@ -92,16 +96,29 @@ class StepSlots:
             self.tokens, self.single, self.rows = saved
 
 
+@dataclass(frozen=True)
+class _Kernels:
+    """What the grouped strategy runs for one layer; replaced whole on every change."""
+
+    per_slot: tuple[nn.Module | None, ...]  # a packed twin per patched slot; None: slot 0's
+    sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
+    stacked: nn.Module | None = None  # small gates: all slots in one packed GEMM (mixed steps)
+
+
 @dataclass
 class _StagedSlot:
-    """One layer's new content for one slot; commit/rollback only assign or copy."""
+    """One layer's new content for one slot; commit/rollback only assign or copy. A gate's
+    grouped kernels are replaced whole, so stage the next change only after committing this
+    one (a commit over content changed since staging is refused)."""
 
     gate: SlotGate
     slot: int
-    new: nn.Module | torch.Tensor | None
-    old: nn.Module | torch.Tensor | None
+    new: _Kernels | torch.Tensor
+    old: _Kernels | torch.Tensor
 
     def commit(self) -> None:
+        if isinstance(self.old, _Kernels) and self.gate.kernels is not self.old:
+            raise RuntimeError(f"{self.gate.name}: slot {self.slot} was staged from older kernels")
         self.gate._set(self.slot, self.new)
 
     def rollback(self) -> None:
@@ -127,7 +144,9 @@ class SlotGate:
         self.base = base
         self.experts = int(base.shape[0])
         self.class_forward = type(layer).forward
-        self.kernels: list[nn.Module | None] = [None] * step.slots  # grouped: None = slot 0
+        self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
+        # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
+        self.stack_mixed = step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
         self.stack: torch.Tensor | None = None
         if strategy == "stacked":
             self.stack = self._stack_weights()
@@ -157,23 +176,27 @@ class SlotGate:
         if slot == 0:
             raise ValueError("slot 0 is changed by the single-version swap, not by slot loads")
         if self.stack is not None:
-            new: nn.Module | torch.Tensor | None = (self.base if weight is None else weight).to(
+            new = (self.base if weight is None else weight).to(
                 device=self.stack.device, dtype=self.stack.dtype
             )
             return _StagedSlot(self, slot, new, self.stack[slot].clone())
-        new = None if weight is None else packed_twin(self.layer, weight)
-        return _StagedSlot(self, slot, new, self.kernels[slot])
+        per_slot, sources = list(self.kernels.per_slot), list(self.kernels.sources)
+        per_slot[slot] = None if weight is None else packed_twin(self.layer, weight)
+        sources[slot] = weight
+        stacked = None
+        if self.stack_mixed and any(s is not None for s in sources):
+            weights = [self.base if s is None else s.to(self.base.dtype) for s in sources]
+            stacked = packed_twin(self.layer, torch.cat(weights).to(self.base.device))
+        new_kernels = _Kernels(tuple(per_slot), tuple(sources), stacked)
+        return _StagedSlot(self, slot, new_kernels, self.kernels)
 
-    def _set(self, slot: int, content: nn.Module | torch.Tensor | None) -> None:
-        if self.stack is not None:
-            with torch.no_grad():
-                self.stack[slot].copy_(content)  # type: ignore[arg-type]
+    def _set(self, slot: int, content: _Kernels | torch.Tensor) -> None:
+        if isinstance(content, _Kernels):
+            self.kernels = content
         else:
-            self.kernels[slot] = content  # type: ignore[assignment]
-
-    def patched(self, slot: int) -> bool:
-        """Whether ``slot`` has its own weight for this layer (grouped strategy)."""
-        return self.kernels[slot] is not None
+            assert self.stack is not None
+            with torch.no_grad():
+                self.stack[slot].copy_(content)
 
     # -- forward --------------------------------------------------------------------------
 
@@ -195,14 +218,16 @@ class SlotGate:
         return out[0] if isinstance(out, tuple) else out
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.step
+        step, kernels = self.step, self.kernels
         # A forward that is not the step's (vLLM's profiling and warm-up runs): slot 0.
         single = step.single if x.shape[0] == step.tokens else 0
         if single is not None:
-            return self._call(self.kernels[single] or self.layer, x)
+            return self._call(kernels.per_slot[single] or self.layer, x)
+        if kernels.stacked is not None:
+            return self._gather(self._call(kernels.stacked, x))
         out = self._call(self.layer, x)
         for slot, rows in step.rows.items():
-            kernel = self.kernels[slot]
+            kernel = kernels.per_slot[slot]
             if kernel is not None:
                 out.index_copy_(0, rows, self._call(kernel, x.index_select(0, rows)))
         return out
@@ -211,13 +236,17 @@ class SlotGate:
         stack = self.stack
         assert stack is not None
         slots, experts, hidden = stack.shape
-        tokens = x.shape[0]
         logits = F.linear(x.to(stack.dtype), stack.view(slots * experts, hidden))
         out_dtype = getattr(self.layer, "out_dtype", None)
         if out_dtype is not None:
             logits = logits.to(out_dtype)
+        return self._gather(logits)
+
+    def _gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each token's own slot's logits out of ``[tokens, slots * experts]``."""
+        tokens, experts = logits.shape[0], self.experts
         index = self.step.index[:tokens].view(tokens, 1, 1).expand(tokens, 1, experts)
-        return logits.view(tokens, slots, experts).gather(1, index).view(tokens, experts)
+        return logits.view(tokens, -1, experts).gather(1, index).view(tokens, experts)
 
     def out_dtype(self, x: torch.Tensor) -> torch.dtype:
         return getattr(self.layer, "out_dtype", None) or x.dtype

@@ -9,6 +9,7 @@ transformers; these isolate each rule and run in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,14 +47,23 @@ def _gates(model: nn.Module, weights: dict[str, torch.Tensor], strategy: str, to
     return step, gates
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "stacked"])
+@pytest.mark.parametrize("strategy", ["grouped", "grouped, a GEMM per slot", "stacked"])
 def test_each_token_uses_its_slots_routers(strategy: str) -> None:
-    model, weights = make_model(seed=1, packed=strategy == "grouped")
-    step, gates = _gates(model, weights, strategy)
+    """Mixed steps: grouped runs small gates as one packed GEMM over all slots plus a gather,
+    larger ones as a GEMM per slot on its tokens; stacked always stacks."""
+    model, weights = make_model(seed=1, packed=strategy != "stacked")
+    step, gates = _gates(model, weights, strategy.split(",")[0])
+    for gate in gates.values():
+        gate.stack_mixed = strategy == "grouped"
     name = router_name(2)
     gate = model.model.layers[2].mlp.gate
     w1, w3 = torch.randn(EXPERTS, HIDDEN), torch.randn(EXPERTS, HIDDEN)
-    commit_all([gates[name].stage(1, w1), gates[name].stage(3, w3)])
+    commit_all([gates[name].stage(1, w1)])
+    staged = gates[name].stage(3, w3)
+    if strategy != "stacked":  # grouped kernels are replaced whole: one staged change at a time
+        with pytest.raises(RuntimeError, match="older"):
+            commit_all([gates[name].stage(2, w1), staged])
+    commit_all([staged])
     per_slot = {0: weights[name], 1: w1, 2: weights[name], 3: w3}  # slot 2: like slot 0
 
     x = torch.randn(10, HIDDEN)
@@ -322,7 +332,9 @@ def test_readback_of_a_slot_sees_a_wrong_kernel() -> None:
     table.load(_patch_for(weights, [0, 3], seed=17)[1], "17")
     assert all(row.get("verified", True) for row in table.describe(readback=True)["slots"])
     gate = table.gates[router_name(3)]
-    gate.kernels[1] = packed_twin(gate.layer, torch.randn(EXPERTS, HIDDEN))
+    wrong = list(gate.kernels.per_slot)
+    wrong[1] = packed_twin(gate.layer, torch.randn(EXPERTS, HIDDEN))
+    gate.kernels = dataclasses.replace(gate.kernels, per_slot=tuple(wrong))
     rows = table.describe(readback=True)["slots"]
     assert rows[1]["verified"] is False and rows[0]["verified"] is True
     assert len(rows) == SLOTS and len(table.gates) == LAYERS
