@@ -40,10 +40,10 @@ from torch import nn
 from roma_service.engine.swap import packed_twin
 
 Strategy = Literal["grouped", "stacked"]
-# Grouped strategy, mixed steps: up to this many weights (slots x experts x hidden), one packed
-# GEMM against all slots plus a gather is cheaper than a GEMM per slot (one core, 4 slots:
-# hidden 128 x 8 experts, 16 tokens: 28 us vs 123 us; hidden 2048 x 64 experts, 256 tokens:
-# 2153 us vs 1701 us; docs/engine.md).
+# Grouped strategy, mixed steps: up to this many weights (slots x experts x hidden), one GEMM
+# against all slots' weights plus a gather is cheaper than a GEMM per slot on its tokens (one
+# core, 4 slots: hidden 128 x 8 experts, 16 tokens: 18 us vs 123 us; hidden 2048 x 64 experts:
+# 500 us vs 301 us; see docs/engine.md).
 STACKED_MIXED_MAX_WEIGHTS = 1 << 18
 
 
@@ -102,7 +102,7 @@ class _Kernels:
 
     per_slot: tuple[nn.Module | None, ...]  # a packed twin per patched slot; None: slot 0's
     sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
-    stacked: nn.Module | None = None  # small gates: all slots in one packed GEMM (mixed steps)
+    stacked: torch.Tensor | None = None  # small gates: [slots * experts, hidden] (mixed steps)
 
 
 @dataclass
@@ -146,7 +146,10 @@ class SlotGate:
         self.class_forward = type(layer).forward
         self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
         # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
-        self.stack_mixed = step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
+        self.stack_mixed = (
+            step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
+            and getattr(layer, "bias", None) is None
+        )
         self.stack: torch.Tensor | None = None
         if strategy == "stacked":
             self.stack = self._stack_weights()
@@ -185,8 +188,7 @@ class SlotGate:
         sources[slot] = weight
         stacked = None
         if self.stack_mixed and any(s is not None for s in sources):
-            weights = [self.base if s is None else s.to(self.base.dtype) for s in sources]
-            stacked = packed_twin(self.layer, torch.cat(weights).to(self.base.device))
+            stacked = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
         new_kernels = _Kernels(tuple(per_slot), tuple(sources), stacked)
         return _StagedSlot(self, slot, new_kernels, self.kernels)
 
@@ -224,7 +226,7 @@ class SlotGate:
         if single is not None:
             return self._call(kernels.per_slot[single] or self.layer, x)
         if kernels.stacked is not None:
-            return self._gather(self._call(kernels.stacked, x))
+            return self._stacked_logits(x, kernels.stacked)
         out = self._call(self.layer, x)
         for slot, rows in step.rows.items():
             kernel = kernels.per_slot[slot]
@@ -233,10 +235,13 @@ class SlotGate:
         return out
 
     def _stacked(self, x: torch.Tensor) -> torch.Tensor:
-        stack = self.stack
-        assert stack is not None
-        slots, experts, hidden = stack.shape
-        logits = F.linear(x.to(stack.dtype), stack.view(slots * experts, hidden))
+        assert self.stack is not None
+        return self._stacked_logits(x, self.stack.view(-1, self.stack.shape[-1]))
+
+    def _stacked_logits(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """One GEMM against every slot's weights (``[slots * experts, hidden]``), then each
+        token's own slot's logits."""
+        logits = F.linear(x.to(stacked.dtype), stacked)
         out_dtype = getattr(self.layer, "out_dtype", None)
         if out_dtype is not None:
             logits = logits.to(out_dtype)
