@@ -65,16 +65,23 @@ def serving(
 
 
 async def batch(
-    url: str, model: str, streams: int, max_tokens: int, versions: Sequence[int] = ()
+    url: str,
+    model: str,
+    streams: int,
+    max_tokens: int,
+    versions: Sequence[int] = (),
+    distinct: bool = False,
 ) -> float:
     """Generated tokens per second for ``streams`` concurrent greedy completions. ``versions``:
     stream i runs under ``versions[i % len(versions)]`` (bound as the gateway binds requests);
-    empty: no version (slot 0)."""
+    empty: no version (slot 0). ``distinct``: every stream gets its own prompt (identical greedy
+    streams route every token to the same experts, which makes the MoE layers cheaper than
+    real traffic)."""
     bodies = []
     for i in range(streams):
         body = {
             "model": model,
-            "prompt": PROMPT,
+            "prompt": f"Stream {i}. {PROMPT}" if distinct else PROMPT,
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "ignore_eos": True,
