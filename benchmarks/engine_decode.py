@@ -16,41 +16,15 @@ ignored, greedy), tokens counted from the engine's usage, over the wall time of 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated
 
-import httpx
 import typer
-from engine_setup import median, patches, serving
+from engine_setup import batch, patches, serving, throughput_table
 from rich.console import Console
-from rich.table import Table
 
 from roma_service.engine.client import EngineClient
 
 app = typer.Typer(add_completion=False)
-PROMPT = "Mixture of experts routes each token to a few experts with a tiny linear router."
-
-
-async def batch(url: str, model: str, streams: int, max_tokens: int) -> float:
-    """Generated tokens per second for ``streams`` concurrent completions."""
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-    }
-    async with httpx.AsyncClient(base_url=url, timeout=600.0) as http:
-        started = time.perf_counter()
-        responses = await asyncio.gather(
-            *(http.post("/v1/completions", json=body) for _ in range(streams))
-        )
-        elapsed = time.perf_counter() - started
-    tokens = 0
-    for response in responses:
-        response.raise_for_status()
-        tokens += response.json()["usage"]["completion_tokens"]
-    return tokens / elapsed
 
 
 async def measure(
@@ -90,24 +64,8 @@ def main(
             measure(engine.url, str(md), patch, modes, rounds, streams, max_tokens)
         )
 
-    base = median(results["base"])
-    table = Table(
-        title=f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
-    )
-    for column in ("mode", "median tok/s", "min", "max", "ratio to base", "paired ratio"):
-        table.add_column(column, justify="right" if column != "mode" else "left")
-    for mode in modes:
-        values = results[mode]
-        table.add_row(
-            mode,
-            f"{median(values):.1f}",
-            f"{min(values):.1f}",
-            f"{max(values):.1f}",
-            f"{median(values) / base:.3f}",
-            # Same-round pairs cancel slow drifts in machine load.
-            f"{median([v / b for v, b in zip(values, results['base'], strict=True)]):.3f}",
-        )
-    Console().print(table)
+    title = f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
+    Console().print(throughput_table(title, results, "base"))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,23 @@ make a wider one, to see how apply time grows with router size) or any local che
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import httpx
 import torch
+from rich.table import Table
 
 from roma_patch import BaseRouters, PatchMeta, read_checkpoint_routers, router_layer, write_patch
+from roma_service.engine.binding import bind_request
 from roma_service.engine.process import EngineOptions, EngineProcess
+
+PROMPT = "Mixture of experts routes each token to a few experts with a tiny linear router."
 
 
 def build_model(root: Path, hidden: int, experts: int, layers: int) -> Path:
@@ -35,9 +42,15 @@ def build_model(root: Path, hidden: int, experts: int, layers: int) -> Path:
 
 @contextlib.contextmanager
 def serving(
-    model: str | None, hidden: int, experts: int, layers: int, max_num_seqs: int = 16
+    model: str | None,
+    hidden: int,
+    experts: int,
+    layers: int,
+    max_num_seqs: int = 16,
+    router_slots: int | None = None,
 ) -> Iterator[tuple[EngineProcess, Path]]:
-    """A healthy engine on ``model`` (or a tiny OLMoE built now); stopped on exit."""
+    """A healthy engine on ``model`` (or a tiny OLMoE built now); stopped on exit.
+    ``router_slots``: ROMA_ROUTER_SLOTS of the engine (default: the environment's, else 4)."""
     with tempfile.TemporaryDirectory(prefix="roma-bench-") as tmp:
         model_dir = Path(model) if model else build_model(Path(tmp), hidden, experts, layers)
         options = EngineOptions(
@@ -45,9 +58,44 @@ def serving(
             log_path=Path(tmp) / "engine.log",
             max_model_len=512,
             extra_args=["--max-num-seqs", str(max_num_seqs)],
+            router_slots=router_slots,
         )
         with EngineProcess(options) as engine:
             yield engine, model_dir
+
+
+async def batch(
+    url: str,
+    model: str,
+    streams: int,
+    max_tokens: int,
+    versions: Sequence[int] = (),
+    distinct: bool = False,
+) -> float:
+    """Generated tokens per second for ``streams`` concurrent greedy completions. ``versions``:
+    stream i runs under ``versions[i % len(versions)]`` (bound as the gateway binds requests);
+    empty: no version (slot 0). ``distinct``: every stream gets its own prompt (identical greedy
+    streams route every token to the same experts, which makes the MoE layers cheaper than
+    real traffic)."""
+    bodies = []
+    for i in range(streams):
+        body = {
+            "model": model,
+            "prompt": f"Stream {i}. {PROMPT}" if distinct else PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        bodies.append(bind_request(body, versions[i % len(versions)]) if versions else body)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0) as http:
+        started = time.perf_counter()
+        responses = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+        elapsed = time.perf_counter() - started
+    tokens = 0
+    for response in responses:
+        response.raise_for_status()
+        tokens += response.json()["usage"]["completion_tokens"]
+    return tokens / elapsed
 
 
 def patches(model_dir: Path, count: int, tuned_layers: int = 5) -> list[bytes]:
@@ -81,3 +129,23 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def throughput_table(title: str, results: dict[str, list[float]], reference: str) -> Table:
+    """Median, min, max tokens/s per mode; ratio of medians to ``reference``; median of the
+    same-round ratios (pairs cancel slow drifts in machine load)."""
+    table = Table(title=title)
+    for column in ("mode", "median tok/s", "min", "max", f"ratio to {reference}", "paired ratio"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    base = median(results[reference])
+    for mode, values in results.items():
+        paired = [v / b for v, b in zip(values, results[reference], strict=True)]
+        table.add_row(
+            mode,
+            f"{median(values):.1f}",
+            f"{min(values):.1f}",
+            f"{max(values):.1f}",
+            f"{median(values) / base:.3f}",
+            f"{median(paired):.3f}",
+        )
+    return table

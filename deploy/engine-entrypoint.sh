@@ -13,6 +13,9 @@
 # network.
 set -eu
 
+# Router versions each worker keeps resident (slot 0 = base); read by SlotWorker in every worker.
+export ROMA_ROUTER_SLOTS="${ROMA_ROUTER_SLOTS:-4}"
+
 : "${ROMA_MODEL:?set ROMA_MODEL to a Hugging Face id or a directory inside the container}"
 
 set -- \
@@ -21,6 +24,7 @@ set -- \
     --host 0.0.0.0 \
     --port "${ROMA_ENGINE_PORT:-8000}" \
     --worker-extension-cls "${ROMA_WORKER_EXTENSION:-roma_service.engine.extension.RouterExtension}" \
+    --worker-cls "${ROMA_WORKER_CLS:-roma_service.engine.worker.SlotWorker}" \
     --dtype "${ROMA_ENGINE_DTYPE:-auto}" \
     "$@"
 

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.redis",
     "tests.fixtures.engine",
+    "tests.fixtures.vllm_layers",
 ]

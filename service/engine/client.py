@@ -15,7 +15,6 @@ import time
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, Field
 
 from roma_patch import BaseRouters
 from roma_service.engine.errors import (
@@ -24,47 +23,23 @@ from roma_service.engine.errors import (
     EngineRPCFailed,
     EngineUnreachable,
 )
+from roma_service.engine.results import ApplyResult, EngineState, LayerReadback
+from roma_service.engine.slot_client import SlotsAPI
 
 # Worker error codes that mean "the engine is broken", not "the patch is bad".
-_ENGINE_FAULTS = {"internal", "swap_failed", "readback_failed", "no_routers"}
+_ENGINE_FAULTS = {"internal", "swap_failed", "readback_failed", "no_routers", "slots_disabled"}
+# Refusals that are not about the patch itself: the slot table's state forbids the call now.
+_REFUSAL_STATUS = {
+    "no_free_slot": 409,
+    "slot_busy": 409,
+    "slot_pinned": 409,
+    "slots_in_use": 409,
+    "slot0_not_base": 409,
+    "unknown_version": 404,
+}
 
 
-class LayerReadback(BaseModel):
-    sha256: str
-    max_abs_err: float
-    verified: bool
-
-
-class ApplyResult(BaseModel):
-    """What every worker reported after applying a version (merged; timings are the slowest
-    worker's)."""
-
-    version: int
-    checksums: dict[str, str]
-    verified: bool
-    max_abs_err: float
-    apply_ms: float = Field(description="stage + commit inside the worker")
-    workers: int
-    verify_ms: float = 0.0
-    decode_ms: float = 0.0
-    worker_total_ms: float = Field(0.0, description="decode + validate + apply + verify")
-    rpc_ms: float = Field(0.0, description="round trip seen by the client")
-    changed: list[str] = Field(default_factory=list)
-    layers: dict[str, LayerReadback] = Field(default_factory=dict)
-
-
-class EngineState(BaseModel):
-    """The version the engine holds (None: the checkpoint's routers, never changed since start),
-    per-layer checksums, and a fresh functional read-back."""
-
-    version: int | None
-    checksums: dict[str, str]
-    verified: bool
-    max_abs_err: float = 0.0
-    workers: int = 1
-
-
-class EngineClient:
+class EngineClient(SlotsAPI):
     """``EngineClient("http://127.0.0.1:8001")``; ``url`` is also the OpenAI base the gateway
     proxies ``/v1/*`` to."""
 
@@ -149,7 +124,10 @@ class EngineClient:
         error = failed[0]["error"]
         if len(failed) == len(results) and error["code"] not in _ENGINE_FAULTS:
             raise EngineRejected(
-                error["message"], status=400, code=error["code"], param=error.get("param")
+                error["message"],
+                status=_REFUSAL_STATUS.get(error["code"], 400),
+                code=error["code"],
+                param=error.get("param"),
             )
         workers = ", ".join(f"worker {r['worker']}: {r['error']['message']}" for r in failed)
         raise EngineRPCFailed(
@@ -209,24 +187,31 @@ class EngineClient:
         if any(r["ok"] for r in results) and not all(r["ok"] for r in results):
             await self._undo(version)
         self._raise_failures("apply", results)
-        checksums = self._merge_checksums("apply", results)
+        return ApplyResult(
+            **self._merge_applied("apply", results, rpc_ms),
+            changed=sorted({n for r in results for n in r["changed"]}),
+        )
+
+    def _merge_applied(
+        self, method: str, results: list[dict[str, Any]], rpc_ms: float
+    ) -> dict[str, Any]:
+        """The fields of :class:`Applied` from every worker's result (checksums must agree)."""
         layers: dict[str, LayerReadback] = {}
         for result in results:
             layers.update({n: LayerReadback(**v) for n, v in result["layers"].items()})
-        return ApplyResult(
-            version=int(results[0]["version"]),
-            checksums=checksums,
-            verified=all(r["verified"] for r in results),
-            max_abs_err=max(r["max_abs_err"] for r in results),
-            apply_ms=max(r["apply_ms"] for r in results),
-            verify_ms=max(r["verify_ms"] for r in results),
-            decode_ms=max(r["decode_ms"] for r in results),
-            worker_total_ms=max(r["total_ms"] for r in results),
-            rpc_ms=rpc_ms,
-            workers=len(results),
-            changed=sorted({n for r in results for n in r["changed"]}),
-            layers=layers,
-        )
+        return {
+            "version": int(results[0]["version"]),
+            "checksums": self._merge_checksums(method, results),
+            "verified": all(r["verified"] for r in results),
+            "max_abs_err": max(r["max_abs_err"] for r in results),
+            "apply_ms": max(r.get("apply_ms", 0.0) for r in results),
+            "verify_ms": max(r["verify_ms"] for r in results),
+            "decode_ms": max(r["decode_ms"] for r in results),
+            "worker_total_ms": max(r["total_ms"] for r in results),
+            "rpc_ms": rpc_ms,
+            "workers": len(results),
+            "layers": layers,
+        }
 
     async def _undo(self, version: int) -> None:
         # Best effort: the original failure is what the caller must see.

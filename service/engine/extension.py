@@ -20,33 +20,15 @@ import binascii
 import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from roma_patch import PatchError, read_checkpoint_routers, read_patch
+from roma_patch import Patch, PatchError, read_patch
 from roma_service.engine.expert_load import ExpertLoad
-from roma_service.engine.routers import ApplyFailed, RouterTable, find_routers
+from roma_service.engine.routers import ApplyFailed, RouterTable
+from roma_service.engine.slots import SlotRefused, SlotTable
 
 # Patches cross the RPC as base64 JSON strings; cap what a worker will decode.
 MAX_PATCH_BYTES = 256 * 1024 * 1024
-
-
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local directory holding the served checkpoint: ``model`` itself, or the hub snapshot
-    vLLM already downloaded (``local_files_only``: the engine loaded it, so it is cached)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(
-            model,
-            revision=revision,
-            local_files_only=True,
-            allow_patterns=["*.safetensors", "*.json"],
-        )
-    )
 
 
 def _rpc(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -60,6 +42,8 @@ def _rpc(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]
             error = {"code": exc.code, "message": exc.message, "param": exc.param}
         except ApplyFailed as exc:
             error = {"code": exc.code, "message": exc.message, "param": None, **exc.detail}
+        except SlotRefused as exc:
+            error = {"code": exc.code, "message": exc.message, "param": exc.param}
         except Exception as exc:
             error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}", "param": None}
         return {"ok": False, "worker": _worker_id(self), "error": error}
@@ -78,11 +62,8 @@ class RouterExtension:
     def _roma(self) -> RouterTable:
         table = getattr(self, "_roma_table", None)
         if table is None:
-            config = self.model_config  # type: ignore[attr-defined]
-            model_dir = resolve_model_dir(config.model, getattr(config, "revision", None))
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            base = read_checkpoint_routers(model_dir)
-            table = RouterTable(config.model, find_routers(model), base)
+            table = RouterTable.of_model(self.model_config, model)  # type: ignore[attr-defined]
             self._roma_table = table
         return table
 
@@ -93,20 +74,30 @@ class RouterExtension:
         table = self._roma()
         return {"base": table.base_specs.to_json(), "held_layers": sorted(table.routers)}
 
+    def _roma_slots(self) -> SlotTable:
+        slots: SlotTable | None = getattr(self, "_roma_slot_table", None)
+        if slots is None:
+            raise SlotRefused(
+                "slots_disabled",
+                "this engine has no router slots: start it with --worker-cls "
+                "roma_service.engine.worker.SlotWorker and ROMA_ROUTER_SLOTS >= 2",
+            )
+        return slots
+
     @_rpc
     def roma_apply(self, patch_b64: str, version: str) -> dict[str, Any]:
-        """Apply a base64 safetensors patch ('' restores the base routers) as ``version``."""
+        """Apply a base64 safetensors patch ('' restores the base routers) as ``version``:
+        the single-version swap, which changes slot 0 (what requests without a version use)."""
         start = time.perf_counter()
         table = self._roma()
-        patch = None
-        if patch_b64:
-            if len(patch_b64) > MAX_PATCH_BYTES * 4 // 3 + 4:
-                raise PatchError("too_large", f"patch is over {MAX_PATCH_BYTES} bytes")
-            try:
-                data = base64.b64decode(patch_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise PatchError("bad_encoding", f"patch is not valid base64: {exc}") from exc
-            patch = read_patch(data, max_bytes=MAX_PATCH_BYTES)
+        patch = _decode_patch(patch_b64)
+        slots: SlotTable | None = getattr(self, "_roma_slot_table", None)
+        if patch is not None and slots is not None and slots.loaded():
+            raise SlotRefused(
+                "slots_in_use",
+                f"versions {slots.loaded()} are resident in slots; free them before patching "
+                "slot 0 (patched layers of every slot fall back to slot 0's routers)",
+            )
         target = table.target_for(patch, str(version))
         decoded = time.perf_counter()
         result = table.switch(target)
@@ -152,3 +143,56 @@ class RouterExtension:
         elif action not in ("read", "reset"):
             raise PatchError("bad_action", f"unknown action {action!r}", "action")
         return {"version": table.held.version, **load.snapshot(reset=action == "reset")}
+
+    # -- resident versions (slots.py) ---------------------------------------------------------
+
+    @_rpc
+    def roma_slots(self, readback: str = "") -> dict[str, Any]:
+        """Every slot: version, pinned, requests in flight, last use, checksums (and, with
+        ``readback="1"``, a fresh functional read-back of each); misses; tainted versions."""
+        return self._roma_slots().describe(readback=readback == "1")
+
+    @_rpc
+    def roma_slot_load(
+        self, patch_b64: str, version: str, pin: str = "", evict: str = "1"
+    ) -> dict[str, Any]:
+        """Make ``version`` resident: a base64 patch ('' = the base routers) into a free slot,
+        else into the least recently used idle unpinned one (``evict="0"``: never). ``pin``:
+        "1"/"0" sets the pin, "" leaves it."""
+        start = time.perf_counter()
+        slots = self._roma_slots()
+        patch = _decode_patch(patch_b64)
+        decoded = time.perf_counter()
+        result = slots.load(patch, str(version), pin=_flag(pin), evict=evict != "0")
+        return {
+            "decode_ms": (decoded - start) * 1e3,
+            "total_ms": (time.perf_counter() - start) * 1e3,
+            **result,
+        }
+
+    @_rpc
+    def roma_slot_free(self, version: str, move_to: str = "") -> dict[str, Any]:
+        """Free ``version``'s slot; with ``move_to``, requests still on it are re-bound there."""
+        return self._roma_slots().free(str(version), move_to=move_to or None)
+
+    @_rpc
+    def roma_slot_pin(self, version: str, pinned: str = "1") -> dict[str, Any]:
+        """Pin (never evicted to make room) or unpin ``version``'s slot."""
+        return self._roma_slots().pin(str(version), pinned == "1")
+
+
+def _decode_patch(patch_b64: str) -> Patch | None:
+    """A base64 safetensors patch, parsed ('' = no patch: the base routers)."""
+    if not patch_b64:
+        return None
+    if len(patch_b64) > MAX_PATCH_BYTES * 4 // 3 + 4:
+        raise PatchError("too_large", f"patch is over {MAX_PATCH_BYTES} bytes")
+    try:
+        data = base64.b64decode(patch_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PatchError("bad_encoding", f"patch is not valid base64: {exc}") from exc
+    return read_patch(data, max_bytes=MAX_PATCH_BYTES)
+
+
+def _flag(value: str) -> bool | None:
+    return None if value == "" else value == "1"

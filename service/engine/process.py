@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 EXTENSION = "roma_service.engine.extension.RouterExtension"
 # Families whose attention is MLA, which vLLM-CPU runs only at DeepSeek's full sizes.
 _MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
+WORKER = "roma_service.engine.worker.SlotWorker"
 
 
 class EngineOptions(BaseModel):
@@ -56,6 +57,13 @@ class EngineOptions(BaseModel):
         description="VLLM_CPU_OMP_THREADS_BIND on the CPU: the cores its worker is pinned to "
         "('0-3', '5'); default: vLLM's auto binding, which pins every engine on a host to the "
         "same first cores, so engines sharing a host need disjoint sets",
+    )
+    router_slots: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="ROMA_ROUTER_SLOTS of the engine: router versions resident at once (slot 0 "
+        "= base); default: inherited from the environment, else 4; 1 turns slots off",
     )
     max_model_len: int | None = None
     served_model_name: str | None = None
@@ -137,6 +145,7 @@ class EngineProcess:
             "--host", opts.host,
             "--port", str(self.port),
             "--worker-extension-cls", EXTENSION,
+            "--worker-cls", WORKER,
             "--dtype", opts.dtype or ("float32" if cpu else "auto"),
         ]  # fmt: skip
         if opts.enforce_eager if opts.enforce_eager is not None else cpu:
@@ -151,6 +160,8 @@ class EngineProcess:
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.options.router_slots is not None:
+            env["ROMA_ROUTER_SLOTS"] = str(self.options.router_slots)
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
             if self.options.cpu_cores:

@@ -11,9 +11,11 @@ is put back and the previous version keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from roma_patch import (
     PatchError,
     RawTensor,
     detect_family,
+    read_checkpoint_routers,
     router_of_vllm_module,
     router_patterns,
     validate_patch,
@@ -45,6 +48,24 @@ def find_routers(model: nn.Module) -> dict[str, nn.Module]:
         if ref and hasattr(module, "quant_method") and hasattr(module, "weight"):
             found[ref.tensor] = module
     return found
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local directory holding the served checkpoint: ``model`` itself, or the hub snapshot
+    vLLM already downloaded (``local_files_only``: the engine loaded it, so it is cached)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            model,
+            revision=revision,
+            local_files_only=True,
+            allow_patterns=["*.safetensors", "*.json"],
+        )
+    )
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -101,6 +122,16 @@ class RouterTable:
         self.previous: Held | None = None
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self.reading_back = False  # lets the expert-load hooks ignore the probe batch
+        # With resident slots (slots.py), the probe batch must run under the slot read back.
+        self.probe_slot: Callable[[int, int], contextlib.AbstractContextManager[None]] = (
+            lambda slot, tokens: contextlib.nullcontext()
+        )
+
+    @classmethod
+    def of_model(cls, model_config: Any, model: nn.Module) -> RouterTable:
+        """The routers of a loaded vLLM model, with the base routers read from its checkpoint."""
+        model_dir = resolve_model_dir(model_config.model, getattr(model_config, "revision", None))
+        return cls(model_config.model, find_routers(model), read_checkpoint_routers(model_dir))
 
     # -- applying -------------------------------------------------------------------------
 
@@ -166,15 +197,17 @@ class RouterTable:
 
     # -- reading back -----------------------------------------------------------------------
 
-    def readback(self) -> dict[str, Any]:
-        """Run a fixed probe batch through every live router and compare with probe @ W^T."""
+    def readback(self, held: Held | None = None, slot: int = 0) -> dict[str, Any]:
+        """Run a fixed probe batch through every live router and compare with probe @ W^T,
+        W being what ``held`` (default: the routers' own state) says ``slot`` computes with."""
+        held = held or self.held
         layers: dict[str, dict[str, Any]] = {}
         start = time.perf_counter()
         self.reading_back = True
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.probe_slot(slot, PROBE_TOKENS):
                 for name, module in self.routers.items():
-                    weight = self.held.weights[name]
+                    weight = held.weights[name]
                     probe = self._probe(weight.shape[1], weight.device, weight.dtype)
                     out = module(probe)
                     out = out[0] if isinstance(out, tuple) else out
@@ -182,7 +215,7 @@ class RouterTable:
                     err = (out.float() - ref).abs().max().item()
                     tol = _tolerance(weight.dtype) * (1.0 + ref.abs().max().item())
                     layers[name] = {
-                        "sha256": self.held.checksums[name],
+                        "sha256": held.checksums[name],
                         "max_abs_err": err,
                         "verified": bool(err <= tol),
                     }

@@ -39,6 +39,20 @@ class StagedSwap(Protocol):
     def rollback(self) -> None: ...
 
 
+def packed_twin(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``layer`` that computes with ``weight``, prepared by the layer's own
+    ``process_weights_after_loading`` (on the CPU: packed into a new SGL/oneDNN handle). The
+    live layer is not touched. Call the twin through its class's ``forward``: it has none of the
+    live layer's instance-level overrides (the slot gate's)."""
+    twin = copy.copy(layer)  # new __dict__, but the containers are still shared...
+    twin._parameters = dict(layer._parameters)  # ...so give the twin its own
+    twin._buffers = dict(layer._buffers)
+    twin.__dict__.pop("forward", None)
+    twin.weight = nn.Parameter(weight, requires_grad=False)
+    layer.quant_method.process_weights_after_loading(twin)
+    return twin
+
+
 def stage(layer: nn.Module, new_weight: torch.Tensor) -> StagedSwap:
     """Prepare ``layer`` to compute with ``new_weight`` (any dtype/device; converted here)."""
     device = _weight_device(layer)
@@ -106,12 +120,7 @@ class _RepackSwap:
 
     @classmethod
     def prepare(cls, layer: nn.Module, new: torch.Tensor) -> _RepackSwap:
-        twin = copy.copy(layer)  # new __dict__, but the containers are still shared...
-        twin._parameters = dict(layer._parameters)  # ...so give the twin its own
-        twin._buffers = dict(layer._buffers)
-        twin.weight = nn.Parameter(new, requires_grad=False)
-        layer.quant_method.process_weights_after_loading(twin)
-
+        twin = packed_twin(layer, new)
         changed_attrs = {
             k: v
             for k, v in twin.__dict__.items()

@@ -60,6 +60,7 @@ def test_compose_environment_becomes_vllm_flags(tmp_path: Path) -> None:
     assert _flag(argv, "--host") == "0.0.0.0"
     assert _flag(argv, "--port") == "8000"
     assert _flag(argv, "--worker-extension-cls") == "roma_service.engine.extension.RouterExtension"
+    assert _flag(argv, "--worker-cls") == "roma_service.engine.worker.SlotWorker"
     assert _flag(argv, "--gpu-memory-utilization") == "0.85"
 
 
@@ -94,12 +95,14 @@ def test_vllm_accepts_the_command_line(tmp_path: Path) -> None:
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     assert args.model == "allenai/OLMoE-1B-7B-0924"
     assert args.worker_extension_cls == "roma_service.engine.extension.RouterExtension"
+    assert args.worker_cls == "roma_service.engine.worker.SlotWorker"
     assert args.max_model_len is None  # the model's own context length
 
 
-def test_worker_extension_class_imports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", ["--worker-extension-cls", "--worker-cls"])
+def test_worker_classes_import(tmp_path: Path, flag: str) -> None:
     env = {k: v for k, v in resolved("gpu")["services"]["engine"]["environment"].items() if v}
-    module, _, name = _flag(_argv(tmp_path, env), "--worker-extension-cls").rpartition(".")
+    module, _, name = _flag(_argv(tmp_path, env), flag).rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     assert isinstance(cls, type)
 
@@ -111,11 +114,13 @@ def test_image_build_step_imports_the_extension(path: str) -> None:
 
 
 def test_same_extension_as_the_embedded_launcher(tmp_path: Path) -> None:
-    """`roma-serve`'s child engine and the container engine load the same worker extension."""
-    from roma_service.engine.process import EXTENSION
+    """`roma-serve`'s child engine and the container engine load the same worker extension
+    and worker class."""
+    from roma_service.engine.process import EXTENSION, WORKER
 
     env = {k: v for k, v in resolved("gpu")["services"]["engine"]["environment"].items() if v}
     assert _flag(_argv(tmp_path, env), "--worker-extension-cls") == EXTENSION
+    assert _flag(_argv(tmp_path, env), "--worker-cls") == WORKER
 
 
 def test_context_length_only_when_set(tmp_path: Path) -> None:

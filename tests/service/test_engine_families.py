@@ -10,6 +10,10 @@ Rope variants, softmax scale and transformers' attention backends were ruled out
 Everything that is per token agrees exactly, routers included, so with a ONE-token prompt
 (attention over itself only) the next-token distribution must match transformers' with the same
 patched routers: that is what we assert, plus the read-back and that the patch changes outputs.
+
+Each engine also serves resident versions (slots) beside the base: Qwen3-MoE greedy outputs of
+requests on different versions in the same batches equal transformers'; DeepSeek at the level
+above (one-token prompts on the patched slot and on the base, sent together).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from roma_service.engine.client import EngineClient
 from roma_service.registry import LocalRedis
 from tests.fixtures.engine import (
     engine_greedy,
+    engine_greedy_concurrently,
     engine_logprobs,
     hf_greedy,
     hf_logprobs,
@@ -58,7 +63,11 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
     patched_hf = hf_greedy(model_dir, prompts, routers=routers)
     assert patched_hf != base_hf
 
-    process = start(model_dir, tmp_path, cpu_cores=spare_core())
+    other = perturbed_routers(model_dir, seed=5)
+    other_hf = hf_greedy(model_dir, prompts, routers=other)
+    assert other_hf not in (base_hf, patched_hf)
+
+    process = start(model_dir, tmp_path, cpu_cores=spare_core(), router_slots=3)
     pgid = process.proc.pid
     try:
         async with EngineClient(process.url) as client:
@@ -68,6 +77,20 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
             assert engine_greedy(process.url, model_dir, prompts) == patched_hf
             assert (await client.apply(None, 0)).verified
             assert engine_greedy(process.url, model_dir, prompts) == base_hf
+
+            # Resident versions: base, 1 and 2 in the same batches, each like transformers.
+            await client.load_slot(patch_bytes(model_dir, routers), 1)
+            await client.load_slot(patch_bytes(model_dir, other), 2)
+            expected = {0: base_hf, 1: patched_hf, 2: other_hf}
+            jobs = [(i, v) for _ in range(3) for i in range(len(prompts)) for v in (2, 0, 1)]
+            outputs = await engine_greedy_concurrently(
+                process.url, model_dir, [(prompts[i], v) for i, v in jobs]
+            )
+            for (i, version), tokens in zip(jobs, outputs, strict=True):
+                assert tokens == expected[version][i], (version, i)
+            assert (await client.slots()).mixed_steps > 0
+            for version in (1, 2):
+                await client.free_slot(version)
 
         settings = gateway_settings(redis_prefix)
         async with running_gateway(settings, redis_server.url, [process.url]) as gw:
@@ -123,10 +146,28 @@ async def test_deepseek_patch_applies_and_routes_like_transformers(
     singles = [ids[:1] for ids in prompt_ids(model_dir, ["Paris", "The", "Mixture", "sky"])]
     prompts = prompt_ids(model_dir)
 
-    process = start(model_dir, tmp_path, cpu_cores=spare_core())
+    process = start(model_dir, tmp_path, cpu_cores=spare_core(), router_slots=2)
     try:
         async with EngineClient(process.url) as client:
             base_out = engine_greedy(process.url, model_dir, prompts)
+            # Resident version 1 beside the base: one-token prompts under 1 route like
+            # transformers with its routers, base requests like the base.
+            assert (await client.load_slot(patch_bytes(model_dir, routers), 1)).verified
+            jobs = [(p, v) for p in singles for v in (1, None)]
+            tops = await asyncio.gather(
+                *(
+                    asyncio.to_thread(engine_logprobs, process.url, model_dir, p, 5, v)
+                    for p, v in jobs
+                )
+            )
+            for (prompt, version), engine_top in zip(jobs, tops, strict=True):
+                hf = hf_logprobs(model_dir, prompt, routers=routers if version else None)
+                for token, logprob in engine_top.items():
+                    assert abs(hf[token].item() - logprob) < 1e-4, (version, prompt, token)
+            assert engine_greedy(process.url, model_dir, prompts, version=1) != base_out
+            assert engine_greedy(process.url, model_dir, prompts) == base_out
+            await client.free_slot(1)
+
             result = await client.apply(patch_bytes(model_dir, routers), 1)
             assert result.verified and result.max_abs_err < 1e-3
             assert sorted(result.changed) == sorted(routers)

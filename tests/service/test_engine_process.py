@@ -11,6 +11,7 @@ import pytest
 from roma_service.engine.errors import EngineStartError
 from roma_service.engine.process import (
     EXTENSION,
+    WORKER,
     EngineOptions,
     EngineProcess,
     check_private_host,
@@ -42,6 +43,7 @@ def test_command_and_environment_for_the_cpu(tiny_models: dict[str, Path]) -> No
     cmd = engine.command()
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # not the broken script
     assert cmd[cmd.index("--worker-extension-cls") + 1] == EXTENSION
+    assert cmd[cmd.index("--worker-cls") + 1] == WORKER
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     assert "--enforce-eager" in cmd
@@ -60,6 +62,10 @@ def test_command_and_environment_for_the_cpu(tiny_models: dict[str, Path]) -> No
     assert olmoe.environment().get(bind) == os.environ.get(bind)
     pinned = EngineOptions(model=str(tiny_models["olmoe"]), device="cpu", cpu_cores="2-3")
     assert EngineProcess(pinned).environment()[bind] == "2-3"
+    # Router slots: the environment's unless given.
+    assert olmoe.environment().get("ROMA_ROUTER_SLOTS") == os.environ.get("ROMA_ROUTER_SLOTS")
+    slots = EngineOptions(model=str(tiny_models["olmoe"]), device="cpu", router_slots=6)
+    assert EngineProcess(slots).environment()["ROMA_ROUTER_SLOTS"] == "6"
 
     gpu = EngineProcess(EngineOptions(model="allenai/OLMoE-1B-7B-0924", device="cuda"))
     assert "--enforce-eager" not in gpu.command()  # CUDA graphs stay on: the swap keeps them

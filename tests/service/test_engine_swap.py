@@ -6,91 +6,25 @@ replaces ``weight`` with an empty tensor), which is the trap that makes a naive 
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
-from roma_patch import (
-    FAMILIES,
-    BaseRouters,
-    PatchError,
-    PatchMeta,
-    raw_from_torch,
-    read_patch,
-    router_layer,
-    write_patch,
-)
-from roma_service.engine.routers import RouterTable, find_routers
+from roma_patch import PatchError, raw_from_torch
+from roma_service.engine.routers import find_routers
 from roma_service.engine.swap import commit_all, stage
+from tests.fixtures.vllm_layers import (
+    EXPERTS,
+    HIDDEN,
+    QWEN2_MOE,
+    gate_out,
+    make_model,
+    make_patch,
+    router_name,
+    router_table,
+)
 
-HIDDEN, EXPERTS, LAYERS = 128, 8, 4
-QWEN2_MOE = FAMILIES["qwen2_moe"]  # routers plus a shared_expert_gate that is no router
-tensor_name = QWEN2_MOE.tensor_name
-
-
-@pytest.fixture(scope="module")
-def vllm_config() -> Iterator[object]:
-    """vLLM's config context and a 1-process distributed group, as a worker has."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = VllmConfig()
-    with set_current_vllm_config(config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
-        yield config
-        destroy_model_parallel()
-        destroy_distributed_environment()
-
-
-def make_model(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Qwen2-MoE's MoE blocks as vLLM builds them: ``model.layers.N.mlp.gate`` GateLinear
-    routers with random weights, packed for the CPU, beside a ``shared_expert_gate``
-    ReplicatedLinear ([1, hidden]; it has a ``quant_method`` and a ``weight`` too)."""
-    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
-    from vllm.model_executor.layers.linear import ReplicatedLinear
-
-    gen = torch.Generator().manual_seed(seed)
-    root = nn.Module()
-    root.model = nn.Module()
-    root.model.layers = nn.ModuleList()
-    weights: dict[str, torch.Tensor] = {}
-    for i in range(LAYERS):
-        layer = nn.Module()
-        layer.mlp = nn.Module()
-        layer.mlp.gate = GateLinear(HIDDEN, EXPERTS, prefix=QWEN2_MOE.module_path(i))
-        prefix = QWEN2_MOE.module_path(i).removesuffix("gate")
-        layer.mlp.shared_expert_gate = ReplicatedLinear(
-            HIDDEN, 1, bias=False, prefix=f"{prefix}shared_expert_gate"
-        )
-        weight = torch.randn(EXPERTS, HIDDEN, generator=gen)
-        layer.mlp.gate.weight.data.copy_(weight)
-        layer.mlp.gate.quant_method.process_weights_after_loading(layer.mlp.gate)
-        root.model.layers.append(layer)
-        weights[tensor_name(i)] = weight
-    return root, weights
-
-
-def gate_out(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = gate(x)
-    return out[0] if isinstance(out, tuple) else out
+tensor_name = router_name
 
 
 def test_cpu_gate_is_packed_so_copy_does_nothing(vllm_config: object) -> None:
@@ -137,23 +71,6 @@ def test_commit_all_undoes_every_layer_when_one_commit_fails(vllm_config: object
         torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(i)].T)
 
 
-def _table(model: nn.Module, weights: dict[str, torch.Tensor]) -> RouterTable:
-    return RouterTable(
-        "tiny", find_routers(model), {n: raw_from_torch(w) for n, w in weights.items()}
-    )
-
-
-def _patch(weights: dict[str, torch.Tensor], new: dict[str, torch.Tensor], fingerprint=None):
-    base = BaseRouters.from_torch("tiny", weights)
-    meta = PatchMeta(
-        base_model="tiny",
-        base_fingerprint=fingerprint or base.fingerprint(list(new)),
-        layers=sorted(router_layer(n) for n in new),
-        objective="test",
-    )
-    return read_patch(write_patch(new, meta))
-
-
 def test_routers_are_found_by_name_alone(vllm_config: object) -> None:
     """The shared expert's gate is a linear with a quant_method too: only its name tells it
     apart. Under a multimodal wrapper (vLLM nests the language model as ``language_model``) the
@@ -168,10 +85,10 @@ def test_routers_are_found_by_name_alone(vllm_config: object) -> None:
 
 def test_router_table_applies_patch_then_base(vllm_config: object) -> None:
     model, weights = make_model()
-    table = _table(model, weights)
+    table = router_table(model, weights)
     assert set(table.routers) == set(weights)
     new = {tensor_name(2): torch.randn(EXPERTS, HIDDEN)}
-    patch = _patch(weights, new)
+    patch = make_patch(weights, new)
 
     result = table.switch(table.target_for(patch, "1"))
     assert result["verified"] and result["changed"] == [tensor_name(2)]
@@ -190,9 +107,9 @@ def test_readback_detects_a_gate_that_did_not_take_the_weights(vllm_config: obje
     """The naive CPU update (copy_ into the packed, empty weight) changes nothing: the read-back
     must say so, not the checksums (which describe what we meant to apply)."""
     model, weights = make_model()
-    table = _table(model, weights)
+    table = router_table(model, weights)
     name = tensor_name(3)
-    target = table.target_for(_patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}), "1")
+    target = table.target_for(make_patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}), "1")
     with torch.no_grad():
         table.routers[name].weight.data.copy_(torch.empty(0))  # the no-op a naive copy_ is
     table.held = target  # pretend it was applied
@@ -204,9 +121,9 @@ def test_readback_detects_a_gate_that_did_not_take_the_weights(vllm_config: obje
 
 def test_bad_patch_is_refused_before_any_layer_changes(vllm_config: object) -> None:
     model, weights = make_model()
-    table = _table(model, weights)
+    table = router_table(model, weights)
     name = tensor_name(1)
-    bad = _patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}, fingerprint="0" * 64)
+    bad = make_patch(weights, {name: torch.randn(EXPERTS, HIDDEN)}, fingerprint="0" * 64)
     with pytest.raises(PatchError) as err:
         table.target_for(bad, "1")
     assert err.value.code == "fingerprint_mismatch"
@@ -217,11 +134,11 @@ def test_bad_patch_is_refused_before_any_layer_changes(vllm_config: object) -> N
 
 def test_undo_returns_to_the_previous_version(vllm_config: object) -> None:
     model, weights = make_model()
-    table = _table(model, weights)
+    table = router_table(model, weights)
     name = tensor_name(0)
     first, second = torch.randn(EXPERTS, HIDDEN), torch.randn(EXPERTS, HIDDEN)
-    table.switch(table.target_for(_patch(weights, {name: first}), "1"))
-    table.switch(table.target_for(_patch(weights, {name: second}), "2"))
+    table.switch(table.target_for(make_patch(weights, {name: first}), "1"))
+    table.switch(table.target_for(make_patch(weights, {name: second}), "2"))
     assert not table.undo("1")  # not the version held: nothing to undo
     assert table.undo("2")
     assert table.held.version == "1"

@@ -1,0 +1,268 @@
+"""The slot-aware MoE gate: every token's router logits computed with its own request's slot.
+
+One :class:`StepSlots` per worker says which slot each token of the current forward uses; it is
+written before every model forward (see ``slots.py``) and read by every :class:`SlotGate`. A
+SlotGate replaces the ``forward`` of one router module *on the instance*: vLLM's MoE runner holds
+a reference to the gate module and calls it, so replacing the module in its parent would miss
+those calls. The fused top-k and expert kernels after the gate are vLLM's, unchanged.
+
+Two strategies:
+
+* ``grouped`` (CPU; eager GPUs): a step whose tokens all use one slot calls that slot's gate
+  directly: the very kernel vLLM runs without slots (on the CPU, the layer's packed SGL GEMM,
+  re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step
+  computes slot 0's logits for every token, then overwrites the rows of the tokens whose slot
+  patches this layer (``index_select``, that slot's GEMM, ``index_copy_``). Data-dependent, so
+  under torch.compile it runs inside an opaque custom op (``roma::slot_gate``): vLLM drops
+  Dynamo's guards, and a Python branch traced once would be frozen.
+* ``stacked`` (CUDA graphs): one GEMM against the stacked ``[slots * experts, hidden]`` weights,
+  then a per-token gather with the index buffer. No branch depends on the step, the stack and
+  the index buffer keep their addresses (loads ``copy_`` into the stack; the per-step hook
+  writes the indices in place), so captured CUDA graphs stay valid. Slot 0 of the stack *is*
+  the layer's ``weight`` (a view), so the single-version swap, which copies into that weight,
+  still changes slot 0. Costs ``slots`` times the gate's FLOPs; the gate computes in the weight
+  dtype and casts to ``out_dtype`` (vLLM's specialised router GEMM tiers are bypassed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roma_service.engine.swap import packed_twin
+
+Strategy = Literal["grouped", "stacked"]
+# Grouped strategy, mixed steps: up to this many weights (slots x experts x hidden), one GEMM
+# against all slots' weights plus a gather is cheaper than a GEMM per slot on its tokens (one
+# core, 4 slots: hidden 128 x 8 experts, 16 tokens: 18 us vs 123 us; hidden 2048 x 64 experts:
+# 500 us vs 301 us; see docs/engine.md).
+STACKED_MIXED_MAX_WEIGHTS = 1 << 18
+
+
+class StepSlots:
+    """Which slot each token of the current forward uses: ``single`` (one slot for all) or,
+    for a mixed step, ``index`` (a persistent buffer of every token's slot, fixed address,
+    written in place; the stacked strategy also fills it for single-slot steps) and ``rows``
+    (grouped strategy: each slot's token rows)."""
+
+    def __init__(
+        self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
+    ) -> None:
+        self.slots = slots
+        self.device = device
+        self.index = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.write_index = strategy == "stacked"
+        self.tokens = 0
+        self.single: int | None = 0  # every token uses this slot; None: mixed
+        self.rows: dict[int, torch.Tensor] = {}  # mixed: slot (not 0) -> its token rows
+
+    def uniform(self, slot: int, tokens: int) -> None:
+        """Every token of a forward of ``tokens`` tokens uses ``slot``."""
+        self.tokens, self.single, self.rows = tokens, slot, {}
+        if self.write_index:
+            self.index[:tokens].fill_(slot)
+
+    def mixed(self, token_slots: np.ndarray, tokens: int) -> None:
+        """``token_slots``: the slot of each real token, in batch order; the rest of the
+        ``tokens`` of the forward (CUDA-graph padding) use slot 0."""
+        self.tokens, self.single, self.rows = tokens, None, {}
+        if not self.write_index:
+            self.rows = {
+                int(slot): torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device)
+                for slot in np.unique(token_slots)
+                if slot != 0
+            }
+        host = torch.zeros(tokens, dtype=torch.int64)
+        host[: len(token_slots)] = torch.from_numpy(token_slots)
+        # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
+        self.index[:tokens].copy_(host, non_blocking=True)
+
+    @contextlib.contextmanager
+    def forced(self, slot: int, tokens: int) -> Iterator[None]:
+        """Run a probe batch of ``tokens`` tokens under ``slot`` (read-back, between steps)."""
+        saved = (self.tokens, self.single, self.rows)
+        self.uniform(slot, tokens)
+        try:
+            yield
+        finally:
+            self.tokens, self.single, self.rows = saved
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """What the grouped strategy runs for one layer; replaced whole on every change."""
+
+    per_slot: tuple[nn.Module | None, ...]  # a packed twin per patched slot; None: slot 0's
+    sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
+    stacked: torch.Tensor | None = None  # small gates: [slots * experts, hidden] (mixed steps)
+
+
+@dataclass
+class _StagedSlot:
+    """One layer's new content for one slot; commit/rollback only assign or copy. A gate's
+    grouped kernels are replaced whole, so stage the next change only after committing this
+    one (a commit over content changed since staging is refused)."""
+
+    gate: SlotGate
+    slot: int
+    new: _Kernels | torch.Tensor
+    old: _Kernels | torch.Tensor
+
+    def commit(self) -> None:
+        if isinstance(self.old, _Kernels) and self.gate.kernels is not self.old:
+            raise RuntimeError(f"{self.gate.name}: slot {self.slot} was staged from older kernels")
+        self.gate._set(self.slot, self.new)
+
+    def rollback(self) -> None:
+        self.gate._set(self.slot, self.old)
+
+
+# Gates by key, for the custom op (it can only take tensors and plain values).
+_GATES: dict[str, SlotGate] = {}
+_KEYS = itertools.count()
+
+
+class SlotGate:
+    """The slots of one router module. ``base`` is the checkpoint's weight as the engine
+    computes with it; a slot that does not patch this layer computes with slot 0's routers."""
+
+    def __init__(
+        self, name: str, layer: nn.Module, step: StepSlots, strategy: Strategy, base: torch.Tensor
+    ) -> None:
+        self.name = name
+        self.layer = layer
+        self.step = step
+        self.strategy = strategy
+        self.base = base
+        self.experts = int(base.shape[0])
+        self.class_forward = type(layer).forward
+        self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
+        # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
+        self.stack_mixed = (
+            step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
+            and getattr(layer, "bias", None) is None
+        )
+        self.stack: torch.Tensor | None = None
+        if strategy == "stacked":
+            self.stack = self._stack_weights()
+        self.key = f"{next(_KEYS)}:{name}"
+        _GATES[self.key] = self
+        layer.forward = self.forward
+
+    def _stack_weights(self) -> torch.Tensor:
+        weight = self.layer.weight
+        if getattr(self.layer, "bias", None) is not None or tuple(weight.shape) != tuple(
+            self.base.shape
+        ):
+            raise ValueError(
+                f"{self.name}: the stacked slot gate needs an unquantized, bias-free router "
+                f"holding its weight (got weight {list(weight.shape)}); use the grouped strategy"
+            )
+        stack = weight.detach().new_empty((self.step.slots, *weight.shape))
+        stack.copy_(weight.detach().expand_as(stack))
+        self.layer.weight.data = stack[0]  # slot 0 is the live weight (single-version swaps)
+        return stack
+
+    # -- content --------------------------------------------------------------------------
+
+    def stage(self, slot: int, weight: torch.Tensor | None) -> _StagedSlot:
+        """Prepare ``slot`` to compute with ``weight`` (None: like slot 0) without touching
+        what runs; the expensive part (re-packing) happens here."""
+        if slot == 0:
+            raise ValueError("slot 0 is changed by the single-version swap, not by slot loads")
+        if self.stack is not None:
+            new = (self.base if weight is None else weight).to(
+                device=self.stack.device, dtype=self.stack.dtype
+            )
+            return _StagedSlot(self, slot, new, self.stack[slot].clone())
+        per_slot, sources = list(self.kernels.per_slot), list(self.kernels.sources)
+        per_slot[slot] = None if weight is None else packed_twin(self.layer, weight)
+        sources[slot] = weight
+        stacked = None
+        if self.stack_mixed and any(s is not None for s in sources):
+            stacked = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
+        new_kernels = _Kernels(tuple(per_slot), tuple(sources), stacked)
+        return _StagedSlot(self, slot, new_kernels, self.kernels)
+
+    def _set(self, slot: int, content: _Kernels | torch.Tensor) -> None:
+        if isinstance(content, _Kernels):
+            self.kernels = content
+        else:
+            assert self.stack is not None
+            with torch.no_grad():
+                self.stack[slot].copy_(content)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """Replaces the router module's forward; same return shape as vLLM's GateLinear."""
+        if self.stack is None and torch.compiler.is_compiling():
+            logits = torch.ops.roma.slot_gate(x, self.key)
+        else:
+            logits = self.logits(x)
+        return (logits, None) if getattr(self.layer, "return_bias", False) else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stack is not None:
+            return self._stacked(x)
+        return self._grouped(x)
+
+    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = self.class_forward(module, x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        step, kernels = self.step, self.kernels
+        # A forward that is not the step's (vLLM's profiling and warm-up runs): slot 0.
+        single = step.single if x.shape[0] == step.tokens else 0
+        if single is not None:
+            return self._call(kernels.per_slot[single] or self.layer, x)
+        if kernels.stacked is not None:
+            return self._stacked_logits(x, kernels.stacked)
+        out = self._call(self.layer, x)
+        for slot, rows in step.rows.items():
+            kernel = kernels.per_slot[slot]
+            if kernel is not None:
+                out.index_copy_(0, rows, self._call(kernel, x.index_select(0, rows)))
+        return out
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.stack is not None
+        return self._stacked_logits(x, self.stack.view(-1, self.stack.shape[-1]))
+
+    def _stacked_logits(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """One GEMM against every slot's weights (``[slots * experts, hidden]``), then each
+        token's own slot's logits."""
+        logits = F.linear(x.to(stacked.dtype), stacked)
+        out_dtype = getattr(self.layer, "out_dtype", None)
+        if out_dtype is not None:
+            logits = logits.to(out_dtype)
+        return self._gather(logits)
+
+    def _gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each token's own slot's logits out of ``[tokens, slots * experts]``."""
+        tokens, experts = logits.shape[0], self.experts
+        index = self.step.index[:tokens].view(tokens, 1, 1).expand(tokens, 1, experts)
+        return logits.view(tokens, -1, experts).gather(1, index).view(tokens, experts)
+
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return getattr(self.layer, "out_dtype", None) or x.dtype
+
+
+@torch.library.custom_op("roma::slot_gate", mutates_args=())
+def _slot_gate_op(x: torch.Tensor, key: str) -> torch.Tensor:
+    return _GATES[key].logits(x)
+
+
+@_slot_gate_op.register_fake
+def _slot_gate_fake(x: torch.Tensor, key: str) -> torch.Tensor:
+    gate = _GATES[key]
+    return x.new_empty((x.shape[0], gate.experts), dtype=gate.out_dtype(x))

