@@ -11,8 +11,6 @@ Since each chosen expert adds exactly its neurons' dense contribution ``c_e(x)``
 Gram matrix at ``x``, computed once per token. From it each token's best ``k`` experts are
 found greedily, and the router learns to pick them (binary cross-entropy per expert) with a
 Switch-style load-balancing term. Errors are reported relative to the dense output's size.
-That target beat optimising the error itself through a straight-through top-k (measured in
-docs/real-model.md).
 """
 
 from __future__ import annotations

