@@ -68,7 +68,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: 8000).")] = None,
     swap_policy: Annotated[
         SwapPolicy | None,
-        typer.Option(help="drain (default): no request sees two router versions; immediate."),
+        typer.Option(
+            help="auto (default): slots when the engines keep several router versions "
+            "resident (per-request versions, canaries, deploys without drain); drain or "
+            "immediate: one global version swapped in place."
+        ),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")] = None,
     reset_state: Annotated[

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from roma_patch import MAX_PATCH_BYTES
 
-SwapPolicy = Literal["drain", "immediate"]
+SwapPolicy = Literal["auto", "slots", "drain", "immediate"]
 
 
 class Settings(BaseSettings):
@@ -95,10 +95,15 @@ class Settings(BaseSettings):
 
     # --- swaps ---------------------------------------------------------------------------------
     swap_policy: SwapPolicy = Field(
-        "drain",
-        description="drain: no request is generated under two router versions (new requests "
-        "wait while in-flight ones finish). immediate: swap between engine steps; responses "
-        "that spanned the swap say so (X-Router-Version-Changed / a final SSE comment).",
+        "auto",
+        description="slots: every engine keeps several router versions resident "
+        "(ROMA_ROUTER_SLOTS >= 2 on the engines) and each request runs under one of them from "
+        "its first token to its last: a deploy loads the new version beside the old one, no "
+        "drain, no recompute, no prefix-cache reset; per-request versions (X-Router-Version) "
+        "and canary splits need it. drain / immediate: one global version, swapped in place "
+        "(for engines with ROMA_ROUTER_SLOTS=1): drain holds new requests while in-flight ones "
+        "finish; immediate swaps between engine steps and flags responses that spanned it. "
+        "auto: slots when the engines have slots, else drain.",
     )
     drain_timeout_s: float = Field(
         30.0, gt=0, description="How long a drain waits for in-flight requests (then 503)."

@@ -23,7 +23,9 @@ from roma_service.gateway.swaps.errors import (
     Busy,
     CannotSwap,
     EngineFailed,
+    NoFreeSlot,
     PatchRejected,
+    SlotsDisabled,
     SwapError,
 )
 from roma_service.registry import ActiveVersion, RegistryError, RegistryNotReady, UnknownVersion
@@ -41,6 +43,8 @@ _SWAP_STATUS: dict[type[SwapError], tuple[int, dict[str, str] | None]] = {
     EngineFailed: (502, None),
     CannotSwap: (503, None),
     Busy: (503, _RETRY_LATER),
+    NoFreeSlot: (503, {"Retry-After": "1"}),
+    SlotsDisabled: (409, None),
 }
 
 

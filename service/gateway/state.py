@@ -8,6 +8,7 @@ from roma_service.gateway.engines import EnginePool
 from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import SwapGate
 from roma_service.gateway.swaps import Deployer, DeployLock, Reconciler, SwapContext
+from roma_service.gateway.swaps.resident import Residency
 from roma_service.gateway.sync import Synchroniser
 from roma_service.metrics import Metrics
 from roma_service.registry import Registry
@@ -23,6 +24,7 @@ class Gateway:
     gate: SwapGate
     deployer: Deployer
     reconciler: Reconciler
+    residency: Residency
     sync: Synchroniser
     expert_load: ExpertLoadExporter
 
@@ -35,10 +37,14 @@ class Gateway:
         expert_load = ExpertLoadExporter(pool, metrics, settings.expert_load_interval_s)
         lock = DeployLock(registry, settings)
         swaps = SwapContext(pool, registry, lock, settings, metrics, expert_load)
-        deployer = Deployer(swaps, gate)
-        reconciler = Reconciler(swaps)
+        residency = Residency(swaps)
+        deployer = Deployer(swaps, gate, residency)
+        reconciler = Reconciler(swaps, residency)
         sync = Synchroniser(pool, registry, reconciler, settings)
-        return cls(settings, metrics, registry, pool, gate, deployer, reconciler, sync, expert_load)
+        return cls(
+            settings, metrics, registry, pool, gate, deployer, reconciler, residency, sync,
+            expert_load,
+        )  # fmt: skip
 
     def start(self) -> None:
         """The background work: reconciling engines, following events, reading expert load."""

@@ -149,6 +149,18 @@ class Synchroniser:
         urls = event.get("engines") or []
         urls = urls if isinstance(urls, list) else []  # Lua's cjson turns [] into {}
         shared = [e for e in self.pool.engines if e.url in urls and e.healthy]
+        if event.get("type") == "traffic":
+            weights = event.get("weights")
+            self.pool.split = {int(v): float(w) for v, w in weights.items()} if weights else None
+            self.wake()  # the reconcile loads and pins the split's versions here too
+            return
+        if self.pool.slot_mode:
+            if event.get("type") == "activated":
+                # Requests are bound per version: nothing in flight changes; our engines'
+                # resident maps are refreshed by the reconcile that follows.
+                self.pool.set_active(int(event["version"]))
+            self.wake()
+            return
         if event.get("type") == "swapping":
             self.pool.swap_starting(shared)
             self.wake()  # the reconcile after that swap (lock) says what the engines hold

@@ -1,10 +1,18 @@
 """The completions proxy: pick an engine, pass the request through, stream the answer back.
 
-Bodies go through untouched (no re-serialisation: the engine validates them) and SSE chunks are
-forwarded as they arrive, never buffered. Under the ``drain`` policy each request holds a
-reader slot of the swap gate until its last byte is out. Each request notes the engine's swap
-generation as it goes in; if a swap started, ended or was under way between then and its last
-byte, the response may mix router versions and says so.
+Slot mode (the engines keep several router versions resident): each completion is bound to one
+version as it comes in: the one its ``X-Router-Version`` header asks for, else the canary split's
+choice for its caller, else the active one. The body gets that version in vLLM's per-request
+channel and a per-version prefix-cache salt (``engine.binding``; a client cannot set either),
+and goes to an engine holding the version (loaded into a slot first if none does). The response
+is generated under that version from its first token to its last.
+
+Global mode (``drain`` / ``immediate``): bodies go through untouched. Under ``drain`` each
+request holds a reader slot of the swap gate until its last byte is out. Each request notes the
+engine's swap generation as it goes in; if a swap started, ended or was under way between then
+and its last byte, the response may mix router versions and says so.
+
+SSE chunks are forwarded as they arrive, never buffered.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from roma_service.engine.binding import bind_request
 from roma_service.gateway.completions.protocol import (
     CHANGED_HEADER,
     DONE,
@@ -26,7 +35,7 @@ from roma_service.gateway.completions.protocol import (
     changed_comment,
     version_comment,
 )
-from roma_service.gateway.engines import EngineHandle, NoEngine
+from roma_service.gateway.engines import EngineHandle, NoEngine, Stamp
 from roma_service.gateway.errors import APIError, error_response, from_engine
 from roma_service.gateway.gate import GateTimeout
 from roma_service.gateway.state import Gateway
@@ -37,6 +46,9 @@ log = logging.getLogger(__name__)
 
 _FORWARD_HEADERS = ("content-type", "accept", "user-agent", "x-request-id")
 _RETURN_HEADERS = ("content-type", "x-request-id")
+# Routes whose requests run under router weights, hence are bound to a version in slot mode.
+_BOUND_ROUTES = ("completions", "chat_completions")
+_MAX_VERSION = 2**62
 
 
 class _Release:
@@ -84,12 +96,33 @@ class CompletionsProxy:
 
     async def forward(self, request: Request, path: str, route: str) -> Response:
         body = b""
-        stream = False
+        payload: dict | None = None
         if request.method == "POST":
             _require_json(request)
             body = await read_body(request, self.gw.settings.max_request_bytes)
-            stream = _wants_stream(body)
-        drain = self.gw.settings.swap_policy == "drain"
+            payload = _json_object(body)
+        stream = payload is not None and _wants_stream(payload)
+        requested = requested_version(request)
+        pool = self.gw.pool
+        bound: int | None = None
+        if pool.slot_mode and payload is not None and route in _BOUND_ROUTES:
+            bound = requested if requested is not None else self._choose(payload, request)
+            try:
+                body = json.dumps(bind_request(payload, bound)).encode()
+            except ValueError as exc:
+                raise APIError(400, str(exc), "invalid_value") from exc
+        elif requested is not None and not pool.slot_mode and requested != pool.active:
+            raise APIError(
+                409,
+                f"router version {requested} was asked for, but this gateway serves one global "
+                f"version ({pool.active}): per-request versions need engines with "
+                "ROMA_ROUTER_SLOTS >= 2 and ROMA_SWAP_POLICY auto or slots",
+                "slots_disabled",
+                VERSION_HEADER,
+            )
+        drain = self.gw.settings.swap_policy == "drain" or (
+            self.gw.settings.swap_policy == "auto" and pool.slot_mode is False
+        )
         started = time.perf_counter()
         if drain:
             try:
@@ -102,18 +135,19 @@ class CompletionsProxy:
         async def release() -> None:
             if engine is not None:
                 engine.inflight -= 1
+                if bound is not None:
+                    engine.sending[bound] -= 1
                 self.gw.metrics.engine_inflight.labels(engine.url).set(engine.inflight)
             if drain:
                 await self.gw.gate.release_read()
 
         done = _Release(release)
         try:
-            engine, upstream, (version, generation, was_swapping) = await self._send(
-                request, path, body
-            )
+            engine, upstream, stamp = await self._send(request, path, body, bound)
         except BaseException:
             await done()
             raise
+        version = stamp.version
         request_version.set(version)
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in _RETURN_HEADERS}
         headers[VERSION_HEADER] = str(version)
@@ -123,7 +157,7 @@ class CompletionsProxy:
             labels = (route, str(version))
             self.gw.metrics.requests.labels(*labels, str(status)).inc()
             self.gw.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
-            changed = engine.changed_since(generation, was_swapping)
+            changed = engine.changed_since(stamp)
             if changed:
                 self.gw.metrics.version_changed.inc()
             return changed
@@ -135,7 +169,7 @@ class CompletionsProxy:
                 await upstream.aclose()
                 await done()
             if finish(upstream.status_code):
-                headers[CHANGED_HEADER] = f"{version}->{_now_holding(engine)}"
+                headers[CHANGED_HEADER] = f"{version}->{engine.now_serving(stamp)}"
             log.info("proxied", extra={"route": route, "status": upstream.status_code,
                                        "engine": engine.url})  # fmt: skip
             if upstream.status_code >= 400:  # the engine's refusal, in the gateway's shape
@@ -156,7 +190,7 @@ class CompletionsProxy:
                     if chunk.endswith(DONE):
                         if head := chunk[: -len(DONE)]:
                             yield head
-                        yield self._trailer(version, generation, was_swapping, engine)
+                        yield self._trailer(stamp, engine)
                         yield DONE
                     else:
                         yield chunk
@@ -170,27 +204,45 @@ class CompletionsProxy:
             body_iter(), done, status_code=200, headers=headers, media_type="text/event-stream"
         )
 
-    def _trailer(
-        self, version: int | None, generation: int, was_swapping: bool, engine: EngineHandle
-    ) -> bytes:
-        out = version_comment(version)
-        if engine.changed_since(generation, was_swapping):
-            out += changed_comment(version, _now_holding(engine))
+    def _trailer(self, stamp: Stamp, engine: EngineHandle) -> bytes:
+        out = version_comment(stamp.version)
+        if engine.changed_since(stamp):
+            out += changed_comment(stamp.version, engine.now_serving(stamp))
         return out
 
+    def _choose(self, payload: dict, request: Request) -> int:
+        """The version of a request that did not ask for one: the canary split's choice for
+        its caller, else the active version."""
+        pool = self.gw.pool
+        if pool.active is None:
+            raise APIError(503, pool.why_not_ready(), "no_engine", headers={"Retry-After": "5"})
+        if not pool.split:
+            return pool.active
+        from roma_service.gateway.traffic import BadCaller, caller_key, choose
+
+        try:
+            return choose(pool.split, caller_key(payload, request.headers))
+        except BadCaller as exc:
+            raise APIError(400, str(exc), "invalid_header", "X-Router-Caller") from exc
+
     async def _send(
-        self, request: Request, path: str, body: bytes
-    ) -> tuple[EngineHandle, httpx.Response, tuple[int | None, int, bool]]:
-        """Send to the least-loaded engine in rotation; an engine that refuses the connection
-        goes out of rotation and the next one is tried (nothing reached the first one)."""
+        self, request: Request, path: str, body: bytes, bound: int | None
+    ) -> tuple[EngineHandle, httpx.Response, Stamp]:
+        """Send to the least-loaded engine holding the request's version; an engine that
+        refuses the connection goes out of rotation and the next one is tried (nothing reached
+        the first one)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
         tried: list[str] = []
         for _ in range(len(self.gw.pool.engines)):
             try:
-                engine = self.gw.pool.pick()
+                if bound is None:
+                    engine = self.gw.pool.pick()
+                else:
+                    engine = await self.gw.residency.engine_for(bound)
+                    engine.sending[bound] += 1
                 # What the engine holds as the request goes in: a non-streamed answer's headers
                 # only arrive once it is generated, too late to tell.
-                stamp = engine.stamp()
+                stamp = engine.stamp(bound)
             except NoEngine as exc:
                 raise APIError(503, str(exc), "no_engine", headers={"Retry-After": "5"}) from exc
             engine.inflight += 1
@@ -209,11 +261,15 @@ class CompletionsProxy:
                 return engine, upstream, stamp
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 engine.inflight -= 1
+                if bound is not None:
+                    engine.sending[bound] -= 1
                 tried.append(engine.url)
                 self.gw.pool.mark_down(engine, f"connection failed: {exc}")
                 self.gw.sync.wake()
             except httpx.HTTPError as exc:
                 engine.inflight -= 1
+                if bound is not None:
+                    engine.sending[bound] -= 1
                 raise APIError(
                     502, f"engine {engine.url} failed: {type(exc).__name__}: {exc}", "engine_error"
                 ) from exc
@@ -221,11 +277,6 @@ class CompletionsProxy:
             503, f"no engine reachable (tried {', '.join(tried)})", "no_engine",
             headers={"Retry-After": "5"},
         )  # fmt: skip
-
-
-def _now_holding(engine: EngineHandle) -> str:
-    """The version the engine holds now; "?" while a swap on it is still under way."""
-    return "?" if engine.swapping else str(engine.version)
 
 
 def _require_json(request: Request) -> None:
@@ -239,9 +290,26 @@ def _require_json(request: Request) -> None:
         )
 
 
-def _wants_stream(body: bytes) -> bool:
-    """Read only ``stream`` from the body; anything not a JSON object is refused here (the
-    engine would refuse it too, but a 400 from us is clearer than a proxied 4xx)."""
+def requested_version(request: Request) -> int | None:
+    """The version a request asks for in its ``X-Router-Version`` header (None: none)."""
+    raw = request.headers.get(VERSION_HEADER)
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isdigit() or int(text) > _MAX_VERSION:
+        raise APIError(
+            400,
+            f"{VERSION_HEADER} must be a router version number (0 = the base routers), "
+            f"not {raw[:40]!r}",
+            "invalid_header",
+            VERSION_HEADER,
+        )
+    return int(text)
+
+
+def _json_object(body: bytes) -> dict:
+    """The body as a JSON object; anything else is refused here (the engine would refuse it
+    too, but a 400 from us is clearer than a proxied 4xx)."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -250,6 +318,10 @@ def _wants_stream(body: bytes) -> bool:
         raise APIError(400, "request body is nested too deeply", "invalid_json") from exc
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
+    return payload
+
+
+def _wants_stream(payload: dict) -> bool:
     stream = payload.get("stream")
     # The engine's pydantic model would coerce "yes" or 1 to true and stream, while we would
     # not have read it as a stream: refuse anything but a JSON boolean.

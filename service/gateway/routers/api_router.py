@@ -118,8 +118,20 @@ async def get_version(version: Version, gateway: GatewayDep, _: AdminDep) -> Ver
     "and returning engines get the base routers before they take traffic.",
     responses=error_responses(400, 401, 404, 502, 503),
 )
-async def activate(version: Version, gateway: GatewayDep, _: AdminDep) -> DeployResponse:
-    return await RoutersService(gateway).activate(version)
+async def activate(
+    version: Version,
+    gateway: GatewayDep,
+    _: AdminDep,
+    evict: Annotated[
+        bool,
+        Query(
+            description="slot mode: requests still running on the previous version move to "
+            "this one at once (recomputed under it; their responses carry "
+            "X-Router-Version-Changed) instead of finishing on their own version"
+        ),
+    ] = False,
+) -> DeployResponse:
+    return await RoutersService(gateway).activate(version, evict)
 
 
 @router.delete(

@@ -23,8 +23,8 @@ class SwapTimings(BaseModel):
     """Milliseconds per phase (hence ``timings_ms``): upload (reading the body), validate
     (format, names, shapes, dtype, finiteness, base fingerprint), store (Redis), lock (waiting
     for another deploy), drain (in-flight requests finishing), apply (every engine, round
-    trip), verify (fresh read-back from every engine), activate (prefix-cache reset + active
-    pointer), total."""
+    trip; in slot mode: load into a slot + read-back), verify (fresh read-back from every
+    engine), activate (prefix-cache reset + active pointer), total."""
 
     upload: float = 0.0
     validate_: float = Field(0.0, alias="validate")
@@ -37,6 +37,9 @@ class SwapTimings(BaseModel):
     )
     verify: float = 0.0
     activate: float = 0.0
+    evict: float = Field(
+        0.0, description="?evict=true: moving running requests off the previous version"
+    )
     total: float = 0.0
 
     model_config = {"populate_by_name": True, "serialize_by_alias": True}

@@ -38,8 +38,8 @@ class RoutersService:
             timings_ms=SwapTimings.model_validate(timings.total()),
         )
 
-    async def activate(self, version: int) -> DeployResponse:
-        return self._response(await self.gw.deployer.activate(version, Timings()))
+    async def activate(self, version: int, evict: bool = False) -> DeployResponse:
+        return self._response(await self.gw.deployer.activate(version, Timings(), evict))
 
     async def list(self) -> VersionList:
         active = await self.gw.registry.active()
@@ -57,6 +57,8 @@ class RoutersService:
 
     async def delete(self, version: int) -> None:
         await self.gw.registry.delete(version)
+        if self.gw.pool.slot_mode:
+            await self.gw.residency.forget(version)
 
     async def history(self, limit: int) -> HistoryList:
         return HistoryList(data=await self.gw.registry.history(limit))

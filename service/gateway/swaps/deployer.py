@@ -1,12 +1,20 @@
 """Deploy a patch or activate a stored version: the swap, end to end.
 
-One swap: take the deploy lock -> drain (``drain`` policy: the gateway's swap gate; and when
-other gateways are alive, the engines' ``/pause?mode=wait`` for their traffic) -> mark the
-engines as swapping -> apply to every reachable engine -> verify (a fresh read-back) -> reset
-the prefix cache (KV computed under the old routers is stale; under ``immediate`` running
-requests are recomputed) -> move the active pointer in Redis (which publishes the change) ->
-resume. If any engine fails, the engines that took the new version are put back on the previous
-one, Redis is left as it was, and the error names the engine. The steps are in :mod:`.steps`.
+Slot mode (engines keep several versions resident, :mod:`.resident`): take the deploy lock ->
+load the version into a free slot of every engine, read it back there and pin it -> move the
+active pointer in Redis (new requests are bound to it from then on) -> unpin the previous one.
+Requests in flight finish on their own slot; nothing is drained, recomputed or reset. With
+``evict`` (a rollback that cannot wait), requests still running on the previous version are
+moved to the new one and recomputed, and their responses say so.
+
+Global mode (``drain`` / ``immediate``, engines with one slot), one swap: take the deploy lock ->
+drain (``drain`` policy: the gateway's swap gate; and when other gateways are alive, the engines'
+``/pause?mode=wait`` for their traffic) -> mark the engines as swapping -> apply to every reachable
+engine -> verify (a fresh read-back) -> reset the prefix cache (KV computed under the old routers
+is stale; under ``immediate`` running requests are recomputed) -> move the active pointer in Redis
+(which publishes the change) -> resume. If any engine fails, the engines that took the new version
+are put back on the previous one, Redis is left as it was, and the error names the engine. The
+steps are in :mod:`.steps`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from roma_service.gateway.gate import SwapGate
 from roma_service.gateway.swaps import steps
 from roma_service.gateway.swaps.context import SwapContext
 from roma_service.gateway.swaps.errors import CannotSwap, EngineFailed, PatchRejected, SwapError
+from roma_service.gateway.swaps.resident import Residency
 from roma_service.gateway.swaps.target import Target, base_of, expected_checksums
 from roma_service.gateway.timings import Timings
 from roma_service.registry import VersionRecord
@@ -39,9 +48,10 @@ class SwapResult:
 
 
 class Deployer:
-    def __init__(self, ctx: SwapContext, gate: SwapGate) -> None:
+    def __init__(self, ctx: SwapContext, gate: SwapGate, residency: Residency) -> None:
         self.ctx = ctx
         self.gate = gate
+        self.residency = residency
 
     async def deploy(self, data: bytes, timings: Timings) -> SwapResult:
         """Validate, store, swap to and activate a patch. Same bytes -> the version that has them
@@ -79,8 +89,11 @@ class Deployer:
         with timings.phase("store"):
             return await self.ctx.registry.store(patch, data)
 
-    async def activate(self, version: int, timings: Timings) -> SwapResult:
-        """Roll back or forward to a stored version (0 = the base routers)."""
+    async def activate(
+        self, version: int, timings: Timings, evict: bool = False, reason: str = "activate"
+    ) -> SwapResult:
+        """Roll back or forward to a stored version (0 = the base routers). ``evict`` (slot
+        mode): requests running on the previous version move to this one at once."""
         async with self.ctx.lock.hold(timings):
             record = await self.ctx.registry.get(version)
             if version == await self.ctx.registry.active() and self._all_hold(version):
@@ -89,21 +102,25 @@ class Deployer:
             if target.data is not None:  # stored for other base routers: 400, nothing changes
                 patch = read_patch(target.data, max_bytes=self.ctx.settings.max_patch_bytes)
                 validate_patch(patch, base_of(self.ctx.pool))
-            engines = await self.swap(target, timings, "activate")
+            engines = await self.swap(target, timings, reason, evict=evict)
             record = await self.ctx.registry.get(version)
-        self.ctx.metrics.deploys.labels("activate", "ok").inc()
+        self.ctx.metrics.deploys.labels(reason, "ok").inc()
         return SwapResult(record, False, True, engines, timings.total())
 
-    async def swap(self, target: Target, timings: Timings, reason: str) -> list[str]:
+    async def swap(
+        self, target: Target, timings: Timings, reason: str, evict: bool = False
+    ) -> list[str]:
         """Every reachable engine onto ``target``, then the active pointer; the caller holds the
         deploy lock. Returns the engines that verifiably hold it."""
+        if self.ctx.pool.slot_mode:
+            return await self._swap_slots(target, timings, reason, evict)
         previous = await self.ctx.registry.active()
         engines = [e for e in self.ctx.pool.engines if e.healthy]
         if not engines:
             if target.version == 0:
                 return await self._activate_base_without_engines(previous, reason)
             raise CannotSwap(self.ctx.pool.why_not_ready(), "no_engine", "engine")
-        drain = self.ctx.settings.swap_policy == "drain"
+        drain = self.ctx.settings.swap_policy != "immediate"
         async with contextlib.AsyncExitStack() as stack:
             if drain:
                 await self._drain(stack, engines, timings)
@@ -141,6 +158,44 @@ class Deployer:
         )  # fmt: skip
         return [e.url for e in engines]
 
+    async def _swap_slots(
+        self, target: Target, timings: Timings, reason: str, evict: bool
+    ) -> list[str]:
+        """Load ``target`` beside what the engines hold, then point new requests at it."""
+        previous = await self.ctx.registry.active()
+        if not self.residency.slot_engines():
+            if target.version == 0:
+                return await self._activate_base_without_engines(previous, reason)
+            raise CannotSwap(self.ctx.pool.why_not_ready(), "no_engine", "engine")
+        try:
+            engines = await self.residency.ensure_targets([target], True, timings)
+        except SwapError:
+            self.ctx.metrics.deploys.labels(reason, "failed").inc()
+            raise
+        urls = [e.url for e in engines]
+        try:
+            with timings.phase("activate"):
+                await self.ctx.registry.activate(
+                    target.version, reason, self.ctx.settings.gateway_id, urls
+                )
+        except BaseException:
+            # Redis did not take it: the version stays resident, unpinned (nothing serves it).
+            await self.residency.unpin_unused(self.ctx.pool.needed())
+            raise
+        self.ctx.pool.cache_blob(target.version, target.data)
+        self.ctx.pool.set_active(target.version)
+        await self.residency.unpin_unused(self.ctx.pool.needed())
+        moved = 0
+        if evict and previous != target.version:
+            with timings.phase("evict"):
+                moved = await self.residency.move(previous, target.version, engines)
+        log.info(
+            "router version active",
+            extra={"version": target.version, "previous": previous, "reason": reason,
+                   "engines": urls, "moved": moved, "timings_ms": timings.total()},
+        )  # fmt: skip
+        return urls
+
     async def _activate_base_without_engines(self, previous: int, reason: str) -> list[str]:
         """Version 0 with no engine reachable: the base routers need no verification, and an
         engine that comes back is given them by the reconciler before it takes traffic."""
@@ -169,7 +224,14 @@ class Deployer:
         return await steps.rollback(self.ctx.pool, engines, target, failed)
 
     def _all_hold(self, version: int) -> bool:
-        return all(e.version == version for e in self.ctx.pool.engines if e.healthy)
+        healthy = [e for e in self.ctx.pool.engines if e.healthy]
+        if self.ctx.pool.slot_mode:
+            return all(
+                e.resident is not None and version in e.resident
+                and (version == 0 or e.resident[version].pinned)
+                for e in healthy
+            )  # fmt: skip
+        return all(e.version == version for e in healthy)
 
     def _urls(self) -> list[str]:
         return [e.url for e in self.ctx.pool.engines if e.healthy]

@@ -38,3 +38,13 @@ class PatchRejected(SwapError):
 class EngineFailed(SwapError):
     """An engine failed the new version (``engine_apply_failed``; the others were put back on
     the previous one) or a call the swap needs (``engine_unavailable``; nothing was swapped)."""
+
+
+class NoFreeSlot(SwapError):
+    """Every router slot of the engines that could take a version is pinned or has requests in
+    flight (``no_free_slot``): retry when some finish, or free versions from traffic."""
+
+
+class SlotsDisabled(SwapError):
+    """The request needs resident router versions (a version other than the active one, a
+    canary split) but this gateway runs one global version (``slots_disabled``)."""

@@ -1,4 +1,5 @@
-"""Reconciliation: bring every reachable engine to the active version.
+"""Reconciliation: bring every reachable engine to the active version (slot mode: to every
+version traffic needs, resident and pinned, :meth:`.resident.Residency.converge`).
 
 Under the deploy lock: read the active version from Redis, ask each engine what it holds
 (version + checksums); an engine that does not hold it (started late, restarted with the
@@ -17,6 +18,7 @@ from roma_service.gateway.engines import EngineHandle
 from roma_service.gateway.swaps import steps
 from roma_service.gateway.swaps.context import SwapContext
 from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
+from roma_service.gateway.swaps.resident import Residency
 from roma_service.gateway.swaps.target import Target, base_of, held_version, mismatch, target_of
 from roma_service.gateway.timings import Timings
 
@@ -24,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, ctx: SwapContext) -> None:
+    def __init__(self, ctx: SwapContext, residency: Residency) -> None:
         self.ctx = ctx
+        self.residency = residency
 
     async def reconcile(self, wait_s: float = 1.0) -> bool:
         """Make every reachable engine hold the active version; put engines that hold it in
@@ -38,6 +41,7 @@ class Reconciler:
                 self.ctx.pool.cache_blob(active, target.data)
                 if active != self.ctx.pool.active:
                     self.ctx.pool.set_active(active)
+                await self._read_split()
                 await self.converge(target)
         except (Busy, TimeoutError):
             return False
@@ -61,18 +65,59 @@ class Reconciler:
             await self.converge(target)
         return True
 
+    async def _read_split(self) -> None:
+        """The canary split, as Redis holds it (traffic needs its versions resident)."""
+        traffic = getattr(self.ctx.registry, "traffic", None)  # TODO(merge i15-canary)
+        record = None if traffic is None else await traffic()
+        self.ctx.pool.split = None if record is None else dict(record.weights)
+
     async def converge(self, target: Target) -> None:
         """Refresh what each engine holds; give lagging, reachable engines ``target`` unless it
         is known not to fit the served model (:mod:`roma_service.gateway.fit`)."""
         pool = self.ctx.pool
         pool.fit.read(target.version, target.data, base_of(pool), self.ctx.settings.max_patch_bytes)
+        if pool.slot_mode is None:
+            pool.slot_mode = await self._slot_mode()
+        targets = [target]
+        if pool.slot_mode:
+            targets += [await self.ctx.fetch(v) for v in sorted(pool.needed() - {target.version})]
         for engine in pool.engines:
             try:
-                await self.bring_in_step(engine, target)
+                if pool.slot_mode:
+                    await self._converge_slots(engine, targets)
+                else:
+                    await self.bring_in_step(engine, target)
             except EngineError as exc:
                 if engine.healthy or engine.error is None:
                     log.warning("engine unreachable", extra={"engine": engine.url})
                 self.ctx.pool.mark_down(engine, steps.describe(exc))
+
+    async def _slot_mode(self) -> bool:
+        """``ROMA_SWAP_POLICY``: slots, drain / immediate, or (auto) slots when the first engine
+        that answers keeps several versions resident."""
+        policy = self.ctx.settings.swap_policy
+        if policy != "auto":
+            return policy == "slots"
+        errors = []
+        for engine in self.ctx.pool.engines:
+            try:
+                capacity = (await engine.client.slots()).capacity
+            except EngineRejected:
+                return False  # an engine without slots (not started with our worker)
+            except EngineError as exc:
+                errors.append(exc)
+                continue
+            log.info("swap mode decided", extra={"slots": capacity, "mode":
+                     "slots" if capacity > 1 else "drain"})  # fmt: skip
+            return capacity > 1
+        raise errors[0] if errors else EngineError("no engine answered")
+
+    async def _converge_slots(self, engine: EngineHandle, targets: list[Target]) -> None:
+        if not engine.healthy:
+            await self._check_base(engine)
+        problem = await self.residency.converge(engine, targets)
+        if problem:
+            self.ctx.pool.mark_down(engine, problem)
 
     async def bring_in_step(self, engine: EngineHandle, target: Target) -> None:
         """One engine: in rotation if it holds ``target``, else out until it has been given it

@@ -1,0 +1,339 @@
+"""Slot mode: which router versions each engine keeps resident, and loading them there.
+
+Every engine holds up to ``ROMA_ROUTER_SLOTS`` versions at once (slot 0: the base routers) and
+each request runs under the one the gateway bound it to (``engine.binding``). What traffic needs
+(the active version and the canary split's versions) is loaded into every engine and *pinned*;
+anything else a request asks for is loaded on demand into one engine, unpinned, and is the first
+to make room when a slot is needed (least recently used, never one with requests in flight or in
+transit from this gateway).
+
+* :meth:`Residency.ensure_targets`: every engine loads, reads back and pins some versions, or
+  none does (what was loaded is freed again, pins put back): deploys, activations, canaries.
+* :meth:`Residency.engine_for`: the engine a request for a version goes to, loading the version
+  first if no engine holds it (503 ``no_free_slot`` when every slot is busy).
+* :meth:`Residency.converge`: the reconciler's view of one engine: base routers in slot 0, the
+  needed versions resident with the right checksums and pinned, the rest unpinned.
+* :meth:`Residency.move`: a rollback that cannot wait: requests running on a version continue
+  under another one (recomputed), and their responses say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from roma_service.engine.errors import EngineError, EngineRejected
+from roma_service.engine.results import SlotTableState
+from roma_service.gateway.engines import EngineHandle, NoEngine
+from roma_service.gateway.swaps import steps
+from roma_service.gateway.swaps.context import SwapContext
+from roma_service.gateway.swaps.errors import (
+    CannotSwap,
+    EngineFailed,
+    NoFreeSlot,
+    PatchRejected,
+    SwapError,
+)
+from roma_service.gateway.swaps.target import Target, expected_checksums, held_version
+from roma_service.gateway.timings import Timings
+
+log = logging.getLogger(__name__)
+
+
+def _holds(table: SlotTableState, target: Target) -> bool:
+    """Whether ``target``'s version is resident with exactly its checksums."""
+    slot = table.resident().get(target.version)
+    if slot is None:
+        return False
+    return all(slot.checksums.get(n) == sha for n, sha in target.checksums.items())
+
+
+class Residency:
+    def __init__(self, ctx: SwapContext) -> None:
+        self.ctx = ctx
+        self._loading: dict[int, asyncio.Lock] = {}
+
+    # -- what the engines can hold ---------------------------------------------------------
+    def capacity(self) -> int:
+        """Versions every engine can hold resident (1: slots are off)."""
+        pool = self.ctx.pool
+        if not pool.slot_mode:
+            return 1
+        held = [e.capacity for e in pool.engines if e.resident is not None and e.healthy]
+        return min(held) if held else 1
+
+    def slot_engines(self) -> list[EngineHandle]:
+        return [e for e in self.ctx.pool.engines if e.healthy and e.resident is not None]
+
+    async def refresh(self, engine: EngineHandle) -> SlotTableState:
+        table = await engine.client.slots()
+        self.ctx.pool.set_resident(engine, table.capacity, table.slots)
+        return table
+
+    # -- loading -------------------------------------------------------------------------------
+    async def load(self, engine: EngineHandle, target: Target, pin: bool | None) -> bool:
+        """Make ``target`` resident on ``engine`` and read it back; ``pin``: set or keep (None).
+        Returns whether it was loaded now (False: it was resident already). Raises NoFreeSlot,
+        EngineRejected (a bad patch), EngineError."""
+        async with engine.slot_lock:
+            table = await engine.client.slots()
+            if target.version == 0:
+                return False  # slot 0, always resident
+            if _holds(table, target):
+                if pin is not None and table.resident()[target.version].pinned != pin:
+                    await engine.client.pin_slot(target.version, pin)
+                    await self.refresh(engine)
+                return False
+            if target.version in table.resident():
+                # Same number, other weights (a registry reset behind our back): replace it.
+                await engine.client.free_slot(target.version)
+                table = await engine.client.slots()
+            await self._make_room(engine, table)
+            try:
+                result = await engine.client.load_slot(
+                    target.data, target.version, pin=bool(pin), evict=False
+                )
+            except EngineRejected as exc:
+                if exc.code == "no_free_slot":  # another gateway took the slot meanwhile
+                    raise NoFreeSlot(f"{engine.url}: {exc.message}", "no_free_slot") from exc
+                raise
+            wrong = [n for n, sha in target.checksums.items() if result.checksums.get(n) != sha]
+            if wrong or not result.verified:
+                with contextlib.suppress(EngineError):
+                    await engine.client.free_slot(target.version)
+                await self.refresh(engine)
+                why = f"other weights for {wrong[:3]}" if wrong else "read-back not verified"
+                raise EngineError(f"{engine.url}: slot load of version {target.version}: {why}")
+            await self.refresh(engine)
+            log.info("version loaded into a slot", extra={
+                "engine": engine.url, "version": target.version, "slot": result.slot,
+                "pinned": bool(pin), "apply_ms": round(result.apply_ms, 2)})  # fmt: skip
+            return True
+
+    async def _make_room(self, engine: EngineHandle, table: SlotTableState) -> None:
+        """Free the least recently used slot no one needs if every slot is taken."""
+        taken = [s for s in table.slots[1:] if s.version is not None]
+        if len(taken) < table.capacity - 1:
+            return
+        needed = self.ctx.pool.needed()
+        idle = [
+            s for s in taken
+            if not s.pinned and s.in_flight == 0 and engine.sending[s.version] == 0  # type: ignore[index]
+            and s.version not in needed
+        ]  # fmt: skip
+        for slot in sorted(idle, key=lambda s: s.last_used):
+            try:
+                await engine.client.free_slot(slot.version)  # type: ignore[arg-type]
+            except EngineRejected:
+                continue  # a request reached it meanwhile
+            log.info("slot freed for a load", extra={"engine": engine.url, "version": slot.version})
+            return
+        busy = ", ".join(
+            f"{s.version} ({'pinned' if s.pinned else f'{s.in_flight} in flight'})" for s in taken
+        )
+        raise NoFreeSlot(
+            f"{engine.url}: all {table.capacity - 1} patch slots are busy: {busy}. Retry when "
+            "requests finish, or take versions out of the traffic split",
+            "no_free_slot",
+        )
+
+    async def ensure(self, versions: set[int], pin: bool, timings: Timings) -> None:
+        """Every engine in slot mode holds ``versions`` (verified, pinned when ``pin``)."""
+        targets = [await self.ctx.fetch(v) for v in sorted(versions)]
+        await self.ensure_targets(targets, pin, timings)
+
+    async def ensure_targets(
+        self, targets: list[Target], pin: bool, timings: Timings
+    ) -> list[EngineHandle]:
+        """All or nothing: every engine loads, reads back and pins ``targets``, or every engine
+        is put back (versions it loaded freed, pins restored). Returns the engines."""
+        engines = self.slot_engines()
+        if not engines:
+            raise CannotSwap(self.ctx.pool.why_not_ready(), "no_engine", "engine")
+        before = {e.url: dict(e.resident or {}) for e in engines}
+        failures: dict[str, BaseException] = {}
+
+        async def one(engine: EngineHandle) -> None:
+            try:
+                for target in targets:
+                    await self.load(engine, target, pin if target.version != 0 else None)
+            except (EngineError, SwapError) as exc:
+                failures[engine.url] = exc
+
+        with timings.phase("apply"):
+            await asyncio.gather(*(one(e) for e in engines))
+        if not failures:
+            with timings.phase("verify"):
+                await asyncio.gather(*(self._verify(e, targets, failures) for e in engines))
+        if not failures:
+            return engines
+        for engine in engines:
+            await self._put_back(engine, before[engine.url], {t.version for t in targets})
+        raise _failed(targets, failures, len(engines))
+
+    async def _verify(
+        self, engine: EngineHandle, targets: list[Target], failures: dict[str, BaseException]
+    ) -> None:
+        """A fresh functional read-back of every slot, after the loads."""
+        try:
+            table = await engine.client.slots(readback=True)
+        except EngineError as exc:
+            failures[engine.url] = exc
+            return
+        for target in targets:
+            slot = table.resident().get(target.version)
+            if slot is None or not _holds(table, target) or slot.verified is False:
+                failures[engine.url] = EngineError(
+                    f"{engine.url}: version {target.version} not verified in its slot after "
+                    f"loading ({'not resident' if slot is None else slot.max_abs_err})"
+                )
+                return
+
+    async def _put_back(self, engine: EngineHandle, before: dict, versions: set[int]) -> None:
+        with contextlib.suppress(EngineError):
+            for version in versions - {0}:
+                if version not in before:
+                    with contextlib.suppress(EngineRejected):
+                        await engine.client.free_slot(version)
+                elif (
+                    engine.resident
+                    and version in engine.resident
+                    and engine.resident[version].pinned != before[version].pinned
+                ):
+                    await engine.client.pin_slot(version, before[version].pinned)
+            await self.refresh(engine)
+
+    async def unpin_unused(self, keep: set[int]) -> None:
+        """Unpin resident versions traffic no longer needs: they stay warm (a rollback or a
+        request for them finds them resident) until a load needs their slot."""
+        for engine in self.slot_engines():
+            stale = [v for v, s in (engine.resident or {}).items() if s.pinned and v not in keep]
+            if not stale:
+                continue
+            with contextlib.suppress(EngineError):
+                async with engine.slot_lock:
+                    for version in stale:
+                        await engine.client.pin_slot(version, False)
+                await self.refresh(engine)
+
+    async def forget(self, version: int) -> None:
+        """A deleted version leaves the slots it is idle in (one still serving requests is
+        left to finish; the next load that needs room takes it, since nothing pins it)."""
+        for engine in self.slot_engines():
+            if version not in (engine.resident or {}):
+                continue
+            with contextlib.suppress(EngineError):
+                async with engine.slot_lock:
+                    if engine.sending[version] == 0:
+                        await engine.client.free_slot(version)
+                await self.refresh(engine)
+
+    # -- requests ------------------------------------------------------------------------------
+    async def engine_for(self, version: int) -> EngineHandle:
+        """The least-loaded engine holding ``version``; if none does, the version is loaded
+        (unpinned) into the least-loaded engine that has room. Raises UnknownVersion (404),
+        NoEngine, NoFreeSlot (503 + Retry-After)."""
+        pool = self.ctx.pool
+        if ready := pool.holding(version):
+            return pool.least_loaded(ready)
+        if not pool.ready():
+            raise NoEngine(pool.why_not_ready())
+        lock = self._loading.setdefault(version, asyncio.Lock())
+        async with lock:
+            if ready := pool.holding(version):
+                return pool.least_loaded(ready)
+            target = await self.ctx.fetch(version)  # UnknownVersion: 404
+            refusals = []
+            for engine in sorted(self.slot_engines(), key=lambda e: e.inflight):
+                try:
+                    await self.load(engine, target, pin=None)
+                except NoFreeSlot as exc:
+                    refusals.append(exc.message)
+                    continue
+                except EngineRejected as exc:  # stored for other base routers
+                    raise PatchRejected(exc.message, exc.code, "X-Router-Version") from exc
+                except EngineError as exc:
+                    self.ctx.pool.mark_down(engine, steps.describe(exc))
+                    continue
+                self.ctx.metrics.deploys.labels("on_demand", "ok").inc()
+                return engine
+            if refusals:
+                raise NoFreeSlot("; ".join(refusals), "no_free_slot", "X-Router-Version")
+            raise NoEngine(pool.why_not_ready())
+
+    async def move(self, version: int, to: int, engines: Iterable[EngineHandle]) -> int:
+        """Requests running on ``version`` continue under ``to`` (recomputed); its slot is
+        freed. Returns how many requests moved."""
+        moved = 0
+        for engine in engines:
+            if version not in (engine.resident or {}):
+                continue
+            # Flag before the move: a response ending meanwhile must not claim one version.
+            engine.moves[version] += 1
+            engine.moved_to[version] = to
+            async with engine.slot_lock:
+                result = await engine.client.free_slot(version, move_to=to)
+            moved += result.moved
+            await self.refresh(engine)
+        return moved
+
+    # -- reconcile -----------------------------------------------------------------------------
+    async def converge(self, engine: EngineHandle, targets: list[Target]) -> str | None:
+        """One engine onto what traffic needs. Returns why it cannot serve (it is then out of
+        rotation), or None."""
+        pool = self.ctx.pool
+        try:
+            table = await engine.client.slots()
+        except EngineRejected:  # slots_disabled
+            table = None
+        if table is None or table.capacity < 2:
+            return (
+                f"{engine.url} keeps 1 router version (ROMA_ROUTER_SLOTS=1) but this gateway "
+                "runs in slot mode: restart the engine with ROMA_ROUTER_SLOTS >= 2, or set "
+                "ROMA_SWAP_POLICY=drain on every gateway"
+            )
+        state = await engine.client.state()
+        base = expected_checksums(pool.base, None) if pool.base is not None else {}
+        if held_version(state) != 0 or any(state.checksums.get(n) != s for n, s in base.items()):
+            # A global swap (another gateway on drain/immediate) left a patch in slot 0.
+            await engine.client.apply(None, 0)
+            with contextlib.suppress(EngineError):
+                await engine.client.reset_prefix_cache()
+        pool.set_resident(engine, table.capacity, table.slots)
+        for target in targets:
+            resident = table.resident().get(target.version)
+            if target.version == 0 or (_holds(table, target) and resident and resident.pinned):
+                continue
+            if pool.fit.blocks(target.version):
+                continue
+            try:
+                await self.load(engine, target, pin=True)
+            except EngineRejected as exc:
+                pool.fit.refused(target.version, f"{engine.url} refused it: {exc.message}")
+            except NoFreeSlot as exc:
+                log.warning(
+                    "needed version not resident",
+                    extra={"engine": engine.url, "version": target.version, "error": exc.message},
+                )
+        await self.unpin_unused(pool.needed())
+        return None
+
+
+def _failed(targets: list[Target], failures: dict[str, BaseException], engines: int) -> SwapError:
+    versions = ", ".join(str(t.version) for t in targets)
+    errors = list(failures.values())
+    if len(failures) == engines and all(isinstance(e, EngineRejected) for e in errors):
+        first = errors[0]
+        assert isinstance(first, EngineRejected)
+        return PatchRejected(first.message, first.code or "patch_rejected", first.param)
+    if all(isinstance(e, NoFreeSlot) for e in errors):
+        return NoFreeSlot("; ".join(e.message for e in errors), "no_free_slot")  # type: ignore[attr-defined]
+    detail = "; ".join(f"{url}: {steps.describe(exc)}" for url, exc in failures.items())
+    return EngineFailed(
+        f"version(s) {versions} failed on {len(failures)} engine(s): {detail}. Every engine "
+        "is back where it was.",
+        "engine_apply_failed",
+        ",".join(failures),
+    )
