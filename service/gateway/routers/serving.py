@@ -18,7 +18,7 @@ from roma_service.gateway.routers.protocol import (
 )
 from roma_service.gateway.state import Gateway
 from roma_service.gateway.swaps import SwapResult
-from roma_service.gateway.swaps.canary import Canary, CanaryResult
+from roma_service.gateway.swaps.canary import Canary, CanaryResult, require_versions
 from roma_service.gateway.timings import Timings
 from roma_service.gateway.traffic import validate_split
 from roma_service.gateway.upload import read_patch_upload
@@ -97,8 +97,7 @@ class TrafficService:
         # Bad input is answered before anything is locked or loaded: shape (400), then versions
         # (404); the count against the engines' slots is the Canary's (it knows the slots).
         split = validate_split(weights)
-        for version in sorted(split.versions):
-            await self.gw.registry.get(version)
+        await require_versions(self.gw.registry, split)
         return _change(await self._canary().set(split, reason))
 
     async def promote(self, version: int | None) -> TrafficChange:

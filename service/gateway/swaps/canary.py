@@ -19,7 +19,7 @@ from roma_service.errors import ServiceError
 from roma_service.gateway.swaps.context import SwapContext
 from roma_service.gateway.timings import Timings
 from roma_service.gateway.traffic import BadSplit, TrafficSplit, validate_split
-from roma_service.registry import TrafficRecord
+from roma_service.registry import Registry, TrafficRecord, UnknownVersion
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class Canary:
                 "weights",
             )
         split = validate_split(weights, max_versions=capacity)
-        for version in sorted(split.versions):  # 404 before anything is locked or loaded
-            await self.ctx.registry.get(version)
+        await require_versions(self.ctx.registry, split)  # 404 before anything is locked
         timings = Timings()
         async with self.ctx.lock.hold(timings):
             active = await self.ctx.registry.active()
@@ -145,6 +144,19 @@ class Canary:
         except Exception as exc:
             log.warning("could not unpin unused router versions",
                         extra={"keep": sorted(keep), "error": repr(exc)})  # fmt: skip
+
+
+async def require_versions(registry: Registry, split: TrafficSplit) -> None:
+    """:class:`UnknownVersion` (param ``weights``) for the first version of ``split`` that does
+    not exist. The registry checks again, atomically, when it records the split."""
+    for version in sorted(split.versions):
+        try:
+            await registry.get(version)
+        except UnknownVersion as exc:
+            raise UnknownVersion(
+                f"router version {version} does not exist; the traffic split is unchanged",
+                "weights",
+            ) from exc
 
 
 def _needed(split: TrafficRecord | None, active: int) -> set[int]:
