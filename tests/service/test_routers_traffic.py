@@ -1,7 +1,7 @@
 """``/routers/traffic`` through the real app (real uvicorn, real Redis, no engine): reads, bad
-input answered 4xx before anything is locked or loaded, versions in a split kept from deletion.
-Changes that reach the engines (a split put in force, promote, abort) need the engines' slots
-and are the integration tests' (with a real engine)."""
+input answered 4xx before anything is locked or loaded, versions in a split kept from deletion,
+promote and abort (Redis only here: no engine to unpin). Putting a split in force needs the
+engines' slots (their ``Residency``) and is the integration tests' (with a real engine)."""
 
 from __future__ import annotations
 
@@ -109,12 +109,34 @@ async def test_traffic_routes_read_refuse_bad_input_and_change_nothing(
         in_use = await gw.delete(f"/routers/{v2}", headers=AUTH)
         message = _error(in_use, 409, "version_in_use", "version")
         assert "traffic split {1: 0.9, 2: 0.1}" in message and "/routers/traffic/abort" in message
-        await registry.clear_traffic("abort", "gw-x")
+        # Promote and abort go by Redis alone until the engines are asked to unpin.
+        outside = await gw.post(promote, headers=AUTH, json={"version": 0})
+        assert "version 0 is not in the traffic split" in _error(outside, 409, "not_in_split",
+                                                                   "version")  # fmt: skip
+        abort = await gw.post("/routers/traffic/abort", headers=AUTH)
+        assert abort.status_code == 200, abort.text
+        body = abort.json()
+        assert (body["weights"], body["active"], body["changed"]) == (None, v1, True)
+        assert body["previous"] == {str(v1): 0.9, str(v2): 0.1}
+        again = (await gw.post("/routers/traffic/abort", headers=AUTH)).json()
+        assert (again["changed"], again["previous"]) == (False, None)
+        _error(await gw.post(promote, headers=AUTH), 409, "no_split", "version")
         assert (await gw.delete(f"/routers/{v2}", headers=AUTH)).status_code == 200
+
+        data = patch_bytes(tiny_olmoe, seed=3)
+        v3 = (await registry.store(read_patch(data), data))[0].version
+        await registry.set_traffic({v1: 0.8, v3: 0.2}, "canary", "gw-x")
+        promoted = await gw.post(promote, headers=AUTH)  # the one version besides the active
+        assert promoted.status_code == 200, promoted.text
+        assert (promoted.json()["active"], promoted.json()["weights"]) == (v3, None)
+        assert await registry.active() == v3 and await registry.traffic() is None
+        assert (await registry.history())[-1].reason == "promote"
         entries = (await gw.get("/routers/traffic/history", headers=AUTH)).json()["data"]
         assert [(e["weights"], e["reason"]) for e in entries] == [
             ({str(v1): 0.9, str(v2): 0.1}, "canary"),
             (None, "abort"),
+            ({str(v1): 0.8, str(v3): 0.2}, "canary"),
+            (None, "promote"),
         ]
 
         schema = (await gw.get("/openapi.json")).json()["paths"]

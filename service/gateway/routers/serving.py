@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from roma_service.gateway.errors import APIError
 from roma_service.gateway.routers.protocol import (
     DeployResponse,
     HistoryList,
@@ -18,7 +17,12 @@ from roma_service.gateway.routers.protocol import (
 )
 from roma_service.gateway.state import Gateway
 from roma_service.gateway.swaps import SwapResult
-from roma_service.gateway.swaps.canary import Canary, CanaryResult, require_versions
+from roma_service.gateway.swaps.canary import (
+    Canary,
+    CanaryResult,
+    SingleVersion,
+    require_versions,
+)
 from roma_service.gateway.timings import Timings
 from roma_service.gateway.traffic import validate_split
 from roma_service.gateway.upload import read_patch_upload
@@ -112,16 +116,11 @@ class TrafficService:
         return TrafficHistoryList(data=await self.gw.registry.traffic_history(limit))
 
     def _canary(self) -> Canary:
-        # Built by Gateway.build once the engines' residency (slots) is wired in.
+        # Gateway.build wires the Canary with the engines' residency (slots); until it does,
+        # the engines count as slot-less: a split is refused (409 slots_disabled), an abort
+        # still ends one.
         canary: Canary | None = getattr(self.gw, "canary", None)
-        if canary is None:
-            raise APIError(
-                503,
-                "this gateway cannot change the traffic split: it does not route requests by "
-                "router version yet",
-                "canary_unavailable",
-            )
-        return canary
+        return canary or Canary(self.gw.deployer.ctx, SingleVersion())
 
 
 def _change(result: CanaryResult) -> TrafficChange:

@@ -42,6 +42,21 @@ class Residency(Protocol):
         ...
 
 
+class SingleVersion:
+    """The residency of engines without slots (``ROMA_ROUTER_SLOTS=1``, or a gateway that does
+    not route by version): one version per engine, the active one, so no split is possible;
+    ending one (set by another gateway) still works."""
+
+    def capacity(self) -> int:
+        return 1
+
+    async def ensure(self, versions: set[int], pin: bool, timings: Timings) -> None:
+        raise CanaryRefused("these engines hold one router version each", "slots_disabled")
+
+    async def unpin_unused(self, keep: set[int]) -> None:
+        return None
+
+
 class CanaryRefused(ServiceError):
     """The request conflicts with the engines or the split in force (HTTP 409): slots are off
     (``slots_disabled``), no split is in force (``no_split``), the version is not in the split
