@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from roma_patch import PatchError
+from roma_service.gateway.swaps.canary import CanaryRefused
 from roma_service.gateway.swaps.errors import (
     Busy,
     CannotSwap,
@@ -28,7 +29,14 @@ from roma_service.gateway.swaps.errors import (
     SlotsDisabled,
     SwapError,
 )
-from roma_service.registry import ActiveVersion, RegistryError, RegistryNotReady, UnknownVersion
+from roma_service.gateway.traffic import BadSplit
+from roma_service.registry import (
+    ActiveVersion,
+    RegistryError,
+    RegistryNotReady,
+    UnknownVersion,
+    VersionInUse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +203,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ActiveVersion)
     async def _active(_: Request, exc: ActiveVersion) -> JSONResponse:
+        return error_response(409, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(VersionInUse)
+    async def _in_use(_: Request, exc: VersionInUse) -> JSONResponse:
+        return error_response(409, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(BadSplit)
+    async def _bad_split(_: Request, exc: BadSplit) -> JSONResponse:
+        return error_response(400, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(CanaryRefused)
+    async def _canary_refused(_: Request, exc: CanaryRefused) -> JSONResponse:
         return error_response(409, exc.message, exc.code, exc.param)
 
     @app.exception_handler(RegistryNotReady)

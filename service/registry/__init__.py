@@ -6,9 +6,16 @@ from roma_service.registry.errors import (
     RegistryError,
     RegistryNotReady,
     UnknownVersion,
+    VersionInUse,
 )
 from roma_service.registry.local import LocalRedis
-from roma_service.registry.records import BaseRecord, HistoryEntry, VersionRecord
+from roma_service.registry.records import (
+    BaseRecord,
+    HistoryEntry,
+    TrafficHistoryEntry,
+    TrafficRecord,
+    VersionRecord,
+)
 from roma_service.registry.store import Registry
 
 __all__ = [
@@ -20,6 +27,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryNotReady",
+    "TrafficHistoryEntry",
+    "TrafficRecord",
     "UnknownVersion",
+    "VersionInUse",
     "VersionRecord",
 ]

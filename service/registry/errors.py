@@ -19,6 +19,12 @@ class ActiveVersion(RegistryError):
     code = "version_active"
 
 
+class VersionInUse(RegistryError):
+    """The version is named by the canary traffic split: change or abort the split first."""
+
+    code = "version_in_use"
+
+
 class BaseMismatch(RegistryError):
     """Redis already holds versions trained for other base routers: refuse to mix them."""
 

@@ -15,7 +15,12 @@ key                      type     holds
 ``{p}:by-id:{sha256}``   string   the version holding that blob (same bytes -> same version)
 ``{p}:active``           string   the active version (absent = 0, the base routers)
 ``{p}:history``          stream   one entry per activation: version, previous, reason, by, at
-``{p}:events``           pub/sub  a JSON event on every change (stored, activated, deleted...)
+``{p}:traffic``          string   the canary split in force, JSON {weights: {version: share},
+                                  at, by, reason} (absent = all traffic to the active version)
+``{p}:traffic:history``  stream   one entry per split change: weights, previous (JSON, null
+                                  when none), reason, by, at
+``{p}:events``           pub/sub  a JSON event on every change (stored, activated, deleted,
+                                  traffic...)
 ``{p}:lock:deploy``      string   the deploy lock shared by every gateway (redis-py Lock)
 ``{p}:gateways``         zset     gateway id -> alive until (unix time), renewed each reconcile
 =======================  =======  ==============================================================
@@ -61,6 +66,14 @@ class Keys:
     @property
     def history(self) -> str:
         return f"{self.prefix}:history"
+
+    @property
+    def traffic(self) -> str:
+        return f"{self.prefix}:traffic"
+
+    @property
+    def traffic_history(self) -> str:
+        return f"{self.prefix}:traffic:history"
 
     @property
     def events(self) -> str:

@@ -71,3 +71,23 @@ class HistoryEntry(BaseModel):
     reason: str
     by: str
     at: str
+
+
+class TrafficRecord(BaseModel):
+    """The canary traffic split in force: new requests go to versions by these shares."""
+
+    weights: dict[int, float] = Field(description="router version -> share of new requests")
+    at: str
+    by: str = Field(description="the gateway that set it")
+    reason: str
+
+
+class TrafficHistoryEntry(BaseModel):
+    """One change of the split, oldest first in ``GET /routers/traffic/history``."""
+
+    id: str = Field(description="Redis stream id (millisecond time + sequence)")
+    weights: dict[int, float] | None = Field(description="the new split; null when cleared")
+    previous: dict[int, float] | None = Field(description="the split before; null when none")
+    reason: str
+    by: str
+    at: str

@@ -1,8 +1,9 @@
 """The registry: router versions in Redis, the single source of truth shared by every gateway.
 
 Every write that must be atomic (dedupe + version allocation, activation + history + event,
-delete-unless-active) is one Lua script, so two gateways racing on one Redis can never produce
-two versions for the same bytes, a reused version number, or a deleted active version. The key
+delete unless active or in the traffic split, the split + its history + event) is one Lua
+script, so two gateways racing on one Redis can never produce two versions for the same bytes,
+a reused version number, a deleted active version or a split naming a deleted one. The key
 layout is documented in :mod:`roma_service.registry.keys`.
 """
 
@@ -23,9 +24,16 @@ from roma_service.registry.errors import (
     BaseMismatch,
     RegistryNotReady,
     UnknownVersion,
+    VersionInUse,
 )
 from roma_service.registry.keys import Keys
-from roma_service.registry.records import BaseRecord, HistoryEntry, VersionRecord
+from roma_service.registry.records import (
+    BaseRecord,
+    HistoryEntry,
+    TrafficHistoryEntry,
+    TrafficRecord,
+    VersionRecord,
+)
 
 HISTORY_MAXLEN = 10_000
 
@@ -61,22 +69,60 @@ redis.call('PUBLISH', p .. ':events', cjson.encode({type = 'activated', version 
 return tonumber(prev)
 """
 
-# -> 1 deleted, 0 unknown, -1 active (refused).
+# -> {1, ''} deleted, {0, ''} unknown, {-1, ''} active, {-2, split JSON} named by the split.
 _DELETE = """
 local p, v = ARGV[1], ARGV[2]
-if (redis.call('GET', p .. ':active') or '0') == v then return -1 end
+if (redis.call('GET', p .. ':active') or '0') == v then return {-1, ''} end
 local id = redis.call('HGET', p .. ':version:' .. v, 'id')
-if not id then return 0 end
+if not id then return {0, ''} end
+local traffic = redis.call('GET', p .. ':traffic')
+if traffic and cjson.decode(traffic).weights[v] ~= nil then return {-2, traffic} end
 redis.call('DEL', p .. ':version:' .. v, p .. ':blob:' .. id)
 if redis.call('GET', p .. ':by-id:' .. id) == v then redis.call('DEL', p .. ':by-id:' .. id) end
 redis.call('ZREM', p .. ':versions', v)
 redis.call('PUBLISH', p .. ':events', cjson.encode({type = ARGV[3], version = tonumber(v)}))
-return 1
+return {1, ''}
+"""
+
+# Set (ARGV[2] = the record's JSON) or clear (ARGV[2] = '') the traffic split, append to its
+# history and publish, atomically. ARGV[3]: the split's versions as a JSON array of strings,
+# each checked to exist (0 always does); ARGV[4]: the new weights' JSON ('null' when clearing);
+# ARGV[8]: the event's JSON. -> {1, previous record JSON or ''}, {0, the missing version}, or
+# {2, ''} when there was nothing to clear (nothing recorded).
+_TRAFFIC = """
+local p = ARGV[1]
+local key = p .. ':traffic'
+if ARGV[2] ~= '' then
+  for _, v in ipairs(cjson.decode(ARGV[3])) do
+    if v ~= '0' and redis.call('EXISTS', p .. ':version:' .. v) == 0 then return {0, v} end
+  end
+end
+local prev = redis.call('GET', key)
+if ARGV[2] == '' then
+  if not prev then return {2, ''} end
+  redis.call('DEL', key)
+else
+  redis.call('SET', key, ARGV[2])
+end
+local previous = 'null'
+if prev then
+  -- The record is written as {"weights":{...},...}: copy its weights verbatim (re-encoding
+  -- with cjson would round shares to 14 digits).
+  previous = string.match(prev, '^{"weights":(%b{})') or cjson.encode(cjson.decode(prev).weights)
+end
+redis.call('XADD', p .. ':traffic:history', 'MAXLEN', '~', ARGV[9], '*', 'weights', ARGV[4],
+  'previous', previous, 'reason', ARGV[5], 'by', ARGV[6], 'at', ARGV[7])
+redis.call('PUBLISH', p .. ':events', ARGV[8])
+return {1, prev or ''}
 """
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _split(weights: dict[int, float]) -> str:
+    return "{" + ", ".join(f"{v}: {w:g}" for v, w in sorted(weights.items())) + "}"
 
 
 class Registry:
@@ -90,6 +136,7 @@ class Registry:
         self._store = redis.register_script(_STORE)
         self._activate = redis.register_script(_ACTIVATE)
         self._delete = redis.register_script(_DELETE)
+        self._traffic = redis.register_script(_TRAFFIC)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "roma", timeout_s: float = 5.0) -> Registry:
@@ -232,12 +279,20 @@ class Registry:
         (``discarded`` when a deploy failed before activation)."""
         if version == 0:
             raise ActiveVersion("version 0 is the base routers and cannot be deleted", "version")
-        result = int(await self._delete(args=[self.keys.prefix, version, event]))
-        if result == 0:
+        status, split = await self._delete(args=[self.keys.prefix, version, event])
+        if int(status) == 0:
             raise UnknownVersion(f"router version {version} does not exist", "version")
-        if result < 0:
+        if int(status) == -1:
             raise ActiveVersion(
                 f"router version {version} is active; activate another version first", "version"
+            )
+        if int(status) == -2:
+            weights = TrafficRecord.model_validate_json(split).weights
+            raise VersionInUse(
+                f"router version {version} takes part in the traffic split {_split(weights)}; "
+                "change the split (PUT /routers/traffic) or abort it "
+                "(POST /routers/traffic/abort) first",
+                "version",
             )
 
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
@@ -251,6 +306,78 @@ class Registry:
                     id=entry_id.decode(),
                     version=int(data["version"]),
                     previous=int(data["previous"]),
+                    reason=data["reason"],
+                    by=data["by"],
+                    at=data["at"],
+                )
+            )
+        return out
+
+    # --- the canary traffic split ---------------------------------------------------------------
+    async def traffic(self) -> TrafficRecord | None:
+        """The split in force; None when there is none (all traffic to the active version)."""
+        raw = await self.redis.get(self.keys.traffic)
+        return TrafficRecord.model_validate_json(raw) if raw is not None else None
+
+    async def set_traffic(
+        self, weights: dict[int, float], reason: str, by: str
+    ) -> TrafficRecord | None:
+        """Put a split in force (validated by the caller: ``gateway.traffic.validate_split``),
+        record it in the history and publish it, atomically. :class:`UnknownVersion` (nothing
+        stored) if a version it names does not exist. Returns the split it replaced."""
+        if not weights:
+            raise ValueError("a traffic split names at least one version")
+        status, value = await self._write_traffic(weights, reason, by)
+        if status == 0:
+            raise UnknownVersion(
+                f"router version {value} does not exist; the traffic split is unchanged",
+                "weights",
+            )
+        return TrafficRecord.model_validate_json(value) if value else None
+
+    async def clear_traffic(self, reason: str, by: str) -> TrafficRecord | None:
+        """End the split (all traffic back to the active version), recorded and published like
+        a change. Returns the split that was in force; None when there was none (and nothing is
+        recorded)."""
+        status, value = await self._write_traffic(None, reason, by)
+        return TrafficRecord.model_validate_json(value) if status == 1 and value else None
+
+    async def _write_traffic(
+        self, weights: dict[int, float] | None, reason: str, by: str
+    ) -> tuple[int, str]:
+        at = _now()
+        named = None if weights is None else {str(v): w for v, w in sorted(weights.items())}
+        record = (
+            ""
+            if weights is None
+            else TrafficRecord(weights=weights, at=at, by=by, reason=reason).model_dump_json()
+        )
+        status, value = await self._traffic(
+            args=[
+                self.keys.prefix,
+                record,
+                json.dumps(list(named or {})),
+                json.dumps(named),
+                reason,
+                by,
+                at,
+                json.dumps({"type": "traffic", "weights": named, "by": by}),
+                HISTORY_MAXLEN,
+            ]
+        )
+        return int(status), value.decode() if isinstance(value, bytes) else str(value)
+
+    async def traffic_history(self, limit: int = 100) -> list[TrafficHistoryEntry]:
+        """The last ``limit`` changes of the split, oldest first."""
+        rows = await self.redis.xrevrange(self.keys.traffic_history, count=limit)
+        out = []
+        for entry_id, fields in reversed(rows):
+            data = {k.decode(): v.decode() for k, v in fields.items()}
+            out.append(
+                TrafficHistoryEntry(
+                    id=entry_id.decode(),
+                    weights=json.loads(data["weights"]),
+                    previous=json.loads(data["previous"]),
                     reason=data["reason"],
                     by=data["by"],
                     at=data["at"],

@@ -13,10 +13,15 @@ from roma_service.gateway.routers.protocol import (
     DeleteResponse,
     DeployResponse,
     HistoryList,
+    PromoteBody,
+    TrafficBody,
+    TrafficChange,
+    TrafficHistoryList,
+    TrafficInfo,
     VersionInfo,
     VersionList,
 )
-from roma_service.gateway.routers.serving import RoutersService
+from roma_service.gateway.routers.serving import RoutersService, TrafficService
 
 router = APIRouter(prefix="/routers", tags=["routers"])
 
@@ -98,6 +103,68 @@ async def history(
     gateway: GatewayDep, _: AdminDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
 ) -> HistoryList:
     return await RoutersService(gateway).history(limit)
+
+
+# --- the canary traffic split. Registered before /{version}, so that "traffic" is never read
+# as a version number.
+@router.get(
+    "/traffic",
+    response_model=TrafficInfo,
+    summary="The traffic split in force (weights null: all traffic to the active version)",
+    responses=error_responses(401, 503),
+)
+async def get_traffic(gateway: GatewayDep, _: AdminDep) -> TrafficInfo:
+    return await TrafficService(gateway).get()
+
+
+@router.put(
+    "/traffic",
+    response_model=TrafficChange,
+    summary="Split new requests between router versions by weight (a canary)",
+    description='Body `{"weights": {"3": 0.9, "4": 0.1}}`. Every engine loads, verifies '
+    "and pins each version first; then the split is recorded in Redis and followed by every "
+    "gateway. A caller (header `X-Router-Caller`, else the body's `user`) always gets the "
+    "same version for the same weights. Nothing changes on any error.",
+    responses=error_responses(400, 401, 404, 409, 502, 503),
+)
+async def put_traffic(body: TrafficBody, gateway: GatewayDep, _: AdminDep) -> TrafficChange:
+    return await TrafficService(gateway).put(body.weights, body.reason)
+
+
+@router.post(
+    "/traffic/promote",
+    response_model=TrafficChange,
+    summary="Make a version of the split the active one and end the split",
+    description="`version` may be left out when the split names exactly one version besides "
+    "the active one.",
+    responses=error_responses(400, 401, 404, 409, 502, 503),
+)
+async def promote(
+    gateway: GatewayDep, _: AdminDep, body: PromoteBody | None = None
+) -> TrafficChange:
+    return await TrafficService(gateway).promote(body.version if body else None)
+
+
+@router.post(
+    "/traffic/abort",
+    response_model=TrafficChange,
+    summary="End the split: every new request goes to the active version again",
+    responses=error_responses(401, 503),
+)
+async def abort(gateway: GatewayDep, _: AdminDep) -> TrafficChange:
+    return await TrafficService(gateway).abort()
+
+
+@router.get(
+    "/traffic/history",
+    response_model=TrafficHistoryList,
+    summary="Changes of the split, oldest first",
+    responses=error_responses(400, 401, 503),
+)
+async def traffic_history(
+    gateway: GatewayDep, _: AdminDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+) -> TrafficHistoryList:
+    return await TrafficService(gateway).history(limit)
 
 
 @router.get(

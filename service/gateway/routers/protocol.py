@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from roma_service.registry import HistoryEntry, VersionRecord
+from roma_service.registry import HistoryEntry, TrafficHistoryEntry, VersionRecord
 
 
 class VersionInfo(VersionRecord):
@@ -66,3 +66,56 @@ class DeleteResponse(BaseModel):
 class HistoryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[HistoryEntry]
+
+
+class TrafficBody(BaseModel):
+    """``PUT /routers/traffic``: the new split."""
+
+    # Checked by gateway.traffic.validate_split, whose messages name the faulty entry.
+    weights: Any = Field(
+        description="router version -> share of new requests; shares in [0, 1] summing to 1 "
+        "(zero shares are dropped)",
+        examples=[{"3": 0.9, "4": 0.1}],
+        json_schema_extra={"type": "object", "additionalProperties": {"type": "number"}},
+    )
+    reason: str = Field("canary", max_length=200, description="recorded in the split's history")
+
+    model_config = {"extra": "forbid"}
+
+
+class PromoteBody(BaseModel):
+    """``POST /routers/traffic/promote``."""
+
+    version: int | None = Field(
+        None,
+        ge=0,
+        le=2**62,
+        description="the version to make active; may be left out when the split names exactly "
+        "one version besides the active one",
+    )
+
+    model_config = {"extra": "forbid"}
+
+
+class TrafficInfo(BaseModel):
+    weights: dict[int, float] | None = Field(
+        description="router version -> share of new requests; null: no split, every request "
+        "goes to the active version"
+    )
+    active: int = Field(description="the active version")
+    at: str | None = Field(None, description="when the split was set")
+    by: str | None = Field(None, description="the gateway that set it")
+    reason: str | None = None
+
+
+class TrafficChange(TrafficInfo):
+    previous: dict[int, float] | None = Field(description="the split in force before this call")
+    changed: bool = Field(description="False when abort found no split to end")
+    timings_ms: dict[str, float] = Field(
+        description="milliseconds per phase: lock, the engines' load/verify/pin, store, total"
+    )
+
+
+class TrafficHistoryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TrafficHistoryEntry]

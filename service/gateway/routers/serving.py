@@ -1,4 +1,5 @@
-"""The logic behind ``/routers``: thin over the registry (reads) and the deployer (swaps)."""
+"""The logic behind ``/routers``: thin over the registry (reads), the deployer (swaps) and the
+canary (``/routers/traffic``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ from roma_service.gateway.routers.protocol import (
     DeployResponse,
     HistoryList,
     SwapTimings,
+    TrafficChange,
+    TrafficHistoryList,
+    TrafficInfo,
     VersionInfo,
     VersionList,
 )
 from roma_service.gateway.state import Gateway
 from roma_service.gateway.swaps import SwapResult
+from roma_service.gateway.swaps.canary import (
+    Canary,
+    CanaryResult,
+    SingleVersion,
+    require_versions,
+)
 from roma_service.gateway.timings import Timings
+from roma_service.gateway.traffic import validate_split
 from roma_service.gateway.upload import read_patch_upload
 
 
@@ -73,3 +84,56 @@ class RoutersService:
             engines=result.engines,
             timings_ms=SwapTimings.model_validate(result.timings),
         )
+
+
+class TrafficService:
+    """``/routers/traffic``: reads from the registry; changes through the gateway's Canary."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    async def get(self) -> TrafficInfo:
+        split = await self.gw.registry.traffic()
+        active = await self.gw.registry.active()
+        if split is None:
+            return TrafficInfo(weights=None, active=active)
+        return TrafficInfo(**split.model_dump(), active=active)
+
+    async def put(self, weights: object, reason: str) -> TrafficChange:
+        # Bad input is answered before anything is locked or loaded: shape (400), then versions
+        # (404); the count against the engines' slots is the Canary's (it knows the slots).
+        split = validate_split(weights)
+        await require_versions(self.gw.registry, split)
+        return _change(await self._canary().set(split, reason))
+
+    async def promote(self, version: int | None) -> TrafficChange:
+        if version is not None:
+            await self.gw.registry.get(version)
+        return _change(await self._canary().promote(version))
+
+    async def abort(self) -> TrafficChange:
+        return _change(await self._canary().abort())
+
+    async def history(self, limit: int) -> TrafficHistoryList:
+        return TrafficHistoryList(data=await self.gw.registry.traffic_history(limit))
+
+    def _canary(self) -> Canary:
+        # Gateway.build wires the Canary with the engines' residency (slots); until it does,
+        # the engines count as slot-less: a split is refused (409 slots_disabled), an abort
+        # still ends one.
+        canary: Canary | None = getattr(self.gw, "canary", None)
+        return canary or Canary(self.gw.deployer.ctx, SingleVersion())
+
+
+def _change(result: CanaryResult) -> TrafficChange:
+    split = result.split
+    return TrafficChange(
+        weights=split.weights if split else None,
+        active=result.active,
+        at=split.at if split else None,
+        by=split.by if split else None,
+        reason=split.reason if split else None,
+        previous=result.previous.weights if result.previous else None,
+        changed=result.changed,
+        timings_ms=result.timings,
+    )

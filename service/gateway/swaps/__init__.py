@@ -7,6 +7,8 @@
 * ``context.py``: what the deployer and the reconciler share (engines, Redis, lock, settings).
 * ``deployer.py``: ``POST /routers`` and ``/routers/{v}/activate`` (lock, store, swap, activate).
 * ``reconcile.py``: lagging or restarted engines onto the active version before they serve.
+* ``canary.py``: the traffic split between versions (set, promote, abort), over the engines'
+  ``Residency`` (which versions their slots hold and pin).
 * ``errors.py``: why a swap did not happen, each with a stable code (their HTTP statuses are
   the HTTP edge's, ``gateway/errors.py``).
 """
