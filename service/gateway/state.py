@@ -8,6 +8,7 @@ from roma_service.gateway.engines import EnginePool
 from roma_service.gateway.expert_load import ExpertLoadExporter
 from roma_service.gateway.gate import SwapGate
 from roma_service.gateway.swaps import Deployer, DeployLock, Reconciler, SwapContext
+from roma_service.gateway.swaps.canary import Canary
 from roma_service.gateway.swaps.resident import Residency
 from roma_service.gateway.sync import Synchroniser
 from roma_service.metrics import Metrics
@@ -25,6 +26,7 @@ class Gateway:
     deployer: Deployer
     reconciler: Reconciler
     residency: Residency
+    canary: Canary
     sync: Synchroniser
     expert_load: ExpertLoadExporter
 
@@ -40,10 +42,11 @@ class Gateway:
         residency = Residency(swaps)
         deployer = Deployer(swaps, gate, residency)
         reconciler = Reconciler(swaps, residency)
+        canary = Canary(swaps, residency)
         sync = Synchroniser(pool, registry, reconciler, settings)
         return cls(
-            settings, metrics, registry, pool, gate, deployer, reconciler, residency, sync,
-            expert_load,
+            settings, metrics, registry, pool, gate, deployer, reconciler, residency, canary,
+            sync, expert_load,
         )  # fmt: skip
 
     def start(self) -> None:

@@ -280,3 +280,113 @@ async def test_bad_versions_are_refused_and_change_nothing(
         # Once the streams are done, 3 can take one of their slots.
         _, response = await _complete(gw, body, 3)
         assert response.headers["X-Router-Version"] == "3"
+
+
+async def test_canary_split_holds_its_weights_sticks_per_caller_and_aborts_cleanly(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """``PUT /routers/traffic {1: 0.8, 2: 0.2}``: over 300 callers (the OpenAI ``user`` field)
+    version 2's share is within 4 standard deviations of 0.2; one caller always gets one
+    version (``user`` or the ``X-Router-Caller`` header); an abort while streams run on 2 lets
+    them finish on 2 and sends every new request to 1; promote makes 2 active. Each change is
+    in Redis' traffic history."""
+    model_dir = engine.model_dir
+    prompt = prompt_ids(model_dir)[0]
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        await _deploy(gw, patch_bytes(model_dir, seed=61))
+        await _deploy(gw, patch_bytes(model_dir, seed=62), activate=False)
+        put = await gw.put("/routers/traffic", headers=AUTH,
+                           json={"weights": {"1": 0.8, "2": 0.2}})  # fmt: skip
+        assert put.status_code == 200, put.text
+        async with engine.client() as client:
+            resident = (await client.slots()).resident()
+        assert resident[1].pinned and resident[2].pinned, "the split's versions are pinned"
+
+        model = await model_id(gw)
+        body = _body(model, prompt, 1)
+        served: dict[str, str] = {}
+        for start in range(0, 300, 50):
+            users = [f"caller-{i}" for i in range(start, start + 50)]
+            results = await asyncio.gather(*(_complete(gw, {**body, "user": u}) for u in users))
+            served.update(
+                zip(users, (r.headers["X-Router-Version"] for _, r in results), strict=True)
+            )
+        share = sum(v == "2" for v in served.values())
+        assert set(served.values()) == {"1", "2"}
+        assert abs(share - 60) <= 4 * (300 * 0.2 * 0.8) ** 0.5, share  # 60 +- 27
+        for user in ("caller-0", "caller-1", "caller-2"):
+            again = await asyncio.gather(*(_complete(gw, {**body, "user": user}) for _ in range(5)))
+            assert {r.headers["X-Router-Version"] for _, r in again} == {served[user]}
+        by_header = [
+            (await _complete_with(gw, body, {"X-Router-Caller": "team-a"})).headers[
+                "X-Router-Version"
+            ]
+            for _ in range(5)
+        ]
+        assert len(set(by_header)) == 1
+
+        # Abort while streams run on version 2: they finish there; new requests go to 1.
+        on_two = [u for u, v in served.items() if v == "2"][:4]
+        streams = [
+            asyncio.create_task(_stream(gw, {**_body(model, prompt, 60), "user": u}))
+            for u in on_two
+        ]
+        await asyncio.sleep(0.5)
+        aborted = await gw.post("/routers/traffic/abort", headers=AUTH)
+        assert aborted.status_code == 200 and aborted.json()["weights"] is None, aborted.text
+        after = await asyncio.gather(*(_complete(gw, {**body, "user": u}) for u in on_two))
+        assert {r.headers["X-Router-Version"] for _, r in after} == {"1"}
+        for tokens, version, _ in await asyncio.gather(*streams):
+            assert version == "2" and len(tokens) == 60
+
+        # Split again, then promote 2: active, split gone.
+        put = await gw.put("/routers/traffic", headers=AUTH, json={"weights": {"1": 0.5, "2": 0.5}})
+        assert put.status_code == 200, put.text
+        promoted = await gw.post("/routers/traffic/promote", headers=AUTH, json={})
+        assert promoted.status_code == 200 and promoted.json()["active"] == 2, promoted.text
+        _, response = await _complete(gw, {**body, "user": "caller-0"})
+        assert response.headers["X-Router-Version"] == "2"
+        history = (await gw.get("/routers/traffic/history", headers=AUTH)).json()["data"]
+        assert len(history) == 4, history  # set, abort, set, promote
+
+
+async def _complete_with(gw: httpx.AsyncClient, body: dict, headers: dict) -> httpx.Response:
+    response = await gw.post("/v1/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+async def test_bad_splits_are_refused_and_change_nothing(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """Weights not summing to 1, a split naming a deleted version, more versions than the
+    engines' slots: each a 4xx naming the problem; the split in force and the engines' pins
+    are unchanged."""
+    model_dir = engine.model_dir
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        for seed in (71, 72, 73, 74):
+            await _deploy(gw, patch_bytes(model_dir, seed=seed), activate=seed == 71)
+        assert (await gw.delete("/routers/4", headers=AUTH)).status_code == 200
+        put = await gw.put("/routers/traffic", headers=AUTH, json={"weights": {"1": 0.9, "2": 0.1}})
+        assert put.status_code == 200, put.text
+        async with engine.client() as client:
+            pins = {v: s.pinned for v, s in (await client.slots()).resident().items()}
+
+        cases = [
+            ({"1": 0.9, "2": 0.2}, 400, "sum"),
+            ({"1": 0.5, "4": 0.5}, 404, "4"),
+            ({"1": 0.25, "2": 0.25, "3": 0.5}, 400, "ROMA_ROUTER_SLOTS"),
+            ({"x": 1.0}, 400, "x"),
+        ]
+        for weights, status, word in cases:
+            response = await gw.put("/routers/traffic", headers=AUTH, json={"weights": weights})
+            assert response.status_code == status, (weights, response.text)
+            assert word in response.json()["error"]["message"], response.text
+        traffic = (await gw.get("/routers/traffic", headers=AUTH)).json()
+        assert traffic["weights"] == {"1": 0.9, "2": 0.1}
+        in_use = await gw.delete("/routers/2", headers=AUTH)
+        assert in_use.status_code == 409, in_use.text
+        async with engine.client() as client:
+            assert {v: s.pinned for v, s in (await client.slots()).resident().items()} == pins

@@ -20,7 +20,6 @@ from roma_service.gateway.swaps import SwapResult
 from roma_service.gateway.swaps.canary import (
     Canary,
     CanaryResult,
-    SingleVersion,
     require_versions,
 )
 from roma_service.gateway.timings import Timings
@@ -118,11 +117,7 @@ class TrafficService:
         return TrafficHistoryList(data=await self.gw.registry.traffic_history(limit))
 
     def _canary(self) -> Canary:
-        # Gateway.build wires the Canary with the engines' residency (slots); until it does,
-        # the engines count as slot-less: a split is refused (409 slots_disabled), an abort
-        # still ends one.
-        canary: Canary | None = getattr(self.gw, "canary", None)
-        return canary or Canary(self.gw.deployer.ctx, SingleVersion())
+        return self.gw.canary
 
 
 def _change(result: CanaryResult) -> TrafficChange:

@@ -112,6 +112,7 @@ class Canary:
                 # Pins taken for this split go; the split in force (if any) keeps its own.
                 await self._unpin(_needed(before, active))
                 raise
+            self.ctx.pool.split = dict(split.weights)  # our own event is not echoed to us
             await self._unpin(split.versions | {active})
             record = await self.ctx.registry.traffic()
         log.info("traffic split set", extra={"weights": split.weights, "active": active,
@@ -133,6 +134,8 @@ class Canary:
             with timings.phase("activate"):
                 await self.ctx.registry.activate(version, "promote", by, urls)
                 previous = await self.ctx.registry.clear_traffic("promote", by)
+            self.ctx.pool.split = None
+            self.ctx.pool.set_active(version)
             await self._unpin({version})
         log.info("canary promoted", extra={"version": version, "previous": previous_active})
         return CanaryResult(None, previous, version, True, timings.total())
@@ -146,6 +149,7 @@ class Canary:
                 previous = await self.ctx.registry.clear_traffic(
                     "abort", self.ctx.settings.gateway_id
                 )
+            self.ctx.pool.split = None
             if previous is not None:
                 await self._unpin({active})
         log.info("traffic split aborted", extra={"active": active, "had_split": bool(previous)})

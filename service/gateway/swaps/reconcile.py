@@ -67,8 +67,7 @@ class Reconciler:
 
     async def _read_split(self) -> None:
         """The canary split, as Redis holds it (traffic needs its versions resident)."""
-        traffic = getattr(self.ctx.registry, "traffic", None)  # TODO(merge i15-canary)
-        record = None if traffic is None else await traffic()
+        record = await self.ctx.registry.traffic()
         self.ctx.pool.split = None if record is None else dict(record.weights)
 
     async def converge(self, target: Target) -> None:
