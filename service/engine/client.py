@@ -23,7 +23,13 @@ from roma_service.engine.errors import (
     EngineRPCFailed,
     EngineUnreachable,
 )
-from roma_service.engine.results import ApplyResult, EngineState, LayerReadback
+from roma_service.engine.results import (
+    ApplyResult,
+    EngineState,
+    ExpertLoadReport,
+    LayerReadback,
+    VersionLoad,
+)
 from roma_service.engine.slot_client import SlotsAPI
 
 # Worker error codes that mean "the engine is broken", not "the patch is bad".
@@ -233,29 +239,29 @@ class EngineClient(SlotsAPI):
 
     async def expert_load(
         self, action: Literal["enable", "disable", "read", "reset"] = "read"
-    ) -> dict[str, Any]:
-        """Per-layer expert selection counts of the engine (opt-in: ``enable`` first).
+    ) -> ExpertLoadReport:
+        """Per-layer expert selection counts of the engine, per router version (opt-in:
+        ``enable`` first).
 
         Each router is counted once: pipeline stages hold different layers, while tensor-
         parallel ranks each run the same (replicated) router on the same tokens, so a layer
         that several workers report is taken from the first, not summed."""
         results = await self._rpc("roma_expert_load", action)
         self._raise_failures("expert_load", results)
-        counts: dict[str, list[int]] = {}
-        tokens: dict[str, int] = {}
-        for result in results:
-            for name, row in result["counts"].items():
-                counts.setdefault(name, row)
-            for name, n in result["tokens"].items():
-                tokens.setdefault(name, n)
-        version = results[0]["version"]
-        return {
-            "version": None if version is None else int(version),
-            "enabled": all(r["enabled"] for r in results),
-            "top_k": results[0]["top_k"],
-            "tokens": tokens,
-            "counts": counts,
+        totals = _first_per_router(results)
+        names = {v for r in results for v in r["versions"]}
+        versions = {
+            int(v): _first_per_router([r["versions"][v] for r in results if v in r["versions"]])
+            for v in names
         }
+        version = results[0]["version"]
+        return ExpertLoadReport(
+            version=None if version is None else int(version),
+            enabled=all(r["enabled"] for r in results),
+            top_k=results[0]["top_k"],
+            versions=versions,
+            **totals.model_dump(),
+        )
 
     async def pause(
         self, mode: Literal["wait", "keep", "abort"] = "wait", timeout_s: float | None = None
@@ -285,3 +291,14 @@ class EngineClient(SlotsAPI):
             params={"reset_running_requests": str(reset_running_requests).lower()},
         )
         return bool(response.json().get("success", True))
+
+
+def _first_per_router(parts: list[dict[str, Any]]) -> VersionLoad:
+    """Workers' ``tokens``/``counts``, each router taken from the first worker that has it."""
+    merged = VersionLoad()
+    for part in parts:
+        for name, row in part["counts"].items():
+            merged.counts.setdefault(name, row)
+        for name, n in part["tokens"].items():
+            merged.tokens.setdefault(name, n)
+    return merged

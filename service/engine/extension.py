@@ -129,12 +129,14 @@ class RouterExtension:
 
     @_rpc
     def roma_expert_load(self, action: str = "read") -> dict[str, Any]:
-        """Per-layer expert selection counts. ``action``: ``enable``, ``disable``, ``read``,
-        ``reset`` (read, then zero). Off until enabled: it adds work to every forward."""
+        """Per-layer expert selection counts, per router version (``versions``) and in total.
+        ``action``: ``enable``, ``disable``, ``read``, ``reset`` (read, then zero). Off until
+        enabled: it adds work to every forward."""
         table = self._roma()
         load: ExpertLoad | None = getattr(self, "_roma_load", None)
         if load is None:
-            load = ExpertLoad(table, self.model_config.hf_config)  # type: ignore[attr-defined]
+            hf_config = self.model_config.hf_config  # type: ignore[attr-defined]
+            load = ExpertLoad(table, hf_config, getattr(self, "_roma_slot_table", None))
             self._roma_load = load
         if action == "enable":
             load.enable()

@@ -94,3 +94,24 @@ class SlotFreeResult(BaseModel):
     version: int
     moved: int = Field(0, description="in-flight requests moved to another version")
     workers: int = 1
+
+
+class VersionLoad(BaseModel):
+    """What one router version routed: per router (checkpoint tensor name), the tokens it saw
+    and how many of them picked each expert (a token picks ``top_k``)."""
+
+    tokens: dict[str, int] = Field(default_factory=dict)
+    counts: dict[str, list[int]] = Field(default_factory=dict)
+
+
+class ExpertLoadReport(VersionLoad):
+    """The engine's expert-load counters (``tokens``/``counts``: totals over versions)."""
+
+    version: int | None = Field(description="what slot 0 holds (None: the checkpoint's routers)")
+    enabled: bool
+    top_k: int
+    versions: dict[int, VersionLoad] = Field(
+        default_factory=dict,
+        description="per router version, exactly (tokens are counted in the slot that ran "
+        "them); versions that routed no token are left out",
+    )

@@ -126,6 +126,9 @@ class RouterTable:
         self.probe_slot: Callable[[int, int], contextlib.AbstractContextManager[None]] = (
             lambda slot, tokens: contextlib.nullcontext()
         )
+        # Called with a slot's index before its routers change (the expert-load counters book
+        # what that slot counted to the version it held until then).
+        self.before_change: Callable[[int], None] = lambda slot: None
 
     @classmethod
     def of_model(cls, model_config: Any, model: nn.Module) -> RouterTable:
@@ -160,6 +163,7 @@ class RouterTable:
         start = time.perf_counter()
         swaps: list[StagedSwap] = [stage(self.routers[n], target.weights[n]) for n in changed]
         staged = time.perf_counter()
+        self.before_change(0)
         try:
             commit_all(swaps)
         except Exception as exc:

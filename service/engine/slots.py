@@ -215,6 +215,7 @@ class SlotTable:
         staged_at = time.perf_counter()
         evicted = self.version_of(slot)
         previous = (slot.held, slot.pinned, slot.last_used)
+        self.routers.before_change(slot.index)
         try:
             commit_all(staged)  # type: ignore[arg-type]
         except Exception as exc:
@@ -286,6 +287,7 @@ class SlotTable:
                     setattr(state, BOUND_ATTR, target)
                     moved += 1
             self.tainted.add(version)
+        self.routers.before_change(index)
         for gate in self.gates.values():
             gate.stage(index, None).commit()
         slot = self.slots[index]

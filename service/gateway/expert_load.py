@@ -1,17 +1,18 @@
 """Expert load per MoE layer and router version, exported to ``/metrics`` (opt-in).
 
 The engines count which experts their routers pick (``roma_expert_load``: a forward hook per
-router, off until enabled; ``docs/engine.md``). When ``ROMA_EXPERT_LOAD_INTERVAL_S`` > 0 this
+router, off until enabled; ``docs/engine.md``), per router version: each token is counted under
+the version its request was bound to (its slot), and a slot's counts are set aside for its
+version before anything else is loaded there. When ``ROMA_EXPERT_LOAD_INTERVAL_S`` > 0 this
 exporter enables the counters before the gateway reports ready, and every interval reads and
-zeroes them in one worker call (so no token falls between the read and the reset), adding the
-counts to the router version the engine held.
+zeroes them in one worker call (so no token falls between the read and the reset), adding each
+version's counts to that version's series.
 
-Attribution is exact across this gateway's own swaps: the deployer collects right before it
-applies a new version (after the drain), and the reconciler before it restores a lagging
-engine. A swap made by another gateway that shares the engines is only seen at the next read,
-so up to one interval of tokens can be booked to the version after it. Gateways that share
-engines each read-and-zero the same counters: each exports the part it read, and the sum over
-gateways is the engines' total.
+Attribution is therefore exact whenever the read happens, also while several versions serve at
+once and across swaps made by other gateways. The deployer (single-version mode) and the
+reconciler still read right before they change an engine's routers, so the counters never hold
+more than one interval. Gateways that share engines each read-and-zero the same counters: each
+exports the part it read, and the sum over gateways is the engines' total.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import logging
 
 from roma_patch import router_of_tensor
+from roma_service.engine.results import VersionLoad
 from roma_service.gateway.engines import EngineHandle, EnginePool
 from roma_service.metrics import Metrics
 
@@ -60,9 +62,9 @@ class ExpertLoadExporter:
             await self.collect([e for e in self.pool.engines if e.healthy])
 
     async def collect(self, engines: list[EngineHandle]) -> None:
-        """Book what ``engines`` counted since the last read to the version each holds; enable
-        counting where it is off (a new or restarted engine). Never raises: a metrics failure
-        must not fail a deploy or a reconcile."""
+        """Book what ``engines`` counted since the last read to the versions that routed it;
+        enable counting where it is off (a new or restarted engine). Never raises: a metrics
+        failure must not fail a deploy or a reconcile."""
         if not self.enabled:
             return
         results = await asyncio.gather(*(self._collect(e) for e in engines), return_exceptions=True)
@@ -74,14 +76,17 @@ class ExpertLoadExporter:
 
     async def _collect(self, engine: EngineHandle) -> None:
         load = await engine.client.expert_load("reset")
-        if not load["enabled"]:
+        if not load.enabled:
             await engine.client.expert_load("enable")
             return
-        # The engine's own word on what it holds (None: the checkpoint's routers, version 0).
-        version = str(load["version"] or 0)
-        for name, counts in load["counts"].items():
+        # The engine counts per version (each token in the slot its request was bound to).
+        for version, part in load.versions.items():
+            self._book(str(version), part)
+
+    def _book(self, version: str, part: VersionLoad) -> None:
+        for name, counts in part.counts.items():
             layer = layer_label(name)
-            if tokens := load["tokens"].get(name, 0):
+            if tokens := part.tokens.get(name, 0):
                 self.metrics.router_tokens.labels(version, layer).inc(tokens)
             for expert, count in enumerate(counts):
                 if count:

@@ -154,12 +154,13 @@ async def test_expert_load_counts_match_transformers_routing(engine: RunningEngi
     model = _load_routers(model_dir, routers)
     with torch.no_grad():
         out = model(torch.tensor([prompt]), output_router_logits=True)
-    assert load["enabled"] and load["version"] == 7
+    assert load.enabled and load.version == 7 and set(load.versions) == {7}
     for layer, logits in enumerate(out.router_logits):
-        chosen = logits.reshape(len(prompt), -1).topk(load["top_k"], dim=-1).indices
+        chosen = logits.reshape(len(prompt), -1).topk(load.top_k, dim=-1).indices
         expected = torch.bincount(chosen.reshape(-1), minlength=logits.shape[-1]).tolist()
-        assert load["tokens"][router_name(layer)] == len(prompt)
-        assert load["counts"][router_name(layer)] == expected, f"layer {layer}"
+        for part in (load, load.versions[7]):
+            assert part.tokens[router_name(layer)] == len(prompt)
+            assert part.counts[router_name(layer)] == expected, f"layer {layer}"
 
 
 async def test_pause_resume_and_prefix_cache(engine: RunningEngine) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from roma_service.engine.expert_load import ExpertLoad
 from roma_service.engine.slot_gate import SlotGate, StepSlots
 from roma_service.engine.slots import BOUND_ATTR, SlotRefused, SlotTable, choose_strategy
 from roma_service.engine.swap import _InPlaceSwap, commit_all, packed_twin
@@ -338,3 +339,101 @@ def test_readback_of_a_slot_sees_a_wrong_kernel() -> None:
     rows = table.describe(readback=True)["slots"]
     assert rows[1]["verified"] is False and rows[0]["verified"] is True
     assert len(rows) == SLOTS and len(table.gates) == LAYERS
+
+
+# -- expert load per version ---------------------------------------------------------------
+
+
+TOP_K = 2
+
+
+def _expert_load(table: SlotTable | None, routers=None) -> ExpertLoad:
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(num_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    load = ExpertLoad(routers if table is None else table.routers, config, table)
+    load.enable()
+    return load
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> None:
+    """Every layer's router on ``x`` (what one model forward does to them)."""
+    for layer in model.model.layers:
+        gate_out(layer.mlp.gate, x)
+
+
+def _routed(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Expert counts of ``x`` routed by ``weights``, per router."""
+    return {
+        name: torch.bincount(
+            (x @ w.T).topk(TOP_K, dim=-1).indices.reshape(-1), minlength=EXPERTS
+        ).tolist()
+        for name, w in weights.items()
+    }
+
+
+def _plus(*parts: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {n: [sum(col) for col in zip(*(p[n] for p in parts), strict=True)] for n in parts[0]}
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["grouped", "stacked"])
+def test_expert_load_is_counted_per_version_and_a_reloaded_slot_starts_from_zero(
+    packed: bool,
+) -> None:
+    """Tokens of one mixed step go to their own request's version; freeing a slot and loading
+    another version there leaves the old counts with the old version; probes never count."""
+    model, weights, runner, table = _table(seed=20, packed=packed)
+    new7, patch7 = _patch_for(weights, [0, 1, 2, 3], seed=21)
+    new9, patch9 = _patch_for(weights, [0, 1, 2, 3], seed=22)
+    assert table.load(patch7, "7")["slot"] == 1
+    load = _expert_load(table)
+
+    runner.add("a", None)
+    runner.add("b", "7")
+    runner.step(table, [3, 2])  # a mixed step: tokens 0-2 on slot 0, 3-4 on slot 1
+    x = torch.randn(5, HIDDEN)
+    _forward(model, x)
+    runner.finish("b")
+    runner.step(table, [1])  # a uniform step on slot 0
+    y = torch.randn(1, HIDDEN)
+    _forward(model, y)
+    base7 = _routed(x[3:], new7)
+    base0 = _plus(_routed(x[:3], weights), _routed(y, weights))
+
+    table.free("7")
+    assert table.load(patch9, "9")["slot"] == 1  # the same slot, another version
+    table.describe(readback=True)  # the probe batch runs through every slot: not counted
+    report = load.snapshot()
+    assert set(report["versions"]) == {"0", "7"}
+    assert report["versions"]["7"]["counts"] == base7
+    assert report["versions"]["7"]["tokens"] == dict.fromkeys(weights, 2)
+    assert report["versions"]["0"]["counts"] == base0
+    assert report["versions"]["0"]["tokens"] == dict.fromkeys(weights, 4)
+
+    runner.add("c", "9")
+    runner.step(table, [1, 2])  # "a" again and "c", on slot 1 under version 9 now
+    z = torch.randn(3, HIDDEN)
+    _forward(model, z)
+    report = load.snapshot(reset=True)
+    assert report["versions"]["9"]["counts"] == _routed(z[1:], new9)
+    assert report["versions"]["7"]["counts"] == base7  # kept, not inherited by 9
+    assert report["versions"]["0"]["counts"] == _plus(base0, _routed(z[:1], weights))
+    assert report["counts"] == _plus(*(v["counts"] for v in report["versions"].values()))
+    assert load.snapshot()["versions"] == {}  # reset
+
+
+def test_expert_load_without_slots_follows_the_single_version_swap() -> None:
+    """No slot table (ROMA_ROUTER_SLOTS=1): everything counts for the held version, and a swap
+    books what came before to the version held until then."""
+    model, weights = make_model(seed=23)
+    routers = router_table(model, weights)
+    new5, patch5 = _patch_for(weights, [1, 3], seed=24)
+    load = _expert_load(None, routers)
+    x, y = torch.randn(4, HIDDEN), torch.randn(3, HIDDEN)
+    _forward(model, x)
+    routers.switch(routers.target_for(patch5, "5"))  # reads back: not counted
+    _forward(model, y)
+    report = load.snapshot()
+    assert report["versions"]["0"]["counts"] == _routed(x, weights)
+    assert report["versions"]["5"]["counts"] == _routed(y, {**weights, **new5})
+    assert report["versions"]["5"]["tokens"] == dict.fromkeys(weights, 3)

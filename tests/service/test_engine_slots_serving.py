@@ -33,6 +33,7 @@ from tests.fixtures.engine import (
     perturbed_routers,
     prefix_cache_hits,
     prompt_ids,
+    router_name,
     start,
 )
 
@@ -77,6 +78,68 @@ async def test_versions_in_the_same_batches_each_equal_transformers(
     assert state.mixed_steps > before, "the requests never shared a step"
     assert state.misses == {}
     assert all(s.in_flight == 0 for s in state.slots)
+
+
+async def test_expert_load_is_counted_per_version(engine: RunningEngine, slots_freed: None) -> None:
+    """Requests of version 0 and of a loaded version sent together (their steps mix): each
+    version's router tokens are exactly its requests' prompt + generated - 1, and its expert
+    counts are transformers' routing of those tokens under that version's routers."""
+    model_dir = engine.model_dir
+    rng = random.Random("expert-load-per-version")
+    prompts = [[rng.randrange(100, 380) for _ in range(n)] for n in (19, 11, 27, 14)]
+    versions = (0, 501, 0, 501)
+    routers = {0: None, 501: perturbed_routers(model_dir, seed=501)}
+    n_new = 6
+    async with engine.client() as client:
+        await client.load_slot(patch_bytes(model_dir, routers[501]), 501)
+        assert await client.reset_prefix_cache()  # a cached prefix would skip its tokens
+        await client.expert_load("enable")
+        await client.expert_load("reset")
+        try:
+            before = (await client.slots()).mixed_steps
+            outputs = await engine_greedy_concurrently(
+                engine.url, model_dir, list(zip(prompts, versions, strict=True)), n_new
+            )
+            mixed = (await client.slots()).mixed_steps - before
+            load = await client.expert_load("reset")
+        finally:
+            await client.expert_load("disable")
+    assert mixed > 0, "the two versions never shared a step"
+    assert set(load.versions) == {0, 501}
+
+    for version, version_routers in routers.items():
+        mine = [
+            (p, out) for p, out, v in zip(prompts, outputs, versions, strict=True) if v == version
+        ]
+        # One prefill and n_new - 1 decode steps: every layer's router saw each token once.
+        tokens = sum(len(p) + n_new - 1 for p, _ in mine)
+        assert load.versions[version].tokens == dict.fromkeys(load.counts, tokens), version
+        expected = _hf_expert_counts(model_dir, [p + out[:-1] for p, out in mine], version_routers)
+        assert load.versions[version].counts == expected, version
+    assert load.counts == {
+        n: [a + b for a, b in zip(*(v.counts[n] for v in load.versions.values()), strict=True)]
+        for n in load.counts
+    }
+
+
+def _hf_expert_counts(
+    model_dir: Path, sequences: list[list[int]], routers: dict[str, torch.Tensor] | None
+) -> dict[str, list[int]]:
+    """Tokens routed to each expert per router by transformers, over every sequence."""
+    from tests.fixtures.engine import _load_routers
+
+    model = _load_routers(model_dir, routers)
+    top_k = model.config.num_experts_per_tok
+    totals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for ids in sequences:
+            out = model(torch.tensor([ids]), output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                chosen = logits.reshape(len(ids), -1).topk(top_k, dim=-1).indices.reshape(-1)
+                counts = torch.bincount(chosen, minlength=logits.shape[-1])
+                name = router_name(layer)
+                totals[name] = totals[name] + counts if name in totals else counts
+    return {n: c.tolist() for n, c in totals.items()}
 
 
 async def test_prefix_cache_is_per_version(engine: RunningEngine, slots_freed: None) -> None:
