@@ -7,11 +7,19 @@ Both targets are measured side by side in one run, alternating (direct, gateway,
 so that load from anything else on the machine hits both alike. Per round: ``--streams``
 concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS ignored). Goals
 (issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token ratio <= 1.05.
+
+Fair by default on a 2-core machine: the engine (its API server, engine core and worker, with
+``VLLM_CPU_OMP_THREADS_BIND``) is pinned to ``--engine-core`` and the gateway and this load
+generator to ``--client-core``, for the direct run too, so the gateway competes with the load
+generator and not with decoding. ``--no-pin`` puts everything on every core (what a gateway
+costs on a machine whose cores the engine already saturates). The gateway runs in slot mode
+(every completion is bound to a router version: its body is parsed and re-serialised).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from typing import Annotated
@@ -66,8 +74,14 @@ def main(
     tokens: Annotated[int, typer.Option(help="tokens per stream")] = 64,
     rounds: Annotated[int, typer.Option(help="rounds per target (alternating)")] = 4,
     model: Annotated[str | None, typer.Option(help="checkpoint dir (default: tiny OLMoE)")] = None,
+    engine_core: Annotated[int, typer.Option(help="core the engine is pinned to")] = 0,
+    client_core: Annotated[int, typer.Option(help="core of the gateway and this client")] = 1,
+    pin: Annotated[bool, typer.Option(help="pin as above (--no-pin: all cores for all)")] = True,
 ) -> None:
-    with stack(engines=1, model=model, max_num_seqs=streams) as s:
+    cores = {"engine_core": engine_core, "gateway_core": client_core} if pin else {}
+    if pin:
+        os.sched_setaffinity(0, {client_core})
+    with stack(engines=1, model=model, max_num_seqs=streams, **cores) as s:
         targets = {"direct": s.engines[0], "gateway": s.gateway}
         asyncio.run(one_round(s.gateway, s.served_model, streams, 8))  # warm-up both paths
         asyncio.run(one_round(s.engines[0], s.served_model, streams, 8))
@@ -87,7 +101,14 @@ def main(
         return tps, percentile(ttft, 50) * 1e3, percentile(ttft, 95) * 1e3
 
     direct, gateway = summary("direct"), summary("gateway")
-    table = Table(title=f"{streams} concurrent streams x {tokens} tokens, {rounds} rounds each")
+    where = (
+        f"engine on core {engine_core}, gateway + client on core {client_core}"
+        if pin
+        else ("no pinning")
+    )
+    table = Table(
+        title=f"{streams} concurrent streams x {tokens} tokens, {rounds} rounds each ({where})"
+    )
     for column in ("target", "tokens/s (median round)", "TTFT p50 ms", "TTFT p95 ms"):
         table.add_column(column, justify="left" if column == "target" else "right")
     for name, (tps, p50, p95) in (("direct", direct), ("gateway", gateway)):

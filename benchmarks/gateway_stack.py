@@ -41,10 +41,14 @@ class Stack:
 def stack(
     engines: int = 1,
     model: str | None = None,
-    swap_policy: str = "drain",
+    swap_policy: str = "auto",
     max_num_seqs: int = 16,
+    engine_core: int | None = None,
+    gateway_core: int | None = None,
 ) -> Iterator[Stack]:
-    """Engines on a tiny OLMoE (or ``model``), a local Redis, and a gateway in front."""
+    """Engines on a tiny OLMoE (or ``model``), a local Redis, and a gateway in front.
+    ``engine_core``: every engine process (API server, engine core, worker threads) pinned to
+    that core; ``gateway_core``: the gateway process pinned to that one."""
     with tempfile.TemporaryDirectory(prefix="roma-gw-bench-") as tmp, contextlib.ExitStack() as es:
         root = Path(tmp)
         model_dir = Path(model) if model else build_model(root, 128, 8, 6)
@@ -56,10 +60,13 @@ def stack(
                 log_path=root / f"engine-{i}.log",
                 max_model_len=512,
                 extra_args=["--max-num-seqs", str(max_num_seqs)],
+                cpu_cores=None if engine_core is None else str(engine_core),
             )
             processes.append(es.enter_context(_started(EngineProcess(options))))
         for process in processes:
             process.wait_healthy()
+            if engine_core is not None and process.proc is not None:
+                pin_tree(process.proc.pid, engine_core)
         port = free_port()
         env = dict(os.environ)
         env.update(
@@ -79,10 +86,22 @@ def stack(
             stderr=subprocess.STDOUT,
         )
         es.callback(_stop, gateway)
+        if gateway_core is not None:
+            pin_tree(gateway.pid, gateway_core)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, gateway, log)
         served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         yield Stack(url, [p.url for p in processes], model_dir, served, gateway.pid, [log])
+
+
+def pin_tree(pid: int, core: int) -> None:
+    """Pin a process and all its descendants (threads follow their process) to one core."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.cpu_affinity([core])
 
 
 @contextlib.contextmanager

@@ -5,18 +5,18 @@
     python benchmarks/swap_under_load.py --policy drain           # the global swap
     python benchmarks/swap_under_load.py --policy immediate
 
-``--workers`` clients send greedy completions back to back (token ids in and out). The deploys
-come in ``--cycles`` bursts (each patch right after the previous one's 201), between windows
-without deploys; throughput while deploying is compared with throughput without (interleaving
-makes drifts in machine load hit both alike). Then every version seen is activated alone and
-each prompt asked again with no load: that is what the version a response claims
-(``X-Router-Version``) must have produced. A response whose tokens differ from its claimed
-version's, and that did not report a change (``X-Router-Version-Changed``), is an *unreported
-version change*. Goals (issues 4 and 6): 0 failed requests, 0 unreported changes, throughput
-dip <= 5 %. In slot mode (``--policy auto``, the default: the engines keep 4 versions resident) a
-deploy loads the new version beside the old one and no response can span two, so "reported"
-stays 0 and every response must match its version exactly. "Until every engine holds it" is the deploy's own latency: the gateway answers 201
-only once every engine verified the patch.
+``--workers`` clients send greedy completions back to back (token ids in and out). The deploys come
+in ``--cycles`` bursts (each patch right after the previous one's 201), between windows without
+deploys; throughput while deploying is compared with throughput without (interleaving makes drifts
+in machine load hit both alike). Then every version seen is activated alone and each prompt asked
+again with no load: that is what the version a response claims (``X-Router-Version``) must have
+produced. A response whose tokens differ from its claimed version's, and that did not report a
+change (``X-Router-Version-Changed``), is an *unreported version change*. Goals (issues 4 and 6): 0
+failed requests, 0 unreported changes, throughput dip <= 5 %. In slot mode (``--policy auto``, the
+default: the engines keep 4 versions resident) a deploy loads the new version beside the old one
+and no response can span two, so "reported" stays 0 and every response must match its version
+exactly. "Until every engine holds it" is the deploy's own latency: the gateway answers 201 only
+once every engine verified the patch.
 """
 
 from __future__ import annotations

@@ -155,10 +155,8 @@ class Synchroniser:
             self.wake()  # the reconcile loads and pins the split's versions here too
             return
         if self.pool.slot_mode:
-            if event.get("type") == "activated":
-                # Requests are bound per version: nothing in flight changes; our engines'
-                # resident maps are refreshed by the reconcile that follows.
-                self.pool.set_active(int(event["version"]))
+            # Requests are bound per version: nothing in flight changes. The reconcile that
+            # follows makes our engines hold the new active version, then points requests at it.
             self.wake()
             return
         if event.get("type") == "swapping":

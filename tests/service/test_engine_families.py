@@ -30,6 +30,7 @@ from tests.fixtures.engine import (
     engine_greedy,
     engine_greedy_concurrently,
     engine_logprobs,
+    greedy_body,
     hf_greedy,
     hf_logprobs,
     patch_bytes,
@@ -54,8 +55,8 @@ def _group_is_gone(pgid: int) -> bool:
 async def test_qwen3_moe_patched_outputs_equal_transformers(
     tiny_models: dict[str, Path], tmp_path: Path, redis_server: LocalRedis, redis_prefix: str
 ) -> None:
-    """On the engine directly, then through the gateway (POST /routers, activate 0) on the same
-    engine: one engine start covers both."""
+    """On the engine directly, then through the gateway (POST /routers, versions per request,
+    activate 0) on the same engine: one engine start covers both."""
     model_dir = tiny_models["qwen3_moe"]
     prompts = prompt_ids(model_dir)
     routers = perturbed_routers(model_dir)
@@ -101,6 +102,18 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
             assert deployed.status_code == 201, deployed.text
             # Sync helpers run in a thread: the gateway serves from this event loop.
             assert await asyncio.to_thread(engine_greedy, url, model_dir, prompts) == patched_hf
+            # Versions asked for per request (X-Router-Version), interleaved in the same batches.
+            staged = await gw.post("/routers", headers=AUTH, params={"activate": "false"},
+                                   content=patch_bytes(model_dir, other))  # fmt: skip
+            assert staged.status_code == 201 and staged.json()["version"] == 2, staged.text
+            responses = await asyncio.gather(*(
+                gw.post("/v1/completions", json=greedy_body(model_dir, prompts[i]),
+                        headers={"X-Router-Version": str(v)})
+                for i, v in jobs
+            ))  # fmt: skip
+            for (i, version), response in zip(jobs, responses, strict=True):
+                assert response.headers["X-Router-Version"] == str(version)
+                assert response.json()["choices"][0]["token_ids"] == expected[version][i]
             rolled = await gw.post("/routers/0/activate", headers=AUTH)
             assert rolled.status_code == 200, rolled.text
             assert await asyncio.to_thread(engine_greedy, url, model_dir, prompts) == base_hf

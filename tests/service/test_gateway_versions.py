@@ -139,7 +139,7 @@ async def test_deploy_during_50_streams_needs_no_drain_and_spans_nothing(
     model_dir = engine.model_dir
     prompt = prompt_ids(model_dir)[1]
     a, b = perturbed_routers(model_dir, seed=21), perturbed_routers(model_dir, seed=22)
-    n = 40
+    n = 200
     expected_a = hf_greedy(model_dir, [prompt], n, routers=a)[0]
     expected_b = hf_greedy(model_dir, [prompt], n, routers=b)[0]
     assert expected_a != expected_b
@@ -215,19 +215,27 @@ async def test_rollback_with_evict_moves_running_streams_and_says_so(
         await _deploy(gw, patch_bytes(model_dir, a))
         await _deploy(gw, patch_bytes(model_dir, b))
         model = await model_id(gw)
-        stream = asyncio.create_task(_stream(gw, _body(model, prompt, 150)))
+        stream = asyncio.create_task(_stream(gw, _body(model, prompt, 450)))
         async with engine.client() as client:
             for _ in range(600):
                 slot = (await client.slots()).resident().get(2)
                 if slot is not None and slot.in_flight > 0:
                     break
                 await asyncio.sleep(0.05)
-        rolled = await gw.post("/routers/1/activate", headers=AUTH, params={"evict": "true"})
+            # Hold the stream mid-way (a loaded machine could finish it before the rollback);
+            # the eviction resumes the engine once the request is moved.
+            await client.pause("keep")
+            try:
+                rolled = await gw.post(
+                    "/routers/1/activate", headers=AUTH, params={"evict": "true"}
+                )
+            finally:
+                await client.resume()
         assert rolled.status_code == 200, rolled.text
         tokens, served, comments = await stream
         async with engine.client() as client:
             state = await client.slots()
-    assert served == "2" and len(tokens) == 150
+    assert served == "2" and len(tokens) == 450
     assert comments == [": x-router-version 2", ": x-router-version-changed 2->1"], comments
     assert 2 not in state.resident() and 1 in state.resident()
     greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
@@ -260,17 +268,18 @@ async def test_bad_versions_are_refused_and_change_nothing(
         assert unknown.status_code == 404 and "77" in unknown.json()["error"]["message"]
 
         # Slots: 0 base, 4 pinned (active), 1 resident (loaded by its deploy, unpinned); fill
-        # the last patch slot with 2 and keep 1 and 2 busy with long streams.
-        long = _body(model, prompt, 400)
-        busy = [asyncio.create_task(_stream(gw, long, v)) for v in (1, 2)]
+        # the last patch slot with 2, then keep 1 and 2 busy with long streams (a slot with a
+        # request in flight, or in transit from this gateway, is never taken).
+        await _complete(gw, body, 2)
         async with engine.client() as client:
-            for _ in range(600):
-                resident = (await client.slots()).resident()
-                if all(v in resident and resident[v].in_flight for v in (1, 2)):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"streams never ran on 1 and 2: {resident}")
+            assert sorted((await client.slots()).resident()) == [0, 1, 2, 4]
+        long = _body(model, prompt, 450)
+        busy = [asyncio.create_task(_stream(gw, long, v)) for v in (1, 2)]
+        sending = gw.app.state.gateway.pool.engines[0].sending  # type: ignore[attr-defined]
+        for _ in range(600):
+            if sending[1] and sending[2]:
+                break
+            await asyncio.sleep(0.01)
         refused = await gw.post("/v1/completions", json=body, headers={"X-Router-Version": "3"})
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "no_free_slot"

@@ -39,10 +39,19 @@ class Reconciler:
                 active = await self.ctx.registry.active()
                 target = await self.ctx.fetch(active)
                 self.ctx.pool.cache_blob(active, target.data)
-                if active != self.ctx.pool.active:
-                    self.ctx.pool.set_active(active)
                 await self._read_split()
-                await self.converge(target)
+                if self.ctx.pool.slot_mode is None:
+                    self.ctx.pool.slot_mode = await self._slot_mode()
+                if self.ctx.pool.slot_mode:
+                    # Slot mode: the engines take the version first, then requests go to it
+                    # (never a moment where the active version is resident nowhere).
+                    await self.converge(target)
+                    if active != self.ctx.pool.active:
+                        self.ctx.pool.set_active(active)
+                else:
+                    if active != self.ctx.pool.active:
+                        self.ctx.pool.set_active(active)
+                    await self.converge(target)
         except (Busy, TimeoutError):
             return False
         except REDIS_DOWN as exc:
@@ -79,7 +88,12 @@ class Reconciler:
             pool.slot_mode = await self._slot_mode()
         targets = [target]
         if pool.slot_mode:
-            targets += [await self.ctx.fetch(v) for v in sorted(pool.needed() - {target.version})]
+            for version in sorted(set(pool.split or ()) - {target.version}):
+                try:
+                    targets.append(await self.ctx.fetch(version))
+                except REDIS_DOWN:  # only the active version's patch is cached here
+                    log.warning("split version not restored without Redis",
+                                extra={"version": version})  # fmt: skip
         for engine in pool.engines:
             try:
                 if pool.slot_mode:

@@ -317,7 +317,7 @@ class Residency:
                     "needed version not resident",
                     extra={"engine": engine.url, "version": target.version, "error": exc.message},
                 )
-        await self.unpin_unused(pool.needed())
+        await self.unpin_unused({t.version for t in targets})
         return None
 
 
