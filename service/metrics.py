@@ -52,7 +52,8 @@ class Metrics:
         )
         self.deploys = Counter(
             "roma_deploys",
-            "Deploys and activations, by kind (deploy, activate, reconcile) and outcome.",
+            "Deploys and activations, by kind (deploy, activate, promote, reconcile, on_demand: "
+            "a version loaded into a slot for a request) and outcome.",
             ["kind", "outcome"],
             registry=r,
         )

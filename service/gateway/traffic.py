@@ -118,10 +118,13 @@ def point(caller: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def choose(split: TrafficSplit, caller: str | None, rng: random.Random | None = None) -> int:
-    """The version a new request runs under: sticky per ``caller``, random without one."""
+def choose(
+    split: TrafficSplit | Mapping[int, float], caller: str | None, rng: random.Random | None = None
+) -> int:
+    """The version a new request runs under: sticky per ``caller``, random without one.
+    ``split``: a validated split, or its weights (the gateway keeps those per request)."""
     u = point(caller) if caller is not None else (rng or random).random()
-    weights = sorted(split.weights.items())
+    weights = sorted((split.weights if isinstance(split, TrafficSplit) else split).items())
     # Shares sum to 1 within SUM_TOLERANCE; scaling u by the true sum keeps the last interval
     # from being a hair short (or long).
     bound = u * math.fsum(w for _, w in weights)

@@ -375,7 +375,7 @@ async def test_bad_splits_are_refused_and_change_nothing(
     model_dir = engine.model_dir
     settings = gateway_settings(redis_prefix)
     async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
-        for seed in (71, 72, 73, 74):
+        for seed in (71, 72, 73, 74, 75):  # versions 1..5, 1 active
             await _deploy(gw, patch_bytes(model_dir, seed=seed), activate=seed == 71)
         assert (await gw.delete("/routers/4", headers=AUTH)).status_code == 200
         put = await gw.put("/routers/traffic", headers=AUTH, json={"weights": {"1": 0.9, "2": 0.1}})
@@ -386,7 +386,7 @@ async def test_bad_splits_are_refused_and_change_nothing(
         cases = [
             ({"1": 0.9, "2": 0.2}, 400, "sum"),
             ({"1": 0.5, "4": 0.5}, 404, "4"),
-            ({"1": 0.25, "2": 0.25, "3": 0.5}, 400, "ROMA_ROUTER_SLOTS"),
+            ({"1": 0.25, "2": 0.25, "3": 0.25, "5": 0.25}, 400, "ROMA_ROUTER_SLOTS"),
             ({"x": 1.0}, 400, "x"),
         ]
         for weights, status, word in cases:

@@ -19,10 +19,32 @@ tokens = APIRouter(tags=["vllm"], dependencies=[ApiKeyDep])
 _JSON_ANSWER = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
 
+# Slot mode (docs/service.md): the version a completion runs under, and the caller key of a
+# canary split. Declared on every POST route; tokenize/detokenize ignore them.
+_VERSION_PARAMETERS = [
+    {
+        "name": "X-Router-Version",
+        "in": "header",
+        "required": False,
+        "description": "run under this router version (0 = base routers); default: the canary "
+        "split's choice for the caller, else the active version",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    {
+        "name": "X-Router-Caller",
+        "in": "header",
+        "required": False,
+        "description": "caller key of a canary split (default: the body's 'user')",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+    },
+]
+
+
 def _post(example: dict[str, object]) -> dict[str, object]:
     """Declared for the OpenAPI schema only: the body is read by the proxy (size-limited,
     streamed), and must be JSON (415 otherwise, as vLLM answers)."""
     return {
+        "parameters": _VERSION_PARAMETERS,
         "requestBody": {
             "required": True,
             "content": {
@@ -31,7 +53,7 @@ def _post(example: dict[str, object]) -> dict[str, object]:
                     "example": example,
                 }
             },
-        }
+        },
     }
 
 
@@ -39,7 +61,7 @@ def _post(example: dict[str, object]) -> dict[str, object]:
 # shape), and the gateway's own (too large, not JSON, no engine, swap in progress).
 _POSTED = {
     200: {"description": 'the engine\'s answer (an SSE stream when "stream": true)'} | _JSON_ANSWER,
-    **error_responses(400, 401, 404, 413, 415, 502, 503),
+    **error_responses(400, 401, 404, 409, 413, 415, 502, 503),
 }
 
 

@@ -39,6 +39,7 @@ from roma_service.gateway.engines import EngineHandle, NoEngine, Stamp
 from roma_service.gateway.errors import APIError, error_response, from_engine
 from roma_service.gateway.gate import GateTimeout
 from roma_service.gateway.state import Gateway
+from roma_service.gateway.traffic import BadCaller, caller_key, choose
 from roma_service.gateway.upload import read_body
 from roma_service.logging import request_version
 
@@ -218,12 +219,10 @@ class CompletionsProxy:
             raise APIError(503, pool.why_not_ready(), "no_engine", headers={"Retry-After": "5"})
         if not pool.split:
             return pool.active
-        from roma_service.gateway.traffic import BadCaller, caller_key, choose
-
         try:
             return choose(pool.split, caller_key(payload, request.headers))
         except BadCaller as exc:
-            raise APIError(400, str(exc), "invalid_header", "X-Router-Caller") from exc
+            raise APIError(400, exc.message, exc.code, exc.param) from exc
 
     async def _send(
         self, request: Request, path: str, body: bytes, bound: int | None
