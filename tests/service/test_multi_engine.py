@@ -235,8 +235,7 @@ async def test_slot_mode_engines_hold_what_traffic_needs_and_get_it_back_after_a
         await asyncio.to_thread(second_engine.wait_healthy)
 
         async def e2_restored() -> bool:
-            return (await _resident(e2)).get(1) is True and (await greedy(c))[1].headers[
-                "X-Router-Version"
-            ] == "1"
+            return (await _resident(e2)).get(1) is True and await _status(c, "/ready", 200)
 
         await _until(e2_restored, timeout_s=90, what="e2 to hold version 1 again, pinned")
+        assert (await greedy(c))[1].headers["X-Router-Version"] == "1"
