@@ -20,13 +20,22 @@ VERSION_XARG = "roma_version"
 RESERVED_PREFIX = "roma_"
 
 
-def cache_salt(version: int | str, client_salt: str | None = None) -> str:
-    """The ``cache_salt`` of a request served under router ``version``.
+def weights_tag(checksums: Mapping[str, str]) -> str:
+    """A short tag of a version's router weights (its per-router sha256s): part of the salt, so
+    that a version number reused for other weights (a registry reset under a running engine)
+    never meets KV cached under the old ones."""
+    joined = ",".join(f"{name}={sha}" for name, sha in sorted(checksums.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def cache_salt(version: int | str, client_salt: str | None = None, tag: str | None = None) -> str:
+    """The ``cache_salt`` of a request served under router ``version`` (``tag``: its
+    :func:`weights_tag`, when the caller knows it).
 
     A client's own salt (vLLM's multi-tenant isolation) is kept, hashed: the result stays within
     vLLM's limits (128 characters, none of ``@ / \\ NUL``) whatever the client sent, and two
     requests share KV only if they have the same version *and* the same client salt."""
-    salt = f"roma-v{version}"
+    salt = f"roma-v{version}" if tag is None else f"roma-v{version}-{tag}"
     if client_salt is not None:
         if not isinstance(client_salt, str) or not client_salt:
             raise ValueError("cache_salt must be a non-empty string")
@@ -34,7 +43,9 @@ def cache_salt(version: int | str, client_salt: str | None = None) -> str:
     return salt
 
 
-def bind_request(body: Mapping[str, Any], version: int | str) -> dict[str, Any]:
+def bind_request(
+    body: Mapping[str, Any], version: int | str, tag: str | None = None
+) -> dict[str, Any]:
     """A copy of an OpenAI request ``body`` bound to router ``version``: ``vllm_xargs`` carries
     the version (any ``roma_*`` key the client sent is dropped: clients cannot pick or spoof a
     version this way) and ``cache_salt`` is :func:`cache_salt` of the version and the client's
@@ -47,5 +58,5 @@ def bind_request(body: Mapping[str, Any], version: int | str) -> dict[str, Any]:
         **{k: v for k, v in xargs.items() if not str(k).startswith(RESERVED_PREFIX)},
         VERSION_XARG: str(version),
     }
-    bound["cache_salt"] = cache_salt(version, body.get("cache_salt"))
+    bound["cache_salt"] = cache_salt(version, body.get("cache_salt"), tag)
     return bound

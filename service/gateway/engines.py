@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 from dataclasses import dataclass, field
 
 import httpx
 
 from roma_patch import BaseRouters
+from roma_service.engine.binding import weights_tag
 from roma_service.engine.client import EngineClient
 from roma_service.engine.results import SlotInfo
 from roma_service.gateway.fit import ActiveFit
@@ -48,6 +50,13 @@ class EngineHandle:
     # Serialises this gateway's slot changes on the engine (choose a victim, free, load).
     slot_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _order: int = field(default=0, repr=False)
+
+    def weights_tag(self, version: int) -> str | None:
+        """:func:`~roma_service.engine.binding.weights_tag` of ``version`` as resident here."""
+        slot = (self.resident or {}).get(version)
+        if slot is None or not slot.checksums:
+            return None
+        return _tag(tuple(sorted(slot.checksums.items())))
 
     def serves(self, version: int | None) -> bool:
         if not self.healthy or version is None:
@@ -94,6 +103,11 @@ class EngineHandle:
         if stamp.bound:
             return str(self.moved_to.get(stamp.version, "?"))  # type: ignore[arg-type]
         return "?" if self.swapping else str(self.version)
+
+
+@functools.lru_cache(maxsize=256)
+def _tag(checksums: tuple[tuple[str, str], ...]) -> str:
+    return weights_tag(dict(checksums))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ class Timings:
         finally:
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
+    def add(self, name: str, ms: float) -> None:
+        """A phase measured elsewhere (inside the engines' workers)."""
+        self.ms[name] = max(self.ms.get(name, 0.0), ms)
+
     def total(self) -> dict[str, float]:
         out = {k: round(v, 3) for k, v in self.ms.items()}
         out["total"] = round((time.perf_counter() - self.start) * 1e3, 3)

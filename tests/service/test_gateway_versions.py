@@ -87,6 +87,18 @@ async def _stream(
     return tokens, served, comments
 
 
+async def _until_sent(gw: httpx.AsyncClient, count: int, timeout_s: float = 60.0) -> None:
+    """Until the gateway has sent ``count`` requests to its engine, and a moment more for the
+    engine to queue them (its own counters do not move while it is paused)."""
+    engine = gw.app.state.gateway.pool.engines[0]  # type: ignore[attr-defined]
+    for _ in range(int(timeout_s / 0.05)):
+        if engine.inflight >= count:
+            await asyncio.sleep(1.0)
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the gateway never had {count} requests in flight")
+
+
 async def test_requests_pinned_to_versions_each_equal_transformers(
     engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
 ) -> None:
@@ -114,9 +126,19 @@ async def test_requests_pinned_to_versions_each_equal_transformers(
         rng = random.Random(0)
         for _ in range(3):
             rng.shuffle(jobs)
-            results = await asyncio.gather(
-                *(_complete(gw, _body(model, prompts[i]), v) for i, v in jobs)
-            )
+            # All queued before any runs (engine paused), so the engine's steps mix versions
+            # even when a loaded machine slows the gateway down.
+            async with engine.client() as client:
+                await client.pause("keep")
+                try:
+                    tasks = [
+                        asyncio.create_task(_complete(gw, _body(model, prompts[i]), v))
+                        for i, v in jobs
+                    ]
+                    await _until_sent(gw, len(jobs))
+                finally:
+                    await client.resume()
+            results = await asyncio.gather(*tasks)
             for (i, version), (tokens, response) in zip(jobs, results, strict=True):
                 assert tokens == expected[version][i], (version, i)
                 assert response.headers["X-Router-Version"] == str(version)
@@ -148,21 +170,25 @@ async def test_deploy_during_50_streams_needs_no_drain_and_spans_nothing(
     async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
         await _deploy(gw, patch_bytes(model_dir, a))
         model = await model_id(gw)
-        streams = [asyncio.create_task(_stream(gw, _body(model, prompt, n))) for _ in range(50)]
         async with engine.client() as client:
-            for _ in range(600):  # until the engine runs some of them
-                slot = (await client.slots()).resident().get(1)
-                if slot is not None and slot.in_flight > 0:
-                    break
-                await asyncio.sleep(0.05)
-        deployed = await _deploy(gw, patch_bytes(model_dir, b))
+            # The streams are admitted while the engine is paused, so all 50 are in flight
+            # when the deploy comes: a deploy that drained would wait for ever (then 503).
+            await client.pause("keep")
+            try:
+                streams = [
+                    asyncio.create_task(_stream(gw, _body(model, prompt, n))) for _ in range(50)
+                ]
+                await _until_sent(gw, 50)
+                deployed = await _deploy(gw, patch_bytes(model_dir, b))
+                unfinished = sum(not s.done() for s in streams)
+            finally:
+                await client.resume()
         assert deployed["version"] == 2 and deployed["timings_ms"]["drain"] == 0.0
-        unfinished = sum(not s.done() for s in streams)
         new_tokens, response = await _complete(gw, _body(model, prompt, n))
         results = await asyncio.gather(*streams)
         async with engine.client() as client:
             state = await client.slots()
-    assert unfinished > 0, "the deploy waited for the streams (a drain)"
+    assert unfinished == 50, "the deploy waited for the streams (a drain)"
     assert response.headers["X-Router-Version"] == "2" and new_tokens == expected_b
     for tokens, served, comments in results:
         assert served == "1" and tokens == expected_a
@@ -217,7 +243,7 @@ async def test_rollback_with_evict_moves_running_streams_and_says_so(
         model = await model_id(gw)
         stream = asyncio.create_task(_stream(gw, _body(model, prompt, 450)))
         async with engine.client() as client:
-            for _ in range(600):
+            for polls in range(600):  # noqa: B007 (reported on failure)
                 slot = (await client.slots()).resident().get(2)
                 if slot is not None and slot.in_flight > 0:
                     break
@@ -225,6 +251,7 @@ async def test_rollback_with_evict_moves_running_streams_and_says_so(
             # Hold the stream mid-way (a loaded machine could finish it before the rollback);
             # the eviction resumes the engine once the request is moved.
             await client.pause("keep")
+            paused_at = stream.done()
             try:
                 rolled = await gw.post(
                     "/routers/1/activate", headers=AUTH, params={"evict": "true"}
@@ -236,7 +263,14 @@ async def test_rollback_with_evict_moves_running_streams_and_says_so(
         async with engine.client() as client:
             state = await client.slots()
     assert served == "2" and len(tokens) == 450
-    assert comments == [": x-router-version 2", ": x-router-version-changed 2->1"], comments
+    assert comments == [": x-router-version 2", ": x-router-version-changed 2->1"], (
+        comments,
+        rolled.json()["timings_ms"],
+        polls,
+        state.resident().keys(),
+        gw.app.state.gateway.pool.engines[0].moves,  # type: ignore[attr-defined]
+        paused_at,
+    )
     assert 2 not in state.resident() and 1 in state.resident()
     greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
     greedy_b = hf_teacher_forced(model_dir, prompt, tokens, routers=b)

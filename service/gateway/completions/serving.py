@@ -109,7 +109,7 @@ class CompletionsProxy:
         if pool.slot_mode and payload is not None and route in _BOUND_ROUTES:
             bound = requested if requested is not None else self._choose(payload, request)
             try:
-                body = json.dumps(bind_request(payload, bound)).encode()
+                bind_request(payload, bound)  # refuse a malformed vllm_xargs / cache_salt now
             except ValueError as exc:
                 raise APIError(400, str(exc), "invalid_value") from exc
         elif requested is not None and not pool.slot_mode and requested != pool.active:
@@ -144,7 +144,7 @@ class CompletionsProxy:
 
         done = _Release(release)
         try:
-            engine, upstream, stamp = await self._send(request, path, body, bound)
+            engine, upstream, stamp = await self._send(request, path, body, bound, payload)
         except BaseException:
             await done()
             raise
@@ -225,7 +225,12 @@ class CompletionsProxy:
             raise APIError(400, exc.message, exc.code, exc.param) from exc
 
     async def _send(
-        self, request: Request, path: str, body: bytes, bound: int | None
+        self,
+        request: Request,
+        path: str,
+        body: bytes,
+        bound: int | None = None,
+        payload: dict | None = None,
     ) -> tuple[EngineHandle, httpx.Response, Stamp]:
         """Send to the least-loaded engine holding the request's version; an engine that
         refuses the connection goes out of rotation and the next one is tried (nothing reached
@@ -239,6 +244,9 @@ class CompletionsProxy:
                 else:
                     engine = await self.gw.residency.engine_for(bound)
                     engine.sending[bound] += 1
+                    # The salt names the weights the engine holds for this version too.
+                    bound_body = bind_request(payload or {}, bound, engine.weights_tag(bound))
+                    body = json.dumps(bound_body).encode()
                 # What the engine holds as the request goes in: a non-streamed answer's headers
                 # only arrive once it is generated, too late to tell.
                 stamp = engine.stamp(bound)
