@@ -134,7 +134,8 @@ class SlotsAPI:
         unless ``move_to`` names a resident version: then (a rollback that cannot wait) the
         engine is paused (``keep``), those requests are re-bound to ``move_to``, every running
         request is preempted and recomputed (prefix cache reset), and the engine resumes; the
-        moved requests continue under ``move_to``'s routers from the token they had reached."""
+        moved requests continue under ``move_to``'s routers from the token they had reached,
+        and requests for ``version`` that had not started yet run under ``move_to`` too."""
         if move_to is None:
             results = await self._rpc("roma_slot_free", str(version), "")
             self._raise_failures("free_slot", results)
@@ -143,8 +144,10 @@ class SlotsAPI:
             try:
                 results = await self._rpc("roma_slot_free", str(version), str(move_to))
                 self._raise_failures("free_slot", results)
-                if any(r["recompute"] for r in results):
-                    await self.reset_prefix_cache(reset_running_requests=True)
+                # Moved requests are recomputed; requests still queued for ``version`` will run
+                # under ``move_to`` (the engine redirects them) and must not meet KV cached
+                # under ``version``'s salt: drop the prefix cache either way.
+                await self.reset_prefix_cache(reset_running_requests=True)
             finally:
                 await self.resume()
         _agree("free_slot", results, "slot", "moved")

@@ -6,8 +6,9 @@ request names its version in ``SamplingParams.extra_args["roma_version"]`` (the 
 ``vllm_xargs``, see ``binding.py``). The first step that contains the request binds it to the
 slot holding that version, and it keeps that slot to its last token (the binding lives on vLLM's
 per-request state in the worker, so it is dropped with it). A request without a version runs on
-slot 0. A version that is not resident when its request is bound is a gateway error: the request
-runs on slot 0 and the miss is counted (``describe()["misses"]``).
+slot 0. A version freed with ``move_to`` (a rollback that cannot wait) redirects its requests that
+had not started to that version. Any other version that is not resident when its request is bound
+is a gateway error: the request runs on slot 0 and the miss is counted (``describe()["misses"]``).
 
 The hook wraps the model runner's ``_model_forward`` (vLLM's own seam for hooking the forward):
 it runs after vLLM has updated its persistent batch and before the model, reads the batch's
@@ -103,6 +104,9 @@ class SlotTable:
         # Versions whose cache salt may hold KV computed under other routers (requests moved
         # off them by an eviction): the client resets the prefix cache when one is loaded.
         self.tainted: set[str] = set()
+        # Versions freed with ``move_to``: requests for them that had not reached a step yet
+        # (queued, in transit) are bound to the version they were moved to, not to slot 0.
+        self.redirects: dict[str, str] = {}
         routers.probe_slot = self.step.forced
 
     # -- binding requests (every step) --------------------------------------------------
@@ -143,6 +147,8 @@ class SlotTable:
         if version is None:
             return 0
         slot = self.slot_of(str(version))
+        if slot is None and str(version) in self.redirects:
+            slot = self.slot_of(self.redirects[str(version)])
         if slot is None:
             self.misses[str(version)] += 1
             log.warning("request %s asks for router version %s, which is not resident: slot 0",
@@ -235,6 +241,7 @@ class SlotTable:
             )
         reset_cache = version in self.tainted
         self.tainted.discard(version)
+        self.redirects.pop(version, None)
         return {
             "slot": slot.index,
             "version": version,
@@ -287,6 +294,12 @@ class SlotTable:
                     setattr(state, BOUND_ATTR, target)
                     moved += 1
             self.tainted.add(version)
+        to = None if move_to is None else self.slot_of(move_to)
+        if to is not None and to != index:
+            self.redirects[version] = move_to  # type: ignore[assignment]
+            for old, via in list(self.redirects.items()):  # chains stay one step long
+                if via == version:
+                    self.redirects[old] = move_to  # type: ignore[assignment]
         self.routers.before_change(index)
         for gate in self.gates.values():
             gate.stage(index, None).commit()
@@ -340,6 +353,7 @@ class SlotTable:
             "slots": rows,
             "misses": dict(self.misses),
             "tainted": sorted(self.tainted),
+            "redirects": dict(self.redirects),
         }
 
 
