@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     from torch import nn
 
     from roma_models.moe_build import calibrate, moefy
+    from roma_models.moefy import router_scale
     from roma_models.smollm2 import load_dense
     from roma_trainer.evaluate import (
         HFBackend,
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
             return self.results
 
     results, logprobs, seconds = {}, {}, {}
-    gap: float | None = None  # all experts on vs dense, with --model
+    gap: dict[str, float] | None = None  # all experts on vs dense, with --model
 
     def score(name: str, backend: LoglikelihoodBackend) -> None:
         began = time.perf_counter()
@@ -190,8 +191,12 @@ def run(args: argparse.Namespace) -> dict:
                 for router in find_routers(moe).values():
                     router.top_k = router.num_experts
             score(name, PrefixBackend(moe, tokenizer, start, cache))
-        gap = float((logprobs["all experts on"] - logprobs["dense"]).abs().max())
-        print(f"all experts on vs dense, per (prompt, choice) log-prob: max |d| {gap:.2e}")
+        diff = (logprobs["all experts on"] - logprobs["dense"]).abs()
+        gap = {"max": float(diff.max()), "median": float(diff.median())}
+        print(
+            "all experts on vs dense, per (prompt, choice) log-prob: "
+            f"max |d| {gap['max']:.2e}, median {gap['median']:.2e}"
+        )
     else:
         deepest = replace(variants[0][0], moe_layers=dense.config.num_hidden_layers - start)
         layers = deepest.layers(dense.config.num_hidden_layers)
@@ -201,10 +206,11 @@ def run(args: argparse.Namespace) -> dict:
             steps = 0 if router == "initial" else 1000
             moe, _ = moefy(dense, shape, calibration, seed=args.seed, train_steps=steps)
             if router == "random":
-                with torch.no_grad():  # scaled as built: p_e = 1/E, only the order is random
-                    for gate in find_routers(moe).values():
+                with torch.no_grad():  # scaled as built: p_e ~ 1/E, only the order is random
+                    for layer, gate in find_routers(moe).items():
                         random_rows = torch.randn(gate.weight.shape, generator=generator)
-                        gate.weight.copy_(random_rows * 2.0**-16)
+                        scale = router_scale(random_rows, calibration.inputs[layer])
+                        gate.weight.copy_(random_rows * scale)
             name = f"{shape.moe_layers}/{shape.shared_size}/{shape.num_experts}/{shape.top_k}"
             name += "" if router == "trained" else f" {router}"
             score(name, PrefixBackend(moe.eval(), tokenizer, start, cache))
@@ -221,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         "variants": table,
         "chance": {t: 100 * chance[t] for t in TASKS},
         "samples": {t: sum(1 for s in samples if s.task == t) for t in TASKS},
-        "all_experts_vs_dense_max_abs_dlogprob": gap,
+        "all_experts_vs_dense_abs_dlogprob": gap,
         "seconds": seconds,
     }
 
@@ -245,10 +251,10 @@ def render(result: dict) -> str:
         "subset of each task's validation split. kept % = mean over tasks of (acc - chance) "
         "for the variant / the same for dense."
     )
-    if result["all_experts_vs_dense_max_abs_dlogprob"] is not None:
-        gap = result["all_experts_vs_dense_max_abs_dlogprob"]
+    if gap := result["all_experts_vs_dense_abs_dlogprob"]:
         lines.append(
-            f"All experts on vs dense, per (prompt, choice) summed log-prob: max |d| {gap:.2e}."
+            "All experts on vs dense, per (prompt, choice) summed log-prob: "
+            f"max |d| {gap['max']:.2e}, median {gap['median']:.2e}."
         )
     timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in result["seconds"].items())
     lines.append(f"Scoring time: {timing}.")
