@@ -27,6 +27,8 @@ import argparse
 import json
 import os
 import random
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -60,11 +62,12 @@ def task_samples(count: int, seed: int) -> list:
     return chosen
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
     from roma_models.moe_build import calibrate, moefy
+    from roma_models.moefy import router_scale
     from roma_models.smollm2 import load_dense
     from roma_trainer.evaluate import (
         HFBackend,
@@ -137,14 +140,16 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             self.results = self.inner.loglikelihood(requests)
             return self.results
 
-    results, logprobs = {}, {}
+    results, logprobs, seconds = {}, {}, {}
+    gap: dict[str, float] | None = None  # all experts on vs dense, with --model
 
     def score(name: str, backend: LoglikelihoodBackend) -> None:
         began = time.perf_counter()
         recording = Recording(backend)
         results[name] = evaluate(recording, samples)
         logprobs[name] = torch.tensor([r.logprob for r in recording.results], dtype=torch.float64)
-        print(f"{name}: {time.perf_counter() - began:.0f} s", flush=True)
+        seconds[name] = time.perf_counter() - began
+        print(f"{name}: {seconds[name]:.0f} s", flush=True)
 
     class Replay(LoglikelihoodBackend):
         """The dense run's results, read back from ``--dense-cache``."""
@@ -180,14 +185,18 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        for name in ("top-k", "all experts on"):
+        for name in (f"top-{config['num_experts_per_tok']} (built)", "all experts on"):
             moe = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
             if name == "all experts on":
                 for router in find_routers(moe).values():
                     router.top_k = router.num_experts
             score(name, PrefixBackend(moe, tokenizer, start, cache))
-        gap = (logprobs["all experts on"] - logprobs["dense"]).abs()
-        print(f"all experts on vs dense, per (prompt, choice) log-prob: max |d| {gap.max():.2e}")
+        diff = (logprobs["all experts on"] - logprobs["dense"]).abs()
+        gap = {"max": float(diff.max()), "median": float(diff.median())}
+        print(
+            "all experts on vs dense, per (prompt, choice) log-prob: "
+            f"max |d| {gap['max']:.2e}, median {gap['median']:.2e}"
+        )
     else:
         deepest = replace(variants[0][0], moe_layers=dense.config.num_hidden_layers - start)
         layers = deepest.layers(dense.config.num_hidden_layers)
@@ -197,10 +206,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             steps = 0 if router == "initial" else 1000
             moe, _ = moefy(dense, shape, calibration, seed=args.seed, train_steps=steps)
             if router == "random":
-                with torch.no_grad():  # scaled as built: p_e = 1/E, only the order is random
-                    for gate in find_routers(moe).values():
+                with torch.no_grad():  # scaled as built: p_e ~ 1/E, only the order is random
+                    for layer, gate in find_routers(moe).items():
                         random_rows = torch.randn(gate.weight.shape, generator=generator)
-                        gate.weight.copy_(random_rows * 2.0**-16)
+                        scale = router_scale(random_rows, calibration.inputs[layer])
+                        gate.weight.copy_(random_rows * scale)
             name = f"{shape.moe_layers}/{shape.shared_size}/{shape.num_experts}/{shape.top_k}"
             name += "" if router == "trained" else f" {router}"
             score(name, PrefixBackend(moe.eval(), tokenizer, start, cache))
@@ -213,19 +223,41 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         row["avg"] = sum(row[t] for t in TASKS) / len(TASKS)
         row["kept"] = 100 * above / dense_above
         table[name] = row
-    return table
+    return {
+        "variants": table,
+        "chance": {t: 100 * chance[t] for t in TASKS},
+        "samples": {t: sum(1 for s in samples if s.task == t) for t in TASKS},
+        "all_experts_vs_dense_abs_dlogprob": gap,
+        "seconds": seconds,
+    }
 
 
-def render(table: dict[str, dict[str, float]], samples: int) -> str:
+def render(result: dict) -> str:
+    """One row per variant, one column per task (acc %), then the average and "kept"."""
+    table, samples = result["variants"], result["samples"]
     head = ["variant (layers/shared/experts/k)", *TASKS, "avg", "kept %"]
     lines = [
-        f"acc (%) on {samples} validation samples per task (COPA has 100)",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
+        "| samples | " + " | ".join(str(samples[t]) for t in TASKS) + " | | |",
+        "| chance | " + " | ".join(f"{result['chance'][t]:.1f}" for t in TASKS) + " | | |",
     ]
     for name, row in table.items():
         cells = [f"{row[t]:.1f}" for t in TASKS] + [f"{row['avg']:.1f}", f"{row['kept']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "acc (%): 0-shot, the choice with the highest summed log-prob, on a seeded random "
+        "subset of each task's validation split. kept % = mean over tasks of (acc - chance) "
+        "for the variant / the same for dense."
+    )
+    if gap := result["all_experts_vs_dense_abs_dlogprob"]:
+        lines.append(
+            "All experts on vs dense, per (prompt, choice) summed log-prob: "
+            f"max |d| {gap['max']:.2e}, median {gap['median']:.2e}."
+        )
+    timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in result["seconds"].items())
+    lines.append(f"Scoring time: {timing}.")
     return "\n".join(lines)
 
 
@@ -236,7 +268,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write the table here (default: --json's .md)"
+    )
     parser.add_argument(
         "--dense-cache",
         type=Path,
@@ -245,10 +280,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    table = run(args)
-    print(render(table, args.samples))
+    result = run(args)
+    text = render(result)
+    print(text)
+    command = "python " + shlex.join(["benchmarks/moefication.py", *sys.argv[1:]])
+    result["command"] = command
     if args.json:
-        args.json.write_text(json.dumps(table, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    markdown = args.markdown or (args.json.with_suffix(".md") if args.json else None)
+    if markdown:
+        markdown.write_text(f"# MoEfied SmolLM2 vs dense\n\n    {command}\n\n{text}\n")
 
 
 if __name__ == "__main__":

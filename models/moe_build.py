@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from roma_models.moefy import (
+    ROUTER_LOGIT_BOUND_LOG2,
     LayerSplit,
     MoeShape,
     assemble,
     initial_router,
     router_scale,
     split_layer,
+    top_k_ties,
 )
 from roma_models.router_fit import (
     RouterFit,
@@ -55,6 +57,7 @@ class LayerReport:
     split: LayerSplit
     fit: RouterFit
     scale: float  # the power of two the router rows were multiplied by
+    ties: int  # calibration tokens whose top-k choice is a float32 tie (see moefy.top_k_ties)
 
 
 @torch.no_grad()
@@ -65,8 +68,10 @@ def moefy(
     seed: int = 0,
     train_steps: int = 1000,
     log: Callable[[str], None] = lambda _: None,
+    logit_bound_log2: int = ROUTER_LOGIT_BOUND_LOG2,
 ) -> tuple[nn.Module, dict[int, LayerReport]]:
-    """The Qwen2-MoE model of ``dense`` cut as ``shape``, with trained, scaled routers."""
+    """The Qwen2-MoE model of ``dense`` cut as ``shape``, with trained routers scaled so that
+    no logit on the calibration tokens exceeds 2^``logit_bound_log2``."""
     shape.expert_size(dense.config.intermediate_size)  # refuse a bad cut before any work
     reports: dict[int, LayerReport] = {}
     routers: dict[int, torch.Tensor] = {}
@@ -81,14 +86,16 @@ def moefy(
             steps=train_steps,
             seed=seed,
         )
-        scale = router_scale(fit.weight, x)
+        scale = router_scale(fit.weight, x, logit_bound_log2)
         routers[layer] = fit.weight * scale
-        reports[layer] = LayerReport(split, fit, scale)
+        ties = top_k_ties(routers[layer], x, shape.top_k)
+        reports[layer] = LayerReport(split, fit, scale, ties)
         log(
             f"layer {layer}: error {fit.error_before:.3f} (mean gate rows) -> "
             f"{fit.error_after:.3f} (trained); {fit.error_best:.3f} with each token's best "
             "experts; "
-            f"busiest expert {fit.load_max:.2f}x an even share"
+            f"busiest expert {fit.load_max:.2f}x an even share; "
+            f"{ties} of {len(x)} tokens with a float32 top-k tie"
         )
     splits = {layer: report.split for layer, report in reports.items()}
     return assemble(dense, shape, splits, routers), reports

@@ -108,6 +108,7 @@ def build(out: Path | None = None, shape: MoeShape = DEFAULT_SHAPE, seed: int = 
                 "error_best_experts_per_token": r.fit.error_best,
                 "busiest_expert_vs_even": r.fit.load_max,
                 "router_scale": r.scale,
+                "top_k_ties_on_calibration_tokens": r.ties,
             }
             for layer, r in reports.items()
         },

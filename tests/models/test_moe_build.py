@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from roma_models.moe_build import Calibration, calibrate, moefy
-from roma_models.moefy import MoeShape, balanced_kmeans
+from roma_models.moefy import ROUTER_LOGIT_BOUND_LOG2, MoeShape, balanced_kmeans
 from roma_models.router_fit import ExpertGram, best_experts, fit_router, top_k_mask
 from roma_models.tiny import build_tokenizer
 from roma_trainer.routers import find_routers
@@ -92,18 +92,45 @@ def test_checkpoint_layout(built) -> None:
     assert list(find_routers(moe)) == [2, 3], "the trainer finds exactly the MoE layers' routers"
 
 
-def test_all_experts_on_equals_dense_and_top_k_does_not(dense, built) -> None:
+@pytest.fixture(scope="module")
+def flat(dense, built):
+    """The same cut with routers scaled to logits below 2^-12: p_e = 1/E to ~1e-4."""
     model, _ = dense
-    _, _, out, calibration = built
+    with torch.no_grad():
+        return moefy(model, SHAPE, built[3], train_steps=20, logit_bound_log2=-12)
+
+
+def all_on_and_top_k_gaps(dense, moe, calibration: Calibration) -> tuple[float, float]:
+    """Max |d logprob| against the dense model: with every expert on, and at top-k."""
+    model, _ = dense
     ids = torch.tensor([calibration.sequences[0][:24], calibration.sequences[1][:24]])
     reference = logprobs(model, ids)
-    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    top_k = (logprobs(loaded, ids) - reference).abs().max().item()
-    for router in find_routers(loaded).values():
+    top_k = (logprobs(moe, ids) - reference).abs().max().item()
+    for router in find_routers(moe).values():
         router.top_k = SHAPE.num_experts
-    all_on = (logprobs(loaded, ids) - reference).abs().max().item()
+    all_on = (logprobs(moe, ids) - reference).abs().max().item()
+    for router in find_routers(moe).values():
+        router.top_k = SHAPE.top_k
+    return all_on, top_k
+
+
+def test_all_experts_on_equals_dense_when_the_routers_are_flat(dense, built, flat) -> None:
+    """The cut and the expert scaling are exact: only the routing weights' spread separates
+    all experts on from the dense model."""
+    all_on, top_k = all_on_and_top_k_gaps(dense, flat[0], built[3])
     assert all_on < 1e-4
     assert top_k > 1e-2, "top-k must drop experts, or the check above proves nothing"
+
+
+def test_built_routers_stay_near_dense_and_free_of_top_k_ties(dense, built, flat) -> None:
+    """The default bound (2^-4) trades a little of all-experts exactness for top-k choices that
+    are no float32 ties, which transformers and vLLM would break differently."""
+    _, reports, out, calibration = built
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    all_on, _ = all_on_and_top_k_gaps(dense, loaded, calibration)
+    assert all_on < 2e-2  # 7.4e-3 measured
+    assert all(report.ties == 0 for report in reports.values())
+    assert sum(report.ties for report in flat[1].values()) > 0, "flat routers do tie"
 
 
 def test_the_fit_reports_every_moe_layer(built) -> None:
@@ -114,8 +141,11 @@ def test_the_fit_reports_every_moe_layer(built) -> None:
         assert report.split.experts.shape == (6, 16)
         every = torch.cat([report.split.shared, report.split.experts.flatten()])
         assert sorted(every.tolist()) == list(range(128)), "each neuron in exactly one expert"
-        assert report.scale <= 2.0**-12 * 2  # logits brought near 0: softmax ~ 1/E
         assert report.fit.error_best <= report.fit.error_before + 1e-6
+    moe, _, _, calibration = built
+    for layer, router in find_routers(moe).items():  # logits brought near 0: softmax ~ 1/E
+        peak = (calibration.inputs[layer] @ router.weight.T).abs().max().item()
+        assert 2.0 ** (ROUTER_LOGIT_BOUND_LOG2 - 1) < peak <= 2.0**ROUTER_LOGIT_BOUND_LOG2
 
 
 def test_cut_that_does_not_divide_is_refused(dense) -> None:
