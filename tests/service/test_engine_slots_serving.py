@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,13 +37,6 @@ from tests.fixtures.engine import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def slots_freed(engine: RunningEngine) -> Iterator[None]:
-    engine.reset()
-    yield
-    engine.reset()
 
 
 async def test_versions_in_the_same_batches_each_equal_transformers(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -30,13 +29,6 @@ from tests.service.gateway_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def slots_freed(engine: RunningEngine) -> Iterator[None]:
-    engine.reset()
-    yield
-    engine.reset()
 
 
 async def _deploy(gw: httpx.AsyncClient, patch: bytes, activate: bool = True) -> dict:

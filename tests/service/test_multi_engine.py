@@ -193,8 +193,9 @@ async def test_slot_mode_engines_hold_what_traffic_needs_and_get_it_back_after_a
 ) -> None:
     """Slot mode with two engines and two gateways: a deploy through A pins the version on both
     engines and C serves it; a version asked for per request is loaded into one engine only and
-    its requests go only there; a restarted engine gets the active version back, pinned,
-    before C serves again."""
+    its requests go only there; a canary split set through A is followed by C (same caller,
+    same version) and pinned on both engines; a restarted engine gets the active version and
+    the split's back, pinned, before C serves again."""
     e1, e2 = engine_url, second_engine.url
     settings_a = gateway_settings(redis_prefix, gateway_id="gw-a")
     settings_c = gateway_settings(redis_prefix, gateway_id="gw-c")
@@ -229,13 +230,32 @@ async def test_slot_mode_engines_hold_what_traffic_needs_and_get_it_back_after_a
         assert len(holders) == 1, holders
         assert (await _resident(holders[0]))[2] is False  # unpinned: not needed by traffic
 
-        # e2 restarts with only the base routers; both gateways give version 1 back to it.
+        # A canary split through A: C follows it (same sticky choice), both engines pin 2.
+        split = await a.put(
+            "/routers/traffic", headers=AUTH, json={"weights": {"1": 0.5, "2": 0.5}}
+        )
+        assert split.status_code == 200, split.text
+
+        async def c_has_split() -> bool:
+            return c.app.state.gateway.pool.split == {1: 0.5, 2: 0.5}  # type: ignore[attr-defined]
+
+        await _until(c_has_split, what="gateway C to follow the split")
+        for url in (e1, e2):
+            assert (await _resident(url)).get(2) is True, url
+        for user in ("u1", "u2", "u3", "u4"):
+            via_a = await a.post("/v1/completions", json={**body, "user": user})
+            via_c = await c.post("/v1/completions", json={**body, "user": user})
+            assert via_a.headers["X-Router-Version"] == via_c.headers["X-Router-Version"]
+
+        # e2 restarts with only the base routers; the gateways give it 1 and 2 back, pinned.
         second_engine.kill()
         second_engine.start()
         await asyncio.to_thread(second_engine.wait_healthy)
 
         async def e2_restored() -> bool:
-            return (await _resident(e2)).get(1) is True and await _status(c, "/ready", 200)
+            resident = await _resident(e2)
+            ready = await _status(c, "/ready", 200)
+            return resident.get(1) is True and resident.get(2) is True and ready
 
         await _until(e2_restored, timeout_s=90, what="e2 to hold version 1 again, pinned")
         assert (await greedy(c))[1].headers["X-Router-Version"] == "1"
