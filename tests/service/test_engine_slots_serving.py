@@ -8,6 +8,7 @@ Each test frees the slots it loaded (``engine.reset()``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -89,9 +90,19 @@ async def test_expert_load_is_counted_per_version(engine: RunningEngine, slots_f
         await client.expert_load("reset")
         try:
             before = (await client.slots()).mixed_steps
-            outputs = await engine_greedy_concurrently(
-                engine.url, model_dir, list(zip(prompts, versions, strict=True)), n_new
-            )
+            # Queued together while the engine is paused, so that their steps mix even when a
+            # loaded machine delays some of them.
+            await client.pause("keep")
+            try:
+                sent = asyncio.create_task(
+                    engine_greedy_concurrently(
+                        engine.url, model_dir, list(zip(prompts, versions, strict=True)), n_new
+                    )
+                )
+                await asyncio.sleep(2.0)
+            finally:
+                await client.resume()
+            outputs = await sent
             mixed = (await client.slots()).mixed_steps - before
             load = await client.expert_load("reset")
         finally:
@@ -194,14 +205,20 @@ async def test_rollback_moves_running_requests_to_another_version(
                     continue
                 tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
                 if received_at_move < 0 and len(tokens) >= 4:
-                    received_at_move = len(tokens)
-                    state = await client.slots()
-                    assert state.resident()[301].in_flight == 1
-                    with pytest.raises(EngineRejected) as err:
-                        await client.free_slot(301)
-                    assert (err.value.status, err.value.code) == (409, "slot_busy")
-                    moved = await client.free_slot(301, move_to=302)
-                    assert moved.moved == 1
+                    # Frozen where it is (an idle machine could finish it before the checks);
+                    # the move below resumes the engine.
+                    await client.pause("keep")
+                    try:
+                        received_at_move = len(tokens)
+                        state = await client.slots()
+                        assert state.resident()[301].in_flight == 1
+                        with pytest.raises(EngineRejected) as err:
+                            await client.free_slot(301)
+                        assert (err.value.status, err.value.code) == (409, "slot_busy")
+                        moved = await client.free_slot(301, move_to=302)
+                        assert moved.moved == 1
+                    finally:
+                        await client.resume()
         state = await client.slots()
     assert 301 not in state.resident() and state.tainted == [301]
     assert len(tokens) == 120 and received_at_move > 0
