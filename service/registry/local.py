@@ -101,7 +101,9 @@ class LocalRedis:
     data directory (which is how the tests take Redis away and bring it back)."""
 
     def __init__(self, data_dir: str | Path, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir)
+        # Absolute: redis-server enters --dir before it opens --logfile, so a relative folder
+        # (the quick start's default ROMA_CACHE_DIR) would be looked for inside itself.
+        self.data_dir = Path(data_dir).absolute()
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._lock: FolderLock | None = None

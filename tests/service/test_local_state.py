@@ -32,6 +32,14 @@ def _serve(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess[s
     )
 
 
+def test_a_relative_folder_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick start's default ROMA_CACHE_DIR is relative (runs/quickstart/state)."""
+    monkeypatch.chdir(tmp_path)
+    with LocalRedis(Path("state") / "redis") as redis:
+        assert redis.url.startswith("redis://127.0.0.1:")
+    assert (tmp_path / "state" / "redis" / "redis.log").is_file()
+
+
 def test_a_second_server_on_one_folder_is_refused_with_the_holder(tmp_path: Path) -> None:
     first = LocalRedis(tmp_path / "redis").start()
     second = LocalRedis(tmp_path / "redis")
