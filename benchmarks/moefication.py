@@ -256,7 +256,10 @@ def render(result: dict) -> str:
             "All experts on vs dense, per (prompt, choice) summed log-prob: "
             f"max |d| {gap['max']:.2e}, median {gap['median']:.2e}."
         )
-    timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in result["seconds"].items())
+    timing = ", ".join(
+        f"{name} {sec:.0f} s" if sec >= 1 else f"{name} replayed from --dense-cache"
+        for name, sec in result["seconds"].items()
+    )
     lines.append(f"Scoring time: {timing}.")
     return "\n".join(lines)
 
