@@ -187,7 +187,7 @@ async def test_rollback_moves_running_requests_to_another_version(
             {
                 "model": str(model_dir),
                 "prompt": prompt,
-                "max_tokens": 120,
+                "max_tokens": 480,
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "stream": True,
@@ -204,7 +204,7 @@ async def test_rollback_moves_running_requests_to_another_version(
                 if not line.startswith("data: {"):
                     continue
                 tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
-                if received_at_move < 0 and len(tokens) >= 4:
+                if received_at_move < 0 and tokens:
                     # Frozen where it is (an idle machine could finish it before the checks);
                     # the move below resumes the engine.
                     await client.pause("keep")
@@ -221,7 +221,7 @@ async def test_rollback_moves_running_requests_to_another_version(
                         await client.resume()
         state = await client.slots()
     assert 301 not in state.resident() and state.tainted == [301]
-    assert len(tokens) == 120 and received_at_move > 0
+    assert len(tokens) == 480 and received_at_move > 0
 
     greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
     greedy_b = hf_teacher_forced(model_dir, prompt, tokens, routers=b)
