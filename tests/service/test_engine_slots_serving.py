@@ -62,9 +62,18 @@ async def test_versions_in_the_same_batches_each_equal_transformers(
         rng = random.Random(0)
         for _ in range(4):
             rng.shuffle(jobs)
-            outputs = await engine_greedy_concurrently(
-                engine.url, model_dir, [(prompts[i], v) for i, v in jobs]
-            )
+            # Queued while the engine is paused, so that their steps mix on any machine.
+            await client.pause("keep")
+            try:
+                sent = asyncio.create_task(
+                    engine_greedy_concurrently(
+                        engine.url, model_dir, [(prompts[i], v) for i, v in jobs]
+                    )
+                )
+                await asyncio.sleep(2.0)
+            finally:
+                await client.resume()
+            outputs = await sent
             for (i, version), tokens in zip(jobs, outputs, strict=True):
                 assert tokens == expected[version][i], (version, i)
         state = await client.slots()
