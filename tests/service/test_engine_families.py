@@ -28,7 +28,7 @@ from roma_service.engine.client import EngineClient
 from roma_service.registry import LocalRedis
 from tests.fixtures.engine import (
     engine_greedy,
-    engine_greedy_concurrently,
+    engine_greedy_batched,
     engine_logprobs,
     greedy_body,
     hf_greedy,
@@ -84,19 +84,9 @@ async def test_qwen3_moe_patched_outputs_equal_transformers(
             await client.load_slot(patch_bytes(model_dir, other), 2)
             expected = {0: base_hf, 1: patched_hf, 2: other_hf}
             jobs = [(i, v) for _ in range(3) for i in range(len(prompts)) for v in (2, 0, 1)]
-            # Queued together while the engine is paused, so that their steps mix even when a
-            # loaded machine delays some of them.
-            await client.pause("keep")
-            try:
-                sent = asyncio.create_task(
-                    engine_greedy_concurrently(
-                        process.url, model_dir, [(prompts[i], v) for i, v in jobs]
-                    )
-                )
-                await asyncio.sleep(2.0)
-            finally:
-                await client.resume()
-            outputs = await sent
+            outputs = await engine_greedy_batched(
+                client, process.url, model_dir, [(prompts[i], v) for i, v in jobs]
+            )
             for (i, version), tokens in zip(jobs, outputs, strict=True):
                 assert tokens == expected[version][i], (version, i)
             assert (await client.slots()).mixed_steps > 0

@@ -8,7 +8,6 @@ Each test frees the slots it loaded (``engine.reset()``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from tests.fixtures.engine import (
     SLOTS,
     RunningEngine,
     engine_greedy,
+    engine_greedy_batched,
     engine_greedy_concurrently,
     hf_greedy,
     hf_teacher_forced,
@@ -62,18 +62,9 @@ async def test_versions_in_the_same_batches_each_equal_transformers(
         rng = random.Random(0)
         for _ in range(4):
             rng.shuffle(jobs)
-            # Queued while the engine is paused, so that their steps mix on any machine.
-            await client.pause("keep")
-            try:
-                sent = asyncio.create_task(
-                    engine_greedy_concurrently(
-                        engine.url, model_dir, [(prompts[i], v) for i, v in jobs]
-                    )
-                )
-                await asyncio.sleep(2.0)
-            finally:
-                await client.resume()
-            outputs = await sent
+            outputs = await engine_greedy_batched(
+                client, engine.url, model_dir, [(prompts[i], v) for i, v in jobs]
+            )
             for (i, version), tokens in zip(jobs, outputs, strict=True):
                 assert tokens == expected[version][i], (version, i)
         state = await client.slots()
@@ -99,19 +90,9 @@ async def test_expert_load_is_counted_per_version(engine: RunningEngine, slots_f
         await client.expert_load("reset")
         try:
             before = (await client.slots()).mixed_steps
-            # Queued together while the engine is paused, so that their steps mix even when a
-            # loaded machine delays some of them.
-            await client.pause("keep")
-            try:
-                sent = asyncio.create_task(
-                    engine_greedy_concurrently(
-                        engine.url, model_dir, list(zip(prompts, versions, strict=True)), n_new
-                    )
-                )
-                await asyncio.sleep(2.0)
-            finally:
-                await client.resume()
-            outputs = await sent
+            outputs = await engine_greedy_batched(
+                client, engine.url, model_dir, list(zip(prompts, versions, strict=True)), n_new
+            )
             mixed = (await client.slots()).mixed_steps - before
             load = await client.expert_load("reset")
         finally:
