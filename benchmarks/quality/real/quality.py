@@ -6,7 +6,7 @@ goals checked against the measured numbers."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roma_bench.protocol import Protocol, QualityConfig
@@ -41,6 +41,20 @@ class RealConfig(QualityConfig):
     out_of_set: tuple[str, ...] = OUT_OF_SET
     n_out_of_set: int = 60  # per out-of-set task
     dense: str | None = None  # the dense model the MoE was made from, if any
+    # The MoEfied model's routers are small (|W| ~ 1e-3, inputs |h|_1 ~ 70-100, logits ~ 0.01)
+    # and its routing weights near 1/16 (every expert scaled by 16 keeps all-experts = dense):
+    # Adam moves every logit by ~70 x lr a step, and ||r_i - r_j||^2 between pool samples is
+    # ~1e-6 (docs/real-quality.md "Scales"). The grids are the synthetic benchmark's, moved to
+    # where the step and the regularisers are comparable to the CE on this model.
+    lr_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    lam_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "l1": (1e-4, 1e-3, 1e-2),
+            "l2": (1e-3, 1e-2, 1e-1),
+            "entropy": (1e4, 1e5, 1e6),
+            "manifold": (1e4, 1e5, 1e6),
+        }
+    )
 
     @classmethod
     def small(cls, out: Path = Path("results/real-small")) -> RealConfig:
