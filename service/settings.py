@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     model: str | None = Field(
         default=None,
         description="HF model id or local checkpoint dir for the child engine; unset = the "
-        "embedded tiny OLMoE (roma_models.default_model_dir()). Unused with engine_urls.",
+        "embedded default smollm2-moe (roma_models.default_model_dir(), built on first use). "
+        "Unused with engine_urls.",
     )
     served_model_name: str = Field(
         "",

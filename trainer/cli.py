@@ -121,7 +121,9 @@ def eval_cmd(
     ],
     model: Annotated[
         str | None,
-        typer.Option(help="Base model: HF id or local path (default: the embedded tiny OLMoE)."),
+        typer.Option(
+            help="Base model: HF id or local path (default: smollm2-moe, built on first use)."
+        ),
     ] = None,
     patch: Annotated[
         Path | None, typer.Option(help="Router patch to apply before scoring.")

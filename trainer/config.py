@@ -91,7 +91,7 @@ class TrainConfig(BaseModel):
 
     model: str | None = Field(
         None,
-        description="base model: HF id or local path (unset: the embedded tiny OLMoE)",
+        description="base model: HF id or local path (unset: smollm2-moe, built on first use)",
         json_schema_extra=_section("Data and model"),
     )
     trust_remote_code: bool = Field(

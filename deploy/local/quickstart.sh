@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on a fresh machine, end to end:
-#   set up .venv -> train a RoMA router patch on the bundled sample data -> start roma-serve
-#   (tiny OLMoE on a vLLM-CPU engine + a local Redis) -> a completion -> deploy the patch with
-#   curl -> the same completion under the new routers. The service then keeps running in this
+#   set up .venv -> build the default model once (smollm2-moe: SmolLM2-135M-Instruct MoEfied,
+#   about 2 minutes) -> train a RoMA router patch on the bundled sample data -> start roma-serve
+#   (a vLLM-CPU engine + a local Redis) -> a chat completion -> deploy the patch with curl ->
+#   the same chat completion under the new routers. The service then keeps running in this
 #   terminal (Ctrl-C stops it, its engine and its Redis); use a second terminal to call it.
 #
 # Environment (all optional):
@@ -11,6 +12,9 @@
 #   ROMA_CACHE_DIR             the service's state (router versions in a local Redis, engine
 #                              log); unset = $QUICKSTART_DIR/state, cleared at every run. An
 #                              exported folder is reused as it is (its versions are kept).
+#   ROMA_MODELS_DIR            where the default model is built and kept (~/.cache/roma/models,
+#                              where a plain roma-serve / roma-train finds it too)
+#   ROMA_MODEL                 serve and train this model instead of the default
 #   QUICKSTART_DIR             where the patch and the logs go (runs/quickstart)
 #   QUICKSTART_PATCH           deploy this patch file instead of training one
 #   QUICKSTART_SETUP           0 skips deploy/local/setup.sh (an existing .venv is used)
@@ -46,13 +50,20 @@ if curl -s -o /dev/null "$URL/health"; then
   exit 1
 fi
 
+export ROMA_MODELS_DIR=${ROMA_MODELS_DIR:-$HOME/.cache/roma/models}
+if [ -z "${ROMA_MODEL:-}" ] && [ -z "${ROMA_ENGINE_URLS:-}" ]; then
+  echo "== 0. the default model (smollm2-moe in $ROMA_MODELS_DIR; built once, about 2 minutes)"
+  export ROMA_MODEL=$(.venv/bin/roma-models default)
+fi
+
 if [ -n "${QUICKSTART_PATCH:-}" ]; then
   PATCH=$QUICKSTART_PATCH
   echo "== 1. using the patch $PATCH (QUICKSTART_PATCH; no training)"
 else
   PATCH="$DIR/patch.safetensors"
   echo "== 1. train a router patch (RoMA, k-NN neighbours) on trainer/data/sample.jsonl"
-  .venv/bin/roma-train train --data trainer/data/sample.jsonl --out "$PATCH"
+  .venv/bin/roma-train train ${ROMA_MODEL:+--model "$ROMA_MODEL"} --data trainer/data/sample.jsonl \
+    --out "$PATCH"
 fi
 
 echo "== 2. start roma-serve on ${URL} (engine start-up takes about a minute on 2 cores; log: $LOG)"
@@ -78,19 +89,27 @@ until curl -sf -o /dev/null "$URL/ready"; do
 done
 
 MODEL=$(curl -s "$URL/v1/models" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
-complete() {
-  curl -s -i "$URL/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"model\": \"$MODEL\", \"prompt\": \"What is 5 plus 15? Answer:\", \"max_tokens\": 8, \"temperature\": 0}" \
-    | grep -iE '^x-router-version|"text"' | sed 's/^/    /'
+complete() {  # a chat completion (the model's chat template): the router version, the answer
+  curl -s -i "$URL/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 5 plus 15?\"}], \"max_tokens\": 24, \"temperature\": 0}" \
+    | tr -d '\r' | .venv/bin/python -c '
+import json, sys
+head, _, body = sys.stdin.read().partition("\n\n")
+version = [l for l in head.splitlines() if l.lower().startswith("x-router-version:")]
+print("    " + (version[0] if version else head.splitlines()[0]))
+try:
+    print("    answer: " + json.dumps(json.loads(body)["choices"][0]["message"]["content"]))
+except (ValueError, KeyError, IndexError):
+    print("    " + body)'
 }
-echo "== 3. a completion under the active routers (version 0, the base routers, on clean state)"
+echo "== 3. a chat completion under the active routers (version 0, the base routers, on clean state)"
 complete
 
 echo "== 4. deploy the patch: POST /routers"
 curl -s -X POST "$URL/routers" -H "Authorization: Bearer $ROMA_ADMIN_TOKEN" \
   -F patch=@"$PATCH" | sed 's/^/    /'
 echo
-echo "== 5. the same completion under the patch"
+echo "== 5. the same chat completion under the patch"
 complete
 echo "== roma-serve is running on $URL (admin token: $ROMA_ADMIN_TOKEN); Ctrl-C stops it."
 echo "   In a second terminal: curl $URL/routers -H \"Authorization: Bearer $ROMA_ADMIN_TOKEN\""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from roma_models import default_model_dir
+from roma_models import bench_model_dir
 from roma_patch import read_patch
 from roma_service.registry import LocalRedis, Registry
 from roma_service.registry.local import free_port
@@ -38,7 +38,7 @@ async def _other_models_patch_active(engine: RunningEngine, url: str, prefix: st
     registry = Registry.from_url(url, prefix)
     try:
         await registry.record_base(base)
-        data = patch_bytes(Path(default_model_dir()), layers=(4, 5), scale=2.0, seed=3)
+        data = patch_bytes(Path(bench_model_dir()), layers=(4, 5), scale=2.0, seed=3)
         record, _ = await registry.store(read_patch(data), data)
         await registry.activate(record.version, "deploy", "other-instance")
     finally:
@@ -89,7 +89,7 @@ async def test_another_model_against_the_same_redis_starts_at_its_own_version_0(
 ) -> None:
     """A restart on another model, same Redis, same prefix: that model's history is kept apart
     (the default model's version 1 stays active for it), the served one starts at version 0."""
-    other_dir = Path(default_model_dir())
+    other_dir = Path(bench_model_dir())
     registry = Registry.from_url(redis_server.url, redis_prefix)
     try:
         await registry.record_base(base_routers(other_dir))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from roma_models import default_model_dir
+from roma_models import bench_model_dir
 from roma_patch import read_patch
 from roma_service.registry import LocalRedis
 from roma_trainer.apply import apply_patch
@@ -145,7 +145,7 @@ async def test_trained_patch_scores_the_same_served_and_offline(
 def bench_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second real engine, on the benchmark model (the embedded default)."""
     process = start(
-        default_model_dir(), tmp_path_factory.mktemp("bench-engine-logs"), cpu_cores=spare_core()
+        bench_model_dir(), tmp_path_factory.mktemp("bench-engine-logs"), cpu_cores=spare_core()
     )
     try:
         yield process.url
@@ -162,7 +162,7 @@ async def test_benchmark_roma_patch_scores_the_same_served_and_offline(
     from roma_bench.protocol import METHODS
     from roma_bench.synthetic import tasks
 
-    model_dir = default_model_dir()
+    model_dir = bench_model_dir()
     data = tasks.write_splits(tmp_path / "data", seed=0, n_train=8, n_val=1, n_test=4)
     cfg = load_config(
         None,

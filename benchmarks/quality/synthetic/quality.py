@@ -39,7 +39,7 @@ from roma_bench.synthetic.results import (
     MeanStdGap,
     QualityResults,
 )
-from roma_models import default_model_dir
+from roma_models import bench_model_dir
 from roma_trainer.data import Sample, data_fingerprint, parse_sample
 
 log = logging.getLogger("roma_bench")
@@ -52,7 +52,7 @@ class Quality(Protocol):
         paths = tasks.write_splits(
             Path(cfg.out) / "data", cfg.data_seed, cfg.n_train, cfg.n_val, cfg.n_test
         )
-        super().__init__(cfg, str(cfg.model or default_model_dir()), dict(paths), scored)
+        super().__init__(cfg, str(cfg.model or bench_model_dir()), dict(paths), scored)
 
     def domain_routing(self) -> DomainRoutingFound:
         """Diagnostic bound (uses the task label, so not a method): every val/test sample's
