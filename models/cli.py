@@ -40,7 +40,9 @@ def build(
     name: Annotated[str, typer.Argument(help="Model to build: smollm2-moe.")],
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (default: $ROMA_MODELS_DIR/NAME, else $ROMA_CACHE_DIR/models/NAME)."),
+        typer.Option(
+            help="Output folder (default: $ROMA_MODELS_DIR/NAME, else $ROMA_CACHE_DIR/models/NAME)."
+        ),
     ] = None,
     moe_layers: Annotated[
         int | None, typer.Option(help="The top this many layers become MoE.")
