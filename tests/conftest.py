@@ -8,3 +8,12 @@ pytest_plugins = [
     "tests.fixtures.engine",
     "tests.fixtures.vllm_layers",
 ]
+
+
+def pytest_configure(config: object) -> None:
+    """Models the suite builds (the default model, if a test ever reaches it) go into a folder
+    of the run's own, never the user's ~/.cache/roma/models."""
+    import os
+    import tempfile
+
+    os.environ["ROMA_MODELS_DIR"] = tempfile.mkdtemp(prefix="roma-test-models-")

@@ -24,3 +24,27 @@ def test_bad_input_exits_2(tmp_path: Path, args: list[str], words: str) -> None:
     assert result.exit_code == 2, result.output
     assert words in result.output.replace("\n", "")
     assert not (tmp_path / "m").exists()
+
+
+def test_default_is_the_build_in_the_models_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_olmoe: Path
+) -> None:
+    """`roma-models default` (and roma-serve/roma-train without --model) use the build kept in
+    ROMA_MODELS_DIR without building again; unset, the folder is ROMA_CACHE_DIR/models."""
+    from roma_models import default_model_dir, models_root
+
+    monkeypatch.delenv("ROMA_MODELS_DIR", raising=False)
+    monkeypatch.setenv("ROMA_CACHE_DIR", str(tmp_path / "state"))
+    assert models_root() == tmp_path / "state" / "models"
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("ROMA_MODELS_DIR", str(models))
+    built = models / "smollm2-moe"
+    built.mkdir(parents=True)
+    (built / "config.json").write_text((tiny_olmoe / "config.json").read_text())
+    stamp = (built / "config.json").stat().st_mtime_ns
+    assert default_model_dir() == built
+    result = CliRunner().invoke(app, ["default"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(built)
+    assert (built / "config.json").stat().st_mtime_ns == stamp  # found, not rebuilt
