@@ -172,3 +172,13 @@ def train_and_score(
         },
     )
     return RunRecord.model_validate(record)
+
+
+def patch_file(record: RunRecord) -> str:
+    """The patch of a ledger run, trained again (same config and seed, same file) when the file
+    is gone: patches stay local (.gitignore) while the ledger travels with the repository, so a
+    benchmark resumed on another machine re-makes the patches its diagnostics score."""
+    if not Path(record.patch).exists():
+        log.info("run %s: patch %s is gone, training it again", record.key, record.patch)
+        train_patch(load_config(None, {**record.config, "out": record.patch}))
+    return record.patch

@@ -16,7 +16,7 @@ from roma_bench.real.results import OutOfSet, RealResults, References
 from roma_bench.real.splits import OUT_OF_SET, TASKS, write_out_of_set, write_splits
 from roma_bench.report import accuracy_plot
 from roma_bench.results import Accuracy, RunRecord, SharedRouting
-from roma_bench.runs import accuracies
+from roma_bench.runs import accuracies, patch_file
 from roma_bench.stats import ablation_stats, gap_closed, paired_difference, seed_stats, summarise
 from roma_trainer.data import data_fingerprint
 
@@ -121,16 +121,16 @@ class Real(Protocol):
         samples = self.samples["out_of_set"]
         data = data_fingerprint(samples)
 
-        def score(patch: str | None) -> Accuracy:
+        def score(run: RunRecord | None) -> Accuracy:
             return self.cached(
-                {"out_of_set_score": patch, "data": data},
+                {"out_of_set_score": run and run.patch, "data": data},
                 Accuracy,
-                lambda: self.scorer.score(patch, {"o": samples})["o"],
+                lambda: self.scorer.score(run and patch_file(run), {"o": samples})["o"],
             )
 
         base = score(None)
         runs = {
-            m: [r.model_copy(update={"test": score(r.patch)}) for r in finals[m]]
+            m: [r.model_copy(update={"test": score(r)}) for r in finals[m]]
             for m in OUT_OF_SET_METHODS
         }
         sizes: dict[str, int] = {}

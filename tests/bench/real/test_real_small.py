@@ -110,3 +110,21 @@ def test_the_model_is_required() -> None:
     result = CliRunner().invoke(app, ["real", "--small"])
     assert result.exit_code == 2
     assert "roma-models build smollm2-moe" in result.output
+
+
+def test_a_run_whose_patch_is_gone_is_trained_again(small: Path) -> None:
+    """The ledger travels with the repository, patches do not: a resumed benchmark re-makes
+    the patch of a ledger run (same config and seed) for the diagnostics that score it."""
+    from safetensors.torch import load_file
+
+    from roma_bench.results import RunRecord
+    from roma_bench.runs import patch_file
+
+    run = RunRecord.model_validate(next(r for r in _ledger(small) if "patch" in r))
+    before = load_file(run.patch)
+    Path(run.patch).unlink()
+    assert patch_file(run) == run.patch
+    after = load_file(run.patch)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert (after[name] - tensor).abs().max() <= 1e-6, name
