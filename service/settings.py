@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     max_patch_bytes: int = Field(
         MAX_PATCH_BYTES, gt=0, description="Largest patch accepted (413 above, while reading)."
     )
+    slot_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="Slot mode: before sending requests for a version it has not pinned on an "
+        "engine, a gateway leases it there for this long (renewed by later requests and while "
+        "its requests are on their way); other gateways cannot evict it meanwhile. Longer than "
+        "a request may wait in an engine's queue; a crashed gateway's lease runs out after it.",
+    )
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Period of the check that every engine holds the active version."
     )
