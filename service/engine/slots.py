@@ -121,6 +121,7 @@ class SlotTable:
         # version -> holder -> time.monotonic() deadline: requests for it are on their way from
         # that holder (a gateway), so no other holder may free or evict it before then.
         self.leases: dict[str, dict[str, float]] = {}
+        self.clock = time.monotonic
         self.publish_to = publish_to
         routers.probe_slot = self.step.forced
         self.publish()
@@ -316,7 +317,7 @@ class SlotTable:
             raise SlotRefused("unknown_version", f"version {version} is not resident", "version")
         held = self.leases.setdefault(version, {})
         if seconds > 0:
-            held[holder] = time.monotonic() + seconds
+            held[holder] = self.clock() + seconds
         else:
             held.pop(holder, None)
         return {"slot": index, "version": version, "expires_in": max(seconds, 0.0)}
@@ -327,7 +328,7 @@ class SlotTable:
         held = self.leases.get(version)
         if not held:
             return 0.0
-        now = time.monotonic()
+        now = self.clock()
         for name, until in list(held.items()):
             if until <= now:
                 del held[name]
@@ -436,8 +437,9 @@ class SlotTable:
         }
 
     def servable(self) -> list[str]:
-        """Versions a request may name now: resident ones and redirected ones."""
-        out = {self.version_of(s) for s in self.slots} | set(self.redirects)
+        """Versions a request may name now: resident ones, and those redirected to one."""
+        out = {self.version_of(s) for s in self.slots}
+        out |= {old for old, to in self.redirects.items() if self.slot_of(to) is not None}
         return sorted(v for v in out if v is not None)
 
     def publish(self) -> None:

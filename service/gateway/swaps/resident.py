@@ -322,11 +322,26 @@ class Residency:
             return True
 
     async def renew_leases(self) -> None:
-        """Renew this gateway's leases on versions its requests are still on their way to or
-        running on (a request may wait in an engine's queue longer than a lease)."""
+        """Every reconcile round: renew this gateway's leases on versions its requests are
+        still on their way to or running on (one may wait in an engine's queue longer than a
+        lease), and release the others, so that an idle version does not block other gateways'
+        loads for a whole lease."""
+        ttl = self.ctx.settings.slot_lease_s
         for engine in self.slot_engines():
-            for version in [v for v, until in engine.leases.items() if engine.sending[v] > 0]:
-                await self.hold(engine, version)
+            for version in list(engine.leases):
+                # Forgotten before the RPC: a request from now on leases again, after it.
+                if engine.sending[version] == 0:
+                    engine.leases.pop(version, None)
+                async with engine.lease_locks[version]:
+                    started = time.monotonic()
+                    busy = engine.sending[version] > 0
+                    try:
+                        await engine.client.lease_slot(version, ttl if busy else 0, self.holder)
+                    except EngineError:
+                        engine.leases.pop(version, None)  # gone: the next request finds out
+                        continue
+                    if busy:
+                        engine.leases[version] = started + ttl
 
     async def not_resident(self, engine: EngineHandle, version: int) -> None:
         """The engine refused a request for ``version``: it no longer holds it. Forget it."""
