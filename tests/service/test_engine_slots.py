@@ -442,7 +442,7 @@ def test_expert_load_without_slots_follows_the_single_version_swap() -> None:
 
 
 def test_a_leased_version_is_neither_freed_nor_evicted_by_another_holder() -> None:
-    _, weights, runner, table = _table(seed=16)
+    _, weights, _, table = _table(seed=16)
     now = [100.0]
     table.clock = lambda: now[0]
     for version in ("1", "2", "3"):
