@@ -343,6 +343,14 @@ class Residency:
                     if busy:
                         engine.leases[version] = started + ttl
 
+    async def release_leases(self) -> None:
+        """At shutdown: hand back every lease (best effort; a lease not handed back runs out)."""
+        for engine in self.ctx.pool.engines:
+            for version in list(engine.leases):
+                engine.leases.pop(version, None)
+                with contextlib.suppress(EngineError):
+                    await engine.client.lease_slot(version, 0, self.holder)
+
     async def not_resident(self, engine: EngineHandle, version: int) -> None:
         """The engine refused a request for ``version``: it no longer holds it. Forget it."""
         engine.leases.pop(version, None)
