@@ -15,6 +15,9 @@ set -eu
 
 # Router versions each worker keeps resident (slot 0 = base); read by SlotWorker in every worker.
 export ROMA_ROUTER_SLOTS="${ROMA_ROUTER_SLOTS:-4}"
+# Worker 0 publishes the versions it holds there; the admission middleware refuses requests for
+# any other (roma_service/engine/admission.py). One engine per container: a fixed path is fine.
+export ROMA_SLOT_STATE_FILE="${ROMA_SLOT_STATE_FILE:-/tmp/roma-slots.json}"
 
 : "${ROMA_MODEL:?set ROMA_MODEL to a Hugging Face id or a directory inside the container}"
 
@@ -25,6 +28,7 @@ set -- \
     --port "${ROMA_ENGINE_PORT:-8000}" \
     --worker-extension-cls "${ROMA_WORKER_EXTENSION:-roma_service.engine.extension.RouterExtension}" \
     --worker-cls "${ROMA_WORKER_CLS:-roma_service.engine.worker.SlotWorker}" \
+    --middleware roma_service.engine.admission.VersionAdmission \
     --dtype "${ROMA_ENGINE_DTYPE:-auto}" \
     "$@"
 

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from roma_patch import MAX_PATCH_BYTES
@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     max_patch_bytes: int = Field(
         MAX_PATCH_BYTES, gt=0, description="Largest patch accepted (413 above, while reading)."
     )
+    slot_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="Slot mode: before sending requests for a version it has not pinned on an "
+        "engine, a gateway leases it there for this long; other gateways cannot free or evict "
+        "it meanwhile. Renewed every reconcile round while its requests are on their way or "
+        "running, released in the first round without any; a crashed gateway's lease runs out "
+        "after this. At least twice ROMA_RECONCILE_INTERVAL_S.",
+    )
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="Period of the check that every engine holds the active version."
     )
@@ -163,6 +172,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_round(self) -> Settings:
+        # Leases are renewed once per reconcile round: a shorter one lapses under a request
+        # still waiting in an engine's queue.
+        if self.slot_lease_s < 2 * self.reconcile_interval_s:
+            raise ValueError(
+                f"ROMA_SLOT_LEASE_S ({self.slot_lease_s:g}) must be at least twice "
+                f"ROMA_RECONCILE_INTERVAL_S ({self.reconcile_interval_s:g})"
+            )
+        return self
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None

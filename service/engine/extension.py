@@ -101,6 +101,8 @@ class RouterExtension:
         target = table.target_for(patch, str(version))
         decoded = time.perf_counter()
         result = table.switch(target)
+        if slots is not None:
+            slots.publish()  # slot 0 now serves another version
         return {
             "version": table.held.version,
             "checksums": dict(table.held.checksums),
@@ -156,16 +158,29 @@ class RouterExtension:
 
     @_rpc
     def roma_slot_load(
-        self, patch_b64: str, version: str, pin: str = "", evict: str = "1"
+        self,
+        patch_b64: str,
+        version: str,
+        pin: str = "",
+        evict: str = "1",
+        lease_s: str = "",
+        holder: str = "",
     ) -> dict[str, Any]:
         """Make ``version`` resident: a base64 patch ('' = the base routers) into a free slot,
-        else into the least recently used idle unpinned one (``evict="0"``: never). ``pin``:
-        "1"/"0" sets the pin, "" leaves it."""
+        else into the least recently used idle unpinned unleased one (``evict="0"``: never).
+        ``pin``: "1"/"0" sets the pin, "" leaves it. ``lease_s``: ``holder`` leases it too."""
         start = time.perf_counter()
         slots = self._roma_slots()
         patch = _decode_patch(patch_b64)
         decoded = time.perf_counter()
-        result = slots.load(patch, str(version), pin=_flag(pin), evict=evict != "0")
+        result = slots.load(
+            patch,
+            str(version),
+            pin=_flag(pin),
+            evict=evict != "0",
+            lease_s=float(lease_s or 0),
+            holder=holder,
+        )
         return {
             "decode_ms": (decoded - start) * 1e3,
             "total_ms": (time.perf_counter() - start) * 1e3,
@@ -173,9 +188,15 @@ class RouterExtension:
         }
 
     @_rpc
-    def roma_slot_free(self, version: str, move_to: str = "") -> dict[str, Any]:
-        """Free ``version``'s slot; with ``move_to``, requests still on it are re-bound there."""
-        return self._roma_slots().free(str(version), move_to=move_to or None)
+    def roma_slot_free(self, version: str, move_to: str = "", holder: str = "") -> dict[str, Any]:
+        """Free ``version``'s slot; with ``move_to``, requests still on it are re-bound there.
+        ``holder``'s own lease on it does not count."""
+        return self._roma_slots().free(str(version), move_to=move_to or None, holder=holder)
+
+    @_rpc
+    def roma_slot_lease(self, version: str, seconds: str, holder: str) -> dict[str, Any]:
+        """``holder`` keeps ``version`` resident for ``seconds`` against other holders."""
+        return self._roma_slots().lease(str(version), float(seconds), holder)
 
     @_rpc
     def roma_slot_pin(self, version: str, pinned: str = "1") -> dict[str, Any]:

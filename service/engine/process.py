@@ -37,6 +37,8 @@ from roma_service.engine.errors import EngineStartError
 log = logging.getLogger(__name__)
 
 EXTENSION = "roma_service.engine.extension.RouterExtension"
+# Refuses requests for router versions the engine does not hold (admission.py).
+ADMISSION = "roma_service.engine.admission.VersionAdmission"
 # Families whose attention is MLA, which vLLM-CPU runs only at DeepSeek's full sizes.
 _MLA_FAMILIES = {"deepseek_v2", "deepseek_v3"}
 WORKER = "roma_service.engine.worker.SlotWorker"
@@ -130,6 +132,8 @@ class EngineProcess:
         self.log_path = options.log_path or Path(
             tempfile.mkstemp(prefix="roma-engine-", suffix=".log")[1]
         )
+        # One per engine process: its workers publish there what the admission check reads.
+        self.state_file = Path(tempfile.mkdtemp(prefix="roma-engine-")) / "slots.json"
 
     @property
     def url(self) -> str:
@@ -146,6 +150,7 @@ class EngineProcess:
             "--port", str(self.port),
             "--worker-extension-cls", EXTENSION,
             "--worker-cls", WORKER,
+            "--middleware", ADMISSION,
             "--dtype", opts.dtype or ("float32" if cpu else "auto"),
         ]  # fmt: skip
         if opts.enforce_eager if opts.enforce_eager is not None else cpu:
@@ -162,6 +167,7 @@ class EngineProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.options.router_slots is not None:
             env["ROMA_ROUTER_SLOTS"] = str(self.options.router_slots)
+        env["ROMA_SLOT_STATE_FILE"] = str(self.state_file)
         if self.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
             if self.options.cpu_cores:
@@ -250,6 +256,8 @@ class EngineProcess:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            with contextlib.suppress(OSError):
+                self.state_file.unlink()  # a restart publishes afresh
         return proc.returncode
 
     def kill(self) -> None:

@@ -59,6 +59,7 @@ class SlotInfo(BaseModel):
     checksums: dict[str, str] = Field(default_factory=dict)
     verified: bool | None = Field(None, description="fresh read-back (slots(readback=True))")
     max_abs_err: float | None = None
+    leased_s: float = Field(0.0, description="seconds left of its longest lease (any holder)")
 
 
 class SlotTableState(BaseModel):

@@ -8,7 +8,9 @@ others did not is undone on all of them before the error is raised.
 How the gateway uses it: ``load_slot`` a version before routing requests to it, forward each
 request with ``binding.bind_request(body, version)``, ``slots()`` to see what is resident and
 which slots have requests in flight, ``free_slot`` (or let ``load_slot`` evict the least recently
-used idle, unpinned slot), ``pin_slot`` versions that must stay (the active one, canaries).
+used idle, unpinned slot), ``pin_slot`` versions that must stay (the active one, canaries), and
+``lease_slot`` (or ``load_slot(lease_s=...)``) a version it has not pinned before sending requests
+for it: other holders cannot free or evict it until the lease runs out.
 """
 
 from __future__ import annotations
@@ -89,16 +91,26 @@ class SlotsAPI:
         version: int,
         pin: bool | None = None,
         evict: bool = True,
+        lease_s: float = 0.0,
+        holder: str = "",
     ) -> SlotLoadResult:
         """Make ``version`` resident (``patch_bytes`` None: the base routers). A no-op if it is
         already. Takes a free slot, else (``evict``) the least recently used slot that is not
-        pinned and has no request in flight. ``pin``: set (True/False) or keep (None). Raises
-        EngineRejected: a bad patch (400), ``no_free_slot`` / ``slot0_not_base`` (409)."""
+        pinned, has no request in flight and no live lease of another holder. ``pin``: set
+        (True/False) or keep (None). ``lease_s`` > 0: ``holder`` also leases the version (see
+        ``lease_slot``), in the same round trip. Raises EngineRejected: a bad patch (400),
+        ``no_free_slot`` / ``slot0_not_base`` (409)."""
         payload = base64.b64encode(patch_bytes).decode() if patch_bytes else ""
         pin_arg = "" if pin is None else ("1" if pin else "0")
         started = time.perf_counter()
         results = await self._rpc(
-            "roma_slot_load", payload, str(version), pin_arg, "1" if evict else "0"
+            "roma_slot_load",
+            payload,
+            str(version),
+            pin_arg,
+            "1" if evict else "0",
+            str(lease_s) if lease_s > 0 else "",
+            holder,
         )
         rpc_ms = (time.perf_counter() - started) * 1e3
         loaded_somewhere = any(r["ok"] and r["loaded"] for r in results)
@@ -109,7 +121,7 @@ class SlotsAPI:
         except EngineError:
             if loaded_somewhere:
                 with contextlib.suppress(EngineError):
-                    await self._rpc("roma_slot_free", str(version), "")
+                    await self._rpc("roma_slot_free", str(version), "", holder)
             raise
         first = results[0]
         cache_reset = False
@@ -128,21 +140,22 @@ class SlotsAPI:
         )
 
     async def free_slot(
-        self: EngineClient, version: int, move_to: int | None = None
+        self: EngineClient, version: int, move_to: int | None = None, holder: str = ""
     ) -> SlotFreeResult:
-        """Free ``version``'s slot. Refused (409 ``slot_busy``) while requests run on it,
-        unless ``move_to`` names a resident version: then (a rollback that cannot wait) the
-        engine is paused (``keep``), those requests are re-bound to ``move_to``, every running
+        """Free ``version``'s slot. Refused (409 ``slot_busy``) while requests run on it or a
+        holder other than ``holder`` leases it, unless ``move_to`` names a resident version:
+        then (a rollback that cannot wait) the engine is paused (``keep``), requests running on
+        it are re-bound to ``move_to`` (and requests on their way redirected), every running
         request is preempted and recomputed (prefix cache reset), and the engine resumes; the
         moved requests continue under ``move_to``'s routers from the token they had reached,
         and requests for ``version`` that had not started yet run under ``move_to`` too."""
         if move_to is None:
-            results = await self._rpc("roma_slot_free", str(version), "")
+            results = await self._rpc("roma_slot_free", str(version), "", holder)
             self._raise_failures("free_slot", results)
         else:
             await self.pause("keep")
             try:
-                results = await self._rpc("roma_slot_free", str(version), str(move_to))
+                results = await self._rpc("roma_slot_free", str(version), str(move_to), holder)
                 self._raise_failures("free_slot", results)
                 # Moved requests are recomputed; requests still queued for ``version`` will run
                 # under ``move_to`` (the engine redirects them) and must not meet KV cached
@@ -157,6 +170,15 @@ class SlotsAPI:
             moved=results[0]["moved"],
             workers=len(results),
         )
+
+    async def lease_slot(self: EngineClient, version: int, seconds: float, holder: str) -> None:
+        """``holder`` keeps ``version`` resident for ``seconds`` against every other holder:
+        their ``free_slot`` is refused (409 ``slot_busy``) and their loads do not evict it, which
+        covers requests on their way to the engine (it counts a request only once it has run a
+        step). Renewing replaces the deadline; 0 releases. A crashed holder's lease runs out.
+        Raises EngineRejected 404 ``unknown_version`` when the version is not resident."""
+        results = await self._rpc("roma_slot_lease", str(version), str(seconds), holder)
+        self._raise_failures("lease_slot", results)
 
     async def pin_slot(self: EngineClient, version: int, pinned: bool = True) -> None:
         """Pin (never evicted by ``load_slot``) or unpin a resident version."""

@@ -9,6 +9,14 @@ per-request state in the worker, so it is dropped with it). A request without a 
 slot 0. A version freed with ``move_to`` (a rollback that cannot wait) redirects its requests that
 had not started to that version. Any other version that is not resident when its request is bound
 is a gateway error: the request runs on slot 0 and the miss is counted (``describe()["misses"]``).
+The API server refuses such requests before they reach the engine (``admission.py``, which
+reads the versions this table publishes to ``ROMA_SLOT_STATE_FILE``); a miss here means the
+version left between that check and the request's first step.
+
+A gateway about to send requests for a version it has not pinned *leases* it first (``lease``,
+or ``load`` with ``lease_s``): until the lease runs out, no other holder can free it or evict it
+to make room (``slot_busy`` / ``no_free_slot``), which covers requests in transit that the
+engine does not count yet. The holder's own leases never block its own frees.
 
 The hook wraps the model runner's ``_model_forward`` (vLLM's own seam for hooking the forward):
 it runs after vLLM has updated its persistent batch and before the model, reads the batch's
@@ -24,6 +32,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +41,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from roma_patch import Patch
+from roma_service.engine import admission
 from roma_service.engine.binding import VERSION_XARG
 from roma_service.engine.routers import ApplyFailed, Held, RouterTable
 from roma_service.engine.slot_gate import SlotGate, StepSlots, Strategy
@@ -88,6 +98,7 @@ class SlotTable:
         strategy: Strategy,
         max_tokens: int,
         device: torch.device,
+        publish_to: Path | None = None,
     ) -> None:
         self.routers = routers
         self.runner = runner
@@ -107,7 +118,13 @@ class SlotTable:
         # Versions freed with ``move_to``: requests for them that had not reached a step yet
         # (queued, in transit) are bound to the version they were moved to, not to slot 0.
         self.redirects: dict[str, str] = {}
+        # version -> holder -> time.monotonic() deadline: requests for it are on their way from
+        # that holder (a gateway), so no other holder may free or evict it before then.
+        self.leases: dict[str, dict[str, float]] = {}
+        self.clock = time.monotonic
+        self.publish_to = publish_to
         routers.probe_slot = self.step.forced
+        self.publish()
 
     # -- binding requests (every step) --------------------------------------------------
 
@@ -189,15 +206,24 @@ class SlotTable:
     # -- load / free / pin ----------------------------------------------------------------
 
     def load(
-        self, patch: Patch | None, version: str, pin: bool | None = None, evict: bool = True
+        self,
+        patch: Patch | None,
+        version: str,
+        pin: bool | None = None,
+        evict: bool = True,
+        lease_s: float = 0.0,
+        holder: str = "",
     ) -> dict[str, Any]:
         """Make ``version`` resident (a no-op if it is). Takes a free slot, else (``evict``)
-        the least recently used slot that is unpinned and has no request in flight."""
+        the least recently used slot that is unpinned, has no request in flight and no live
+        lease of another holder. ``lease_s`` > 0: ``holder`` leases the version (``lease``)."""
         start = time.perf_counter()
         existing = self.slot_of(version)
         if existing is not None:
             if pin is not None and existing != 0:
                 self.slots[existing].pinned = pin
+            if lease_s > 0:
+                self.lease(version, lease_s, holder)
             held = self.routers.held if existing == 0 else self.slots[existing].held
             return {"slot": existing, "version": version, "loaded": False, "evicted": None,
                     "reset_cache": False, "checksums": dict(held.checksums),  # type: ignore[union-attr]
@@ -209,7 +235,7 @@ class SlotTable:
                 "routers (apply version 0) before loading slots",
             )
         target = self.routers.target_for(patch, version)
-        slot = self._take_slot(evict)
+        slot = self._take_slot(evict, holder)
         base = self.routers.base_specs.specs
         staged = [
             gate.stage(
@@ -242,6 +268,11 @@ class SlotTable:
         reset_cache = version in self.tainted
         self.tainted.discard(version)
         self.redirects.pop(version, None)
+        if evicted is not None:
+            self.leases.pop(evicted, None)
+        if lease_s > 0:
+            self.lease(version, lease_s, holder)
+        self.publish()
         return {
             "slot": slot.index,
             "version": version,
@@ -254,30 +285,76 @@ class SlotTable:
             **readback,
         }
 
-    def _take_slot(self, evict: bool) -> Slot:
+    def _take_slot(self, evict: bool, holder: str = "") -> Slot:
         for slot in self.slots[1:]:
             if slot.held is None:
                 return slot
         busy = self.in_flight()
-        idle = [s for s in self.slots[1:] if not s.pinned and busy[s.index] == 0]
+        idle = [
+            s
+            for s in self.slots[1:]
+            if not s.pinned and busy[s.index] == 0 and not self.leased(self.version_of(s), holder)  # type: ignore[arg-type]
+        ]
         if not evict or not idle:
             raise SlotRefused(
                 "no_free_slot",
                 f"all {len(self.slots) - 1} patch slots are taken"
-                + ("" if not evict else " and pinned or serving requests")
+                + ("" if not evict else " and pinned, serving requests or leased")
                 + "; free one first",
             )
         return min(idle, key=lambda s: s.last_used)
 
-    def free(self, version: str, move_to: str | None = None) -> dict[str, Any]:
-        """Free ``version``'s slot. Refused while requests run on it, unless ``move_to`` names
-        a resident version: they are re-bound to it, and the caller must have their KV
-        recomputed (``reset_prefix_cache(reset_running_requests=True)``, engine paused)."""
+    # -- leases -----------------------------------------------------------------------------
+
+    def lease(self, version: str, seconds: float, holder: str) -> dict[str, Any]:
+        """``holder`` keeps ``version`` resident for ``seconds`` against every other holder
+        (renewing its lease; 0 releases it). Refused when the version is not resident: the
+        holder's view is stale, and it must load the version again."""
+        if not holder:
+            raise SlotRefused("bad_holder", "a lease needs a holder name", "holder")
+        index = self.slot_of(version)
+        if index is None:
+            raise SlotRefused("unknown_version", f"version {version} is not resident", "version")
+        held = self.leases.setdefault(version, {})
+        if seconds > 0:
+            held[holder] = self.clock() + seconds
+        else:
+            held.pop(holder, None)
+        return {"slot": index, "version": version, "expires_in": max(seconds, 0.0)}
+
+    def leased(self, version: str, holder: str = "") -> float:
+        """Seconds left of the longest live lease on ``version`` of anyone but ``holder``
+        (expired leases are dropped here: a crashed holder's lease simply runs out)."""
+        held = self.leases.get(version)
+        if not held:
+            return 0.0
+        now = self.clock()
+        for name, until in list(held.items()):
+            if until <= now:
+                del held[name]
+        if not held:
+            del self.leases[version]
+        return max((until - now for name, until in held.items() if name != holder), default=0.0)
+
+    def free(self, version: str, move_to: str | None = None, holder: str = "") -> dict[str, Any]:
+        """Free ``version``'s slot. Refused while requests run on it or another holder leases
+        it, unless ``move_to`` names a resident version: requests running on it are re-bound to
+        it (the caller must have their KV recomputed: ``reset_prefix_cache(
+        reset_running_requests=True)``, engine paused) and requests still on their way are
+        redirected to it."""
         index = self.slot_of(version)
         if index is None:
             raise SlotRefused("unknown_version", f"version {version} is not resident", "version")
         if index == 0:
             raise SlotRefused("slot_pinned", "slot 0 holds the base routers and is never freed")
+        leased = self.leased(version, holder)
+        if leased and (move_to is None or self.slot_of(move_to) in (None, index)):
+            raise SlotRefused(
+                "slot_busy",
+                f"version {version} is leased by another gateway for {leased:.1f} s more (its "
+                "requests are on their way); retry later, or pass move_to=<a resident version>",
+                "version",
+            )
         busy = self.in_flight()[index]
         moved = 0
         if busy:
@@ -305,6 +382,8 @@ class SlotTable:
             gate.stage(index, None).commit()
         slot = self.slots[index]
         slot.held, slot.pinned = None, False
+        self.leases.pop(version, None)
+        self.publish()
         return {"slot": index, "version": version, "moved": moved, "recompute": moved > 0}
 
     def pin(self, version: str, pinned: bool) -> dict[str, Any]:
@@ -340,6 +419,7 @@ class SlotTable:
                 "checksums": {}
                 if version is None
                 else dict((self.routers.held if slot.index == 0 else slot.held).checksums),  # type: ignore[union-attr]
+                "leased_s": self.leased(version) if version is not None else 0.0,
             }
             if readback and version is not None:
                 result = self.readback(slot.index)
@@ -355,6 +435,18 @@ class SlotTable:
             "tainted": sorted(self.tainted),
             "redirects": dict(self.redirects),
         }
+
+    def servable(self) -> list[str]:
+        """Versions a request may name now: resident ones, and those redirected to one."""
+        out = {self.version_of(s) for s in self.slots}
+        out |= {old for old, to in self.redirects.items() if self.slot_of(to) is not None}
+        return sorted(v for v in out if v is not None)
+
+    def publish(self) -> None:
+        """Write :meth:`servable` for the API server's admission check (atomically: it reads
+        the file while we write it). Called after every change of what is resident."""
+        if self.publish_to is not None:
+            admission.publish(self.publish_to, self.servable())
 
 
 def choose_strategy(setting: str, device: torch.device, eager: bool) -> Strategy:
@@ -396,7 +488,12 @@ def install(worker: Any) -> SlotTable | None:
     max_tokens = max(
         runner.max_num_tokens, config.compilation_config.max_cudagraph_capture_size or 0
     )
-    slots = SlotTable(table, runner, settings.router_slots, strategy, max_tokens, device)
+    # Every rank holds the same table; one of them tells the API server what it holds.
+    state_file = admission.AdmissionSettings().slot_state_file
+    publish_to = state_file if getattr(worker, "rank", 0) == 0 else None
+    slots = SlotTable(
+        table, runner, settings.router_slots, strategy, max_tokens, device, publish_to
+    )
     forward = runner._model_forward
 
     def model_forward(*args: Any, **kwargs: Any) -> Any:

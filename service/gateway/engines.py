@@ -49,6 +49,12 @@ class EngineHandle:
     moved_to: dict[int, int] = field(default_factory=dict)
     # Serialises this gateway's slot changes on the engine (choose a victim, free, load).
     slot_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # version -> time.monotonic() until which this gateway's lease on it there is live (taken
+    # before sending requests for an unpinned version: no other gateway evicts it meanwhile).
+    leases: dict[int, float] = field(default_factory=dict)
+    lease_locks: collections.defaultdict[int, asyncio.Lock] = field(
+        default_factory=lambda: collections.defaultdict(asyncio.Lock), repr=False
+    )
     _order: int = field(default=0, repr=False)
 
     def weights_tag(self, version: int) -> str | None:
@@ -229,6 +235,7 @@ class EnginePool:
         if engine.version is not None:
             engine.generation += 1
         engine.version = None
+        engine.leases.clear()
         if engine.resident is not None:
             engine.resident = {}
         self._publish_metrics()

@@ -57,5 +57,6 @@ class Gateway:
     async def aclose(self) -> None:
         await self.expert_load.stop()
         await self.sync.stop()
+        await self.residency.release_leases()
         await self.pool.aclose()
         await self.registry.aclose()

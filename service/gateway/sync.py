@@ -76,6 +76,7 @@ class Synchroniser:
             try:
                 await self._heartbeat()
                 await self.reconciler.reconcile(wait_s=1.0)
+                await self.reconciler.residency.renew_leases()
             except Exception:
                 log.exception("reconcile failed")
 

@@ -116,11 +116,12 @@ def test_image_build_step_imports_the_extension(path: str) -> None:
 def test_same_extension_as_the_embedded_launcher(tmp_path: Path) -> None:
     """`roma-serve`'s child engine and the container engine load the same worker extension
     and worker class."""
-    from roma_service.engine.process import EXTENSION, WORKER
+    from roma_service.engine.process import ADMISSION, EXTENSION, WORKER
 
     env = {k: v for k, v in resolved("gpu")["services"]["engine"]["environment"].items() if v}
     assert _flag(_argv(tmp_path, env), "--worker-extension-cls") == EXTENSION
     assert _flag(_argv(tmp_path, env), "--worker-cls") == WORKER
+    assert _flag(_argv(tmp_path, env), "--middleware") == ADMISSION
 
 
 def test_context_length_only_when_set(tmp_path: Path) -> None:

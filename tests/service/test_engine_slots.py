@@ -10,8 +10,10 @@ transformers; these isolate each rule and run in seconds.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -437,3 +439,50 @@ def test_expert_load_without_slots_follows_the_single_version_swap() -> None:
     assert report["versions"]["0"]["counts"] == _routed(x, weights)
     assert report["versions"]["5"]["counts"] == _routed(y, {**weights, **new5})
     assert report["versions"]["5"]["tokens"] == dict.fromkeys(weights, 3)
+
+
+def test_a_leased_version_is_neither_freed_nor_evicted_by_another_holder() -> None:
+    _, weights, _, table = _table(seed=16)
+    now = [100.0]
+    table.clock = lambda: now[0]
+    for version in ("1", "2", "3"):
+        table.load(_patch_for(weights, [0], seed=int(version))[1], version)
+    table.lease("1", 10.0, "gw-a")  # 1 is the least recently used: the first victim
+    with pytest.raises(SlotRefused) as err:
+        table.free("1", holder="gw-b")
+    assert err.value.code == "slot_busy" and "leased" in err.value.message
+    assert table.describe()["slots"][1]["leased_s"] == 10.0
+    loaded = table.load(_patch_for(weights, [0], seed=4)[1], "4", lease_s=5.0, holder="gw-b")
+    assert loaded["evicted"] == "2" and table.slot_of("1") == 1
+    table.free("4", holder="gw-b")  # a holder's own lease does not hold it back
+
+    now[0] += 10.0  # gw-a crashed: its lease runs out by itself
+    assert table.leased("1") == 0.0 and "1" not in table.leases
+    assert table.load(_patch_for(weights, [0], seed=5)[1], "5")["evicted"] is None  # 4's slot
+    assert table.load(_patch_for(weights, [0], seed=6)[1], "6")["evicted"] == "1"
+
+    table.lease("3", 10.0, "gw-a")
+    table.lease("3", 0, "gw-a")  # released
+    table.free("3", holder="gw-b")
+    with pytest.raises(SlotRefused) as err:
+        table.lease("3", 10.0, "gw-a")  # gone: the holder must load it again
+    assert err.value.code == "unknown_version"
+
+
+def test_a_leased_version_can_still_be_moved_off(tmp_path: Path) -> None:
+    """A rollback that cannot wait frees a leased version with move_to: its requests on their
+    way are redirected, and what the API server admits follows (admission.py)."""
+    _, weights, runner, table = _table(seed=17)
+    table.publish_to = tmp_path / "slots.json"
+    table.load(_patch_for(weights, [1], seed=18)[1], "18")
+    table.load(_patch_for(weights, [1], seed=19)[1], "19")
+    table.lease("18", 10.0, "gw-a")
+    assert json.loads(table.publish_to.read_text())["servable"] == ["0", "18", "19"]
+    assert table.free("18", move_to="19", holder="gw-b")["slot"] == 1
+    assert table.redirects == {"18": "19"} and not table.leases
+    assert json.loads(table.publish_to.read_text())["servable"] == ["0", "18", "19"]
+    table.free("19")
+    assert json.loads(table.publish_to.read_text())["servable"] == ["0"]
+    state = runner.add("late", "18")  # redirected to 19, which is gone too: a miss
+    runner.step(table, [2])
+    assert getattr(state, BOUND_ATTR) == 0 and table.misses == {"18": 1}

@@ -8,6 +8,7 @@ Each test frees the slots it loaded (``engine.reset()``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from tests.fixtures.engine import (
     engine_greedy,
     engine_greedy_batched,
     engine_greedy_concurrently,
+    greedy_body,
     hf_greedy,
     hf_teacher_forced,
     patch_bytes,
@@ -266,6 +268,82 @@ async def test_slot_refusals_leave_everything_serving(
         model_dir, prompts, routers=routers
     )
     assert engine_greedy(engine.url, model_dir, prompts) == hf_greedy(model_dir, prompts)
+
+
+async def test_a_leased_version_is_not_evicted_until_its_lease_runs_out(
+    engine: RunningEngine, slots_freed: None
+) -> None:
+    """A version one holder (gateway) leases: another holder's free is refused (409
+    slot_busy) and its load into a full table evicts another version; once the lease runs out
+    (its holder crashed: nothing renews it), it is freed like any idle version."""
+    model_dir = engine.model_dir
+    versions = list(range(501, 501 + SLOTS - 1))  # fills every patch slot
+    async with engine.client() as client:
+        for version in versions:
+            patch = patch_bytes(model_dir, perturbed_routers(model_dir, seed=version))
+            await client.load_slot(patch, version, lease_s=60.0, holder=f"gw-{version}")
+        # 501 is the least recently used: the victim a load would take without the lease.
+        await client.lease_slot(versions[1], 0, f"gw-{versions[1]}")  # released
+        await client.lease_slot(versions[2], 0, f"gw-{versions[2]}")
+        with pytest.raises(EngineRejected) as err:
+            await client.free_slot(versions[0], holder="gw-b")
+        assert (err.value.status, err.value.code) == (409, "slot_busy")
+        patch = patch_bytes(model_dir, perturbed_routers(model_dir, seed=509))
+        loaded = await client.load_slot(patch, 509, holder="gw-b")
+        assert loaded.evicted == versions[1]
+        state = await client.slots()
+        assert state.resident()[versions[0]].leased_s > 50
+
+        await client.lease_slot(versions[0], 1.0, f"gw-{versions[0]}")  # the last renewal
+        for _ in range(300):
+            if (await client.slots()).resident()[versions[0]].leased_s == 0:
+                break
+            await asyncio.sleep(0.1)  # waits for the clock, not for another task
+        freed = await client.free_slot(versions[0], holder="gw-b")
+        assert freed.version == versions[0]
+        assert (await client.slots()).misses == {}
+
+
+async def test_a_request_for_a_version_not_resident_is_refused(
+    engine: RunningEngine, slots_freed: None
+) -> None:
+    """The API server refuses (409 version_not_resident, OpenAI error body) a request bound to
+    a version the engine does not hold, streamed or not, instead of running it on the base
+    routers; a version freed with move_to is still admitted (it is redirected)."""
+    model_dir = engine.model_dir
+    prompt = prompt_ids(model_dir)[0]
+    routers = {v: perturbed_routers(model_dir, seed=v) for v in (601, 602)}
+    async with httpx.AsyncClient(base_url=engine.url, timeout=120.0) as http:
+        for stream in (False, True):
+            body = {**greedy_body(model_dir, prompt, 4, version=601), "stream": stream}
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 409, response.text
+            error = response.json()["error"]
+            assert error["code"] == "version_not_resident"
+            assert error["param"] == "vllm_xargs.roma_version" and "601" in error["message"]
+        async with engine.client() as client:
+            for version, r in routers.items():
+                await client.load_slot(patch_bytes(model_dir, r), version)
+            assert engine_greedy(engine.url, model_dir, [prompt], 4, version=601) == hf_greedy(
+                model_dir, [prompt], 4, routers=routers[601]
+            )
+            await client.free_slot(601, move_to=602)
+            assert engine_greedy(engine.url, model_dir, [prompt], 4, version=601) == hf_greedy(
+                model_dir, [prompt], 4, routers=routers[602]
+            )
+            await client.free_slot(602)
+            response = await http.post(
+                "/v1/completions", json=greedy_body(model_dir, prompt, 4, version=601)
+            )
+            assert response.status_code == 409
+            # Requests without a version, or with the base's, are untouched.
+            assert engine_greedy(engine.url, model_dir, [prompt], 4) == hf_greedy(
+                model_dir, [prompt], 4
+            )
+            assert engine_greedy(engine.url, model_dir, [prompt], 4, version=0) == hf_greedy(
+                model_dir, [prompt], 4
+            )
+            assert (await client.slots()).misses == {}
 
 
 async def test_tensor_parallel_2_every_rank_holds_the_slots(

@@ -412,3 +412,68 @@ async def test_bad_splits_are_refused_and_change_nothing(
         assert in_use.status_code == 409, in_use.text
         async with engine.client() as client:
             assert {v: s.pinned for v, s in (await client.slots()).resident().items()} == pins
+
+
+async def _until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_version_in_transit_from_one_gateway_is_not_evicted_by_another(
+    engine: RunningEngine, slots_freed: None, redis_server, redis_prefix: str
+) -> None:
+    """Two gateways, one engine, every patch slot taken by unpinned versions. Gateway A has a
+    request for version 1 (the least recently used) on its way: queued in the paused engine,
+    so the engine counts nothing in flight for 1. Gateway B then needs a slot for version 4:
+    A's lease keeps 1 resident, B evicts another version, and A's request is served under
+    version 1's routers (not silently under the base routers)."""
+    model_dir = engine.model_dir
+    prompt = prompt_ids(model_dir)[0]
+    routers = {v: perturbed_routers(model_dir, seed=70 + v) for v in (1, 2, 3, 4)}
+    expected = {v: hf_greedy(model_dir, [prompt], 8, routers=r)[0] for v, r in routers.items()}
+    assert expected[1] != hf_greedy(model_dir, [prompt], 8)[0]
+    settings_a = gateway_settings(redis_prefix, gateway_id="gw-a")
+    settings_b = gateway_settings(redis_prefix, gateway_id="gw-b")
+    async with (
+        running_gateway(settings_a, redis_server.url, [engine.url]) as a,
+        running_gateway(settings_b, redis_server.url, [engine.url]) as b,
+    ):
+        for version in (1, 2, 3, 4):  # stored, not active: the base routers stay active
+            assert (await _deploy(a, patch_bytes(model_dir, routers[version]), False))[
+                "version"
+            ] == version
+        async with engine.client() as client:
+            for version in (await client.slots()).resident():
+                if version != 0:
+                    await client.free_slot(version)  # every patch slot free, in no order
+        body = _body(await model_id(a), prompt, 8)
+        assert (await _complete(a, body, 1))[0] == expected[1]
+        assert (await _complete(b, body, 2))[0] == expected[2]
+        assert (await _complete(b, body, 3))[0] == expected[3]
+        engine_a = a.app.state.gateway.pool.engines[0]  # type: ignore[attr-defined]
+        engine_b = b.app.state.gateway.pool.engines[0]  # type: ignore[attr-defined]
+        async with engine.client() as client:
+            state = await client.slots()
+            assert sorted(state.resident()) == [0, 1, 2, 3]
+            assert min(state.slots[1:], key=lambda s: s.last_used).version == 1  # B's victim
+            await client.pause("keep")
+            try:
+                in_transit = asyncio.create_task(_complete(a, body, 1))
+                await _until(lambda: engine_a.sending[1] == 1, "A to send its request")
+                await asyncio.sleep(1.0)  # for the engine to queue it (nothing to wait on)
+                state = await client.slots()
+                assert state.resident()[1].in_flight == 0 and state.resident()[1].leased_s > 0
+                needs_a_slot = asyncio.create_task(_complete(b, body, 4))
+                await _until(lambda: engine_b.sending[4] == 1, "B to load 4 and send")
+                resident = (await client.slots()).resident()
+                assert 1 in resident and 4 in resident and len(resident) == 4
+            finally:
+                await client.resume()
+            tokens, response = await in_transit
+            assert tokens == expected[1] and response.headers["X-Router-Version"] == "1"
+            assert "X-Router-Version-Changed" not in response.headers
+            assert (await needs_a_slot)[0] == expected[4]
+            assert (await client.slots()).misses == {}

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from roma_service.engine.admission import NOT_RESIDENT
 from roma_service.engine.binding import bind_request
 from roma_service.gateway.completions.protocol import (
     CHANGED_HEADER,
@@ -50,6 +51,8 @@ _RETURN_HEADERS = ("content-type", "x-request-id")
 # Routes whose requests run under router weights, hence are bound to a version in slot mode.
 _BOUND_ROUTES = ("completions", "chat_completions")
 _MAX_VERSION = 2**62
+# How often a request the engine refused as "version not resident" is routed again.
+_STALE = 2
 
 
 class _Release:
@@ -237,7 +240,8 @@ class CompletionsProxy:
         the first one)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
         tried: list[str] = []
-        for _ in range(len(self.gw.pool.engines)):
+        stale = 0  # answers "version not resident": another gateway evicted it meanwhile
+        while len(tried) < len(self.gw.pool.engines):
             try:
                 if bound is None:
                     engine = self.gw.pool.pick()
@@ -265,6 +269,13 @@ class CompletionsProxy:
             try:
                 upstream = await self.gw.pool.http.send(upstream_request, stream=True)
                 self.gw.metrics.engine_requests.labels(engine.url).inc()
+                if bound is not None and stale < _STALE and await _not_resident(upstream):
+                    # Nothing was generated: route it again (the version is loaded anew).
+                    stale += 1
+                    engine.inflight -= 1
+                    engine.sending[bound] -= 1
+                    await self.gw.residency.not_resident(engine, bound)
+                    continue
                 return engine, upstream, stamp
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 engine.inflight -= 1
@@ -284,6 +295,22 @@ class CompletionsProxy:
             503, f"no engine reachable (tried {', '.join(tried)})", "no_engine",
             headers={"Retry-After": "5"},
         )  # fmt: skip
+
+
+async def _not_resident(upstream: httpx.Response) -> bool:
+    """Whether the engine refused the request because its version is not resident there
+    (``engine.admission``); such an answer is read whole (it is small)."""
+    if upstream.status_code != 409:
+        return False
+    content = await upstream.aread()
+    try:
+        code = json.loads(content)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if code == NOT_RESIDENT:
+        await upstream.aclose()
+        return True
+    return False
 
 
 def _require_json(request: Request) -> None:

@@ -7,6 +7,14 @@ anything else a request asks for is loaded on demand into one engine, unpinned, 
 to make room when a slot is needed (least recently used, never one with requests in flight or in
 transit from this gateway).
 
+Several gateways may share the engines. Requests in transit are counted only by the gateway that
+sent them, so before sending a request for a version it has not pinned on an engine, a gateway
+*leases* it there (``ROMA_SLOT_LEASE_S``; taken with the on-demand load itself, else one RPC,
+renewed once half of it has run out and while requests are on their way): the engine then
+refuses other gateways' frees and evictions of it. Requests for pinned versions pay nothing.
+Should a version still be gone when its request arrives, the engine refuses the request
+(409 ``version_not_resident``, ``engine.admission``) and the request is routed again.
+
 * :meth:`Residency.ensure_targets`: every engine loads, reads back and pins some versions, or
   none does (what was loaded is freed again, pins put back): deploys, activations, canaries.
 * :meth:`Residency.engine_for`: the engine a request for a version goes to, loading the version
@@ -22,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import Iterable
 
 from roma_service.engine.errors import EngineError, EngineRejected
@@ -41,6 +51,10 @@ from roma_service.gateway.timings import Timings
 
 log = logging.getLogger(__name__)
 
+# How often a request is routed again when the version it was routed to vanished meanwhile
+# (evicted by another gateway).
+_STALE_RETRIES = 3
+
 
 def _same(checksums: dict[str, str], target: Target) -> bool:
     return all(checksums.get(n) == sha for n, sha in target.checksums.items())
@@ -56,6 +70,9 @@ class Residency:
     def __init__(self, ctx: SwapContext) -> None:
         self.ctx = ctx
         self._loading: dict[int, asyncio.Lock] = {}
+        # This gateway's name on the engines' leases: unique even for two gateways in one
+        # process (gateway_id defaults to host and pid).
+        self.holder = f"{ctx.settings.gateway_id}/{secrets.token_hex(4)}"
 
     # -- what the engines can hold ---------------------------------------------------------
     def capacity(self) -> int:
@@ -81,10 +98,12 @@ class Residency:
         target: Target,
         pin: bool | None,
         timings: Timings | None = None,
+        lease: bool = False,
     ) -> bool:
         """Make ``target`` resident on ``engine``, read back in its slot; ``pin``: set or keep
-        (None). Returns whether it was loaded now (False: it was resident already). Raises
-        NoFreeSlot, EngineRejected (a bad patch), EngineError.
+        (None); ``lease``: a load also takes this gateway's lease on it (``hold``). Returns
+        whether it was loaded now (False: it was resident already). Raises NoFreeSlot,
+        EngineRejected (a bad patch), EngineError.
 
         One RPC in the common case (every RPC holds up the engine's steps for its duration):
         what the engine holds is taken from the last read, and only a load refused for want of
@@ -100,16 +119,18 @@ class Residency:
                 return False
             if known is not None:
                 # Same number, other weights (a registry reset behind our back): replace it.
-                await engine.client.free_slot(target.version)
+                await engine.client.free_slot(target.version, holder=self.holder)
+            leased_at = time.monotonic()
             try:
-                result = await self._load_slot(engine, target, pin)
+                result = await self._load_slot(engine, target, pin, lease)
             except NoFreeSlot:
                 table = await self.refresh(engine)
                 await self._make_room(engine, table)
-                result = await self._load_slot(engine, target, pin)
+                leased_at = time.monotonic()
+                result = await self._load_slot(engine, target, pin, lease)
             if not _same(result.checksums, target) or not result.verified:
                 with contextlib.suppress(EngineError):
-                    await engine.client.free_slot(target.version)
+                    await engine.client.free_slot(target.version, holder=self.holder)
                 await self.refresh(engine)
                 raise EngineError(
                     f"{engine.url}: version {target.version} in slot {result.slot} does not "
@@ -126,6 +147,8 @@ class Residency:
                 )  # fmt: skip
                 if result.evicted is not None:
                     engine.resident.pop(result.evicted, None)
+            if lease:
+                engine.leases[target.version] = leased_at + self.ctx.settings.slot_lease_s
             if result.loaded:
                 log.info("version loaded into a slot", extra={
                     "engine": engine.url, "version": target.version, "slot": result.slot,
@@ -133,11 +156,16 @@ class Residency:
             return result.loaded
 
     async def _load_slot(
-        self, engine: EngineHandle, target: Target, pin: bool | None
+        self, engine: EngineHandle, target: Target, pin: bool | None, lease: bool = False
     ) -> SlotLoadResult:
         try:
             return await engine.client.load_slot(
-                target.data, target.version, pin=bool(pin), evict=False
+                target.data,
+                target.version,
+                pin=bool(pin),
+                evict=False,
+                lease_s=self.ctx.settings.slot_lease_s if lease else 0.0,
+                holder=self.holder,
             )
         except EngineRejected as exc:
             if exc.code == "no_free_slot":
@@ -157,14 +185,13 @@ class Residency:
         ]  # fmt: skip
         for slot in sorted(idle, key=lambda s: s.last_used):
             try:
-                await engine.client.free_slot(slot.version)  # type: ignore[arg-type]
+                await engine.client.free_slot(slot.version, holder=self.holder)  # type: ignore[arg-type]
             except EngineRejected:
-                continue  # a request reached it meanwhile
+                continue  # a request reached it meanwhile, or another gateway leases it
+            engine.leases.pop(slot.version, None)  # type: ignore[arg-type]
             log.info("slot freed for a load", extra={"engine": engine.url, "version": slot.version})
             return
-        busy = ", ".join(
-            f"{s.version} ({'pinned' if s.pinned else f'{s.in_flight} in flight'})" for s in taken
-        )
+        busy = ", ".join(f"{s.version} ({_why_busy(s)})" for s in taken)
         raise NoFreeSlot(
             f"{engine.url}: all {table.capacity - 1} patch slots are busy: {busy}. Retry when "
             "requests finish, or take versions out of the traffic split",
@@ -209,7 +236,7 @@ class Residency:
             for version in versions - {0}:
                 if version not in before:
                     with contextlib.suppress(EngineRejected):
-                        await engine.client.free_slot(version)
+                        await engine.client.free_slot(version, holder=self.holder)
                 elif (
                     engine.resident
                     and version in engine.resident
@@ -240,14 +267,99 @@ class Residency:
             with contextlib.suppress(EngineError):
                 async with engine.slot_lock:
                     if engine.sending[version] == 0:
-                        await engine.client.free_slot(version)
+                        await engine.client.free_slot(version, holder=self.holder)
                 await self.refresh(engine)
 
     # -- requests ------------------------------------------------------------------------------
     async def engine_for(self, version: int) -> EngineHandle:
-        """The least-loaded engine holding ``version``; if none does, the version is loaded
-        (unpinned) into the least-loaded engine that has room. Raises UnknownVersion (404),
-        NoEngine, NoFreeSlot (503 + Retry-After)."""
+        """The least-loaded engine holding ``version``, which this gateway has pinned or leased
+        there; if none holds it, the version is loaded (unpinned, leased) into the least-loaded
+        engine that has room. Raises UnknownVersion (404), NoEngine, NoFreeSlot (503 +
+        Retry-After)."""
+        for _ in range(_STALE_RETRIES):
+            engine = await self._engine_holding(version)
+            if await self.hold(engine, version):
+                return engine
+        raise NoFreeSlot(
+            f"router version {version} was evicted by other gateways {_STALE_RETRIES} times "
+            "while this one routed a request to it; retry",
+            "no_free_slot",
+            "X-Router-Version",
+        )
+
+    async def hold(self, engine: EngineHandle, version: int) -> bool:
+        """Make sure this gateway leases ``version`` on ``engine`` unless it is pinned there
+        (the hot path: no RPC) or our lease has more than half of its time left. False: the
+        engine no longer holds it (another gateway freed it) or is down; our view of it is
+        refreshed, route again."""
+        slot = (engine.resident or {}).get(version)
+        if version == 0 or (slot is not None and slot.pinned):
+            return True
+        ttl = self.ctx.settings.slot_lease_s
+        if engine.leases.get(version, 0.0) - time.monotonic() > ttl / 2:
+            return True
+        async with engine.lease_locks[version]:  # one RPC for a burst of requests
+            if engine.leases.get(version, 0.0) - time.monotonic() > ttl / 2:
+                return True
+            started = time.monotonic()
+            try:
+                await engine.client.lease_slot(version, ttl, self.holder)
+            except EngineRejected as exc:
+                if exc.code != "unknown_version":
+                    raise
+                log.info("version evicted by another gateway", extra={
+                    "engine": engine.url, "version": version})  # fmt: skip
+                engine.leases.pop(version, None)
+                with contextlib.suppress(EngineError):
+                    await self.refresh(engine)
+                if engine.resident is not None and version in engine.resident:
+                    engine.resident.pop(version)  # the refresh failed: forget it anyway
+                return False
+            except EngineError as exc:
+                self.ctx.pool.mark_down(engine, steps.describe(exc))
+                return False
+            engine.leases[version] = started + ttl
+            return True
+
+    async def renew_leases(self) -> None:
+        """Every reconcile round: renew this gateway's leases on versions its requests are
+        still on their way to or running on (one may wait in an engine's queue longer than a
+        lease), and release the others, so that an idle version does not block other gateways'
+        loads for a whole lease."""
+        ttl = self.ctx.settings.slot_lease_s
+        for engine in self.slot_engines():
+            for version in list(engine.leases):
+                # Forgotten before the RPC: a request from now on leases again, after it.
+                if engine.sending[version] == 0:
+                    engine.leases.pop(version, None)
+                async with engine.lease_locks[version]:
+                    started = time.monotonic()
+                    busy = engine.sending[version] > 0
+                    try:
+                        await engine.client.lease_slot(version, ttl if busy else 0, self.holder)
+                    except EngineError:
+                        engine.leases.pop(version, None)  # gone: the next request finds out
+                        continue
+                    if busy:
+                        engine.leases[version] = started + ttl
+
+    async def release_leases(self) -> None:
+        """At shutdown: hand back every lease (best effort; a lease not handed back runs out)."""
+        for engine in self.ctx.pool.engines:
+            for version in list(engine.leases):
+                engine.leases.pop(version, None)
+                with contextlib.suppress(EngineError):
+                    await engine.client.lease_slot(version, 0, self.holder)
+
+    async def not_resident(self, engine: EngineHandle, version: int) -> None:
+        """The engine refused a request for ``version``: it no longer holds it. Forget it."""
+        engine.leases.pop(version, None)
+        if engine.resident is not None:
+            engine.resident.pop(version, None)
+        with contextlib.suppress(EngineError):
+            await self.refresh(engine)
+
+    async def _engine_holding(self, version: int) -> EngineHandle:
         pool = self.ctx.pool
         if ready := pool.holding(version):
             return pool.least_loaded(ready)
@@ -261,7 +373,7 @@ class Residency:
             refusals = []
             for engine in sorted(self.slot_engines(), key=lambda e: e.inflight):
                 try:
-                    await self.load(engine, target, pin=None)
+                    await self.load(engine, target, pin=None, lease=True)
                 except NoFreeSlot as exc:
                     refusals.append(exc.message)
                     continue
@@ -287,7 +399,7 @@ class Residency:
             engine.moves[version] += 1
             engine.moved_to[version] = to
             async with engine.slot_lock:
-                result = await engine.client.free_slot(version, move_to=to)
+                result = await engine.client.free_slot(version, move_to=to, holder=self.holder)
             moved += result.moved
             await self.refresh(engine)
         return moved
@@ -332,6 +444,14 @@ class Residency:
                 )
         await self.unpin_unused({t.version for t in targets})
         return None
+
+
+def _why_busy(slot: SlotInfo) -> str:
+    if slot.pinned:
+        return "pinned"
+    if slot.leased_s > 0:
+        return f"{slot.in_flight} in flight, leased {slot.leased_s:.0f} s more"
+    return f"{slot.in_flight} in flight"
 
 
 def _failed(targets: list[Target], failures: dict[str, BaseException], engines: int) -> SwapError:
