@@ -161,6 +161,7 @@ class Protocol:
         model: str,
         paths: dict[str, Path],
         scored: tuple[str, ...] = ("val", "test"),
+        hidden_dir: Path | None = None,
     ) -> None:
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -169,7 +170,7 @@ class Protocol:
         self.data_dir = self.out / "data"
         self.paths = paths
         self.samples = {split: load_samples(path) for split, path in paths.items()}
-        self.scorer = Scorer(model, {s: self.samples[s] for s in scored})
+        self.scorer = Scorer(model, {s: self.samples[s] for s in scored}, hidden_dir=hidden_dir)
         # The splits' content is part of every key too: runs name their data by path, and a
         # changed generator rewrites the same paths.
         data = "".join(data_fingerprint(self.samples[s]) for s in ("train", "val", "test"))

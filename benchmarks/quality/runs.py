@@ -31,6 +31,7 @@ from roma_trainer.apply import apply_patch, model_routers
 from roma_trainer.config import load_config
 from roma_trainer.data import Sample
 from roma_trainer.evaluate import HFBackend, evaluate
+from roma_trainer.hidden_cache import HiddenCache, prefix_fingerprint
 from roma_trainer.modeling import load_model
 from roma_trainer.recipe import run as train_patch
 from roma_trainer.routers import RoutingCapture, find_routers, select_layers
@@ -42,11 +43,32 @@ log = logging.getLogger("roma_bench")
 class Scorer:
     """The base model, loaded once, scoring the base or any patch on fixed sample sets."""
 
-    def __init__(self, model: str, splits: dict[str, Sequence[Sample]], batch_size: int = 64):
+    def __init__(
+        self,
+        model: str,
+        splits: dict[str, Sequence[Sample]],
+        batch_size: int = 64,
+        hidden_dir: Path | None = None,
+    ):
         self.loaded = load_model(model, dtype="auto")
         self.splits = splits
         self.batch_size = batch_size
         self.base = {n: w.detach().clone() for n, w in model_routers(self.loaded.model).items()}
+        self.cache = self._hidden_cache(hidden_dir)
+
+    def _hidden_cache(self, folder: Path | None) -> HiddenCache | None:
+        """With ``folder``: the states entering the lowest MoE layer, kept there. Every patch
+        changes routers at or above that layer only, so the layers below compute the same
+        states under every patch; scoring runs the MoE layers alone, on prompts shared by their
+        choices, after the first pass (a 30-layer model with 8 MoE layers: about 4x less)."""
+        if folder is None:
+            return None
+        model = self.loaded.model
+        first = min(find_routers(model))
+        if first < 1:
+            return None
+        name = f"{prefix_fingerprint(model, first)[:16]}-layer{first}-scorer.safetensors"
+        return HiddenCache(model, first, Path(folder) / name)
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -72,7 +94,12 @@ class Scorer:
         """Accuracy (raw log-likelihood) on every split (default: the scorer's own), for the
         base or ``patch``."""
         with self.patched(patch) as model:
-            return accuracies(model, self.loaded.tokenizer, splits or self.splits, self.batch_size)
+            scores = accuracies(
+                model, self.loaded.tokenizer, splits or self.splits, self.batch_size, self.cache
+            )
+        if self.cache is not None:
+            self.cache.save()
+        return scores
 
     def routing(
         self, samples: list[Sample], patch: str | None, layers_spec: str = "last5"
@@ -91,9 +118,11 @@ def accuracies(
     tokenizer: Any,
     splits: dict[str, Sequence[Sample]],
     batch_size: int = 64,
+    cache: HiddenCache | None = None,
 ) -> dict[str, Accuracy]:
-    """Accuracy (raw log-likelihood) of any causal LM on every split, by task."""
-    backend = HFBackend(model, tokenizer, batch_size)
+    """Accuracy (raw log-likelihood) of any causal LM on every split, by task (the layers
+    below ``cache``'s first layer from it, when given)."""
+    backend = HFBackend(model, tokenizer, batch_size, cache)
     reports = {name: evaluate(backend, s) for name, s in splits.items()}
     return {
         name: Accuracy(tasks={t: s.acc for t, s in r.tasks.items()}, average=r.average.acc)

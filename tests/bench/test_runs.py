@@ -26,3 +26,41 @@ def test_weights_fingerprint_sees_every_parameter() -> None:
     with torch.no_grad():
         model[1].bias[0] += 1e-6
     assert weights_fingerprint(model) != before
+
+
+def test_scorer_with_hidden_cache_scores_as_without(tmp_path, tiny_models) -> None:
+    """The scorer's cache of the states below the lowest MoE layer gives the uncached scores,
+    for the base routers and for a patch (routers change above it only), and is kept on disk
+    for the next scorer."""
+    from roma_bench.runs import Scorer
+    from roma_trainer.data import load_samples
+    from tests.fixtures.engine import patch_bytes
+
+    model_dir = tiny_models["qwen2_moe"]  # a dense layer 0 below the MoE layers, as SmolLM2-MoE
+    samples = {"s": load_samples("trainer/data/sample.jsonl")[:12]}
+    patch = tmp_path / "patch.safetensors"
+    patch.write_bytes(patch_bytes(model_dir, scale=4.0, seed=7))
+    plain = Scorer(str(model_dir), samples)
+    cached = Scorer(str(model_dir), samples, hidden_dir=tmp_path / "hidden")
+    assert cached.cache is not None and cached.cache.first_layer >= 1
+    for p in (None, patch):
+        with plain.patched(p) as model:
+            want = plain_scores = _logprobs(model, plain, samples["s"], None)
+        with cached.patched(p) as model:
+            got = _logprobs(model, cached, samples["s"], cached.cache)
+        assert torch.allclose(got, want, atol=1e-4), (p, (got - want).abs().max())
+        assert cached.score(p) == plain.score(p)
+    assert plain_scores is not None
+    [saved] = (tmp_path / "hidden").glob("*.safetensors")
+    again = Scorer(str(model_dir), samples, hidden_dir=tmp_path / "hidden")
+    assert again.cache is not None and again.cache.n_tokens == cached.cache.n_tokens > 0
+    assert again.score(patch) == plain.score(patch)
+    assert saved.exists()
+
+
+def _logprobs(model, scorer, samples, cache) -> torch.Tensor:
+    from roma_trainer.evaluate import HFBackend
+
+    backend = HFBackend(model, scorer.loaded.tokenizer, 16, cache)
+    pairs = [(s.prompt, c) for s in samples for c in s.choices]
+    return torch.tensor([r.logprob for r in backend.loglikelihood(pairs)])

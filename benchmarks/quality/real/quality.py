@@ -88,8 +88,17 @@ class Real(Protocol):
         paths["out_of_set"] = write_out_of_set(
             data, cfg.out_of_set, cfg.n_out_of_set, cfg.data_seed
         )
-        super().__init__(cfg, str(cfg.model), paths)
+        # Hidden states below the tuned layers, computed once and kept on disk for the scorer
+        # and for every run's training (docs/real-quality.md "Cost").
+        self.hidden_dir = Path(cfg.out) / "hidden"
+        super().__init__(cfg, str(cfg.model), paths, hidden_dir=self.hidden_dir)
         self.cfg: RealConfig = cfg
+
+    def train_config(self, method: str, **overrides: object) -> dict[str, object]:
+        return super().train_config(method, **overrides) | {
+            "hidden_cache": "disk",
+            "hidden_cache_dir": str(self.hidden_dir),
+        }
 
     def references(self) -> References:
         """The MoE with every expert on and the dense model, on the test split; cached."""
