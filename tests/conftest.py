@@ -17,3 +17,10 @@ def pytest_configure(config: object) -> None:
     import tempfile
 
     os.environ["ROMA_MODELS_DIR"] = tempfile.mkdtemp(prefix="roma-test-models-")
+
+
+def pytest_unconfigure(config: object) -> None:
+    import os
+    import shutil
+
+    shutil.rmtree(os.environ.get("ROMA_MODELS_DIR", ""), ignore_errors=True)
