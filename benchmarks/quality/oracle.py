@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roma_trainer.data import Sample
+from roma_trainer.hidden_cache import HiddenCache
 from roma_trainer.routers import find_routers
 from roma_trainer.scoring import (
     Encoded,
@@ -89,17 +90,27 @@ class _RoutingDelta:
 
 
 def _encode_routed(
-    model: nn.Module, tokenizer, samples: Sequence[Sample], token: str
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    token: str,
+    cache: HiddenCache | None = None,
 ) -> tuple[Encoded, torch.Tensor, torch.Tensor]:
     """Every (prompt, choice) sequence of ``samples``, the flat row of each sequence's routed
-    token, and the sample each sequence belongs to (what :class:`_RoutingDelta` needs)."""
+    token, and the sample each sequence belongs to (what :class:`_RoutingDelta` needs). With
+    ``cache`` the rows are those of its packed forward (a prompt once, its choices after it;
+    the routed token is a prompt token, at the same position there)."""
     pairs, owner = [], []
     for i, sample in enumerate(samples):
         pairs.extend((sample.prompt, choice) for choice in sample.choices)
         owner.extend([i] * len(sample.choices))
     enc = encode_pairs(tokenizer, pairs, max_length(model))
     positions = torch.tensor([token_position(enc, r, token) for r in range(len(pairs))])
-    rows = torch.arange(len(pairs)) * enc.input_ids.shape[1] + positions
+    if cache is None:
+        rows = torch.arange(len(pairs)) * enc.input_ids.shape[1] + positions
+    else:
+        packed, width = cache.routing_rows(enc, range(len(pairs)))
+        rows = torch.tensor(packed) * width + positions
     return enc, rows, torch.tensor(owner)
 
 
@@ -126,9 +137,11 @@ def oracle_batch(
     token: str = "last",
     steps: int = 10,
     lr: float = 0.5,
+    cache: HiddenCache | None = None,
 ) -> OracleResult:
-    """Optimise the routing of ``samples`` one token each; see the module docstring."""
-    enc, rows, owner = _encode_routed(model, tokenizer, samples, token)
+    """Optimise the routing of ``samples`` one token each; see the module docstring. ``cache``:
+    the states below ``layers`` from it (:class:`roma_trainer.hidden_cache.HiddenCache`)."""
+    enc, rows, owner = _encode_routed(model, tokenizer, samples, token, cache)
     gold = _gold_rows(samples)
     n_experts = find_routers(model)[layers[0]].weight.shape[0]
     with _RoutingDelta(model, layers) as hooks:
@@ -140,7 +153,7 @@ def oracle_batch(
         first_nll: float | None = None
         correct_before: list[bool] = []
         for _ in range(steps):
-            scores = score_encoded(model, enc)
+            scores = score_encoded(model, enc, cache)
             nll = -scores.logprob[gold]
             if first_nll is None:
                 first_nll = nll.detach().mean().item()
@@ -149,7 +162,7 @@ def oracle_batch(
             nll.sum().backward()
             opt.step()
         with torch.no_grad():
-            final = score_encoded(model, enc)
+            final = score_encoded(model, enc, cache)
     return OracleResult(
         correct=_correct(samples, final.logprob),
         correct_before=correct_before,
@@ -167,11 +180,14 @@ def run_oracle(
     steps: int = 10,
     lr: float = 0.5,
     batch_size: int = 32,
+    cache: HiddenCache | None = None,
 ) -> OracleResult:
     """:func:`oracle_batch` over ``samples`` in batches; only routing deltas get gradients."""
     with _frozen(model):
         parts = [
-            oracle_batch(model, tokenizer, samples[i : i + batch_size], layers, token, steps, lr)
+            oracle_batch(
+                model, tokenizer, samples[i : i + batch_size], layers, token, steps, lr, cache
+            )
             for i in range(0, len(samples), batch_size)
         ]
     sizes = [len(p.correct) for p in parts]
@@ -225,6 +241,7 @@ def correct_with_routing(
     targets: torch.Tensor,
     token: str = "last",
     batch_size: int = 32,
+    cache: HiddenCache | None = None,
 ) -> list[bool]:
     """Whether each sample is answered correctly when the routing of ``layers`` at ``token`` is
     set to ``targets[i]`` (``[n, layers, experts]`` probabilities): routing transplanted, the
@@ -233,9 +250,9 @@ def correct_with_routing(
     with _RoutingDelta(model, layers) as hooks:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            enc, hooks.rows, hooks.owner = _encode_routed(model, tokenizer, batch, token)
+            enc, hooks.rows, hooks.owner = _encode_routed(model, tokenizer, batch, token, cache)
             hooks.target = targets[start : start + batch_size]
-            correct += _correct(batch, score_encoded(model, enc).logprob)
+            correct += _correct(batch, score_encoded(model, enc, cache).logprob)
     return correct
 
 
@@ -264,6 +281,7 @@ def run_shared_oracle(
     steps: int = 30,
     lr: float = 0.3,
     batch_size: int = 32,
+    cache: HiddenCache | None = None,
 ) -> OracleResult:
     """The best routing *shared by all samples of a task*, found with their gold answers.
 
@@ -285,7 +303,7 @@ def run_shared_oracle(
         def logprob(chunk: _Chunk, probs: torch.Tensor) -> torch.Tensor:
             hooks.rows, hooks.owner = chunk.rows, chunk.owner
             hooks.target = probs.expand(len(chunk.samples), *probs.shape)
-            return score_encoded(model, chunk.enc).logprob
+            return score_encoded(model, chunk.enc, cache).logprob
 
         def evaluate(chunks: list[_Chunk], probs: torch.Tensor, out: list[bool]) -> float:
             nll = 0.0
@@ -299,7 +317,7 @@ def run_shared_oracle(
 
         for task, index in by_task.items():
             chunks = [
-                _Chunk.of(model, tokenizer, samples, index[i : i + batch_size], token)
+                _Chunk.of(model, tokenizer, samples, index[i : i + batch_size], token, cache)
                 for i in range(0, len(index), batch_size)
             ]
             logits = init[task].clamp_min(1e-12).log().clone().requires_grad_(True)
@@ -340,8 +358,14 @@ class _Chunk:
 
     @classmethod
     def of(
-        cls, model: nn.Module, tokenizer, samples: Sequence[Sample], index: list[int], token: str
+        cls,
+        model: nn.Module,
+        tokenizer,
+        samples: Sequence[Sample],
+        index: list[int],
+        token: str,
+        cache: HiddenCache | None = None,
     ) -> _Chunk:
         batch = [samples[i] for i in index]
-        enc, rows, owner = _encode_routed(model, tokenizer, batch, token)
+        enc, rows, owner = _encode_routed(model, tokenizer, batch, token, cache)
         return cls(index, batch, enc, rows, owner, _gold_rows(batch))

@@ -53,6 +53,7 @@ from roma_bench.runs import Ledger, Scorer, train_and_score, weights_fingerprint
 from roma_bench.samples import sample_row, write_jsonl
 from roma_bench.stats import accuracy_by_task, best_on_val
 from roma_trainer.data import Sample, data_fingerprint, load_samples
+from roma_trainer.hidden_cache import HiddenCache
 from roma_trainer.routers import find_routers, select_layers
 
 log = logging.getLogger("roma_bench")
@@ -304,6 +305,12 @@ class Protocol:
         model, tok, layers = self.base_model()
         return success_routing_by_task(model, tok, self.samples["train"], layers)
 
+    @property
+    def cache(self) -> HiddenCache | None:
+        """The scorer's states below the MoE layers (None: not kept); every tuned layer and
+        every routing hook of the diagnostics lies above them."""
+        return self.scorer.cache
+
     def oracle(self) -> OracleFound:
         """The oracle on the test split, its step size chosen on val; cached."""
         cfg = self.cfg
@@ -321,7 +328,9 @@ class Protocol:
             lr, val = self.oracle_search()
             model, tok, layers = self.base_model()
             test = self.samples["test"]
-            res = run_oracle(model, tok, test, layers, "last", cfg.oracle_steps, lr)
+            res = run_oracle(
+                model, tok, test, layers, "last", cfg.oracle_steps, lr, cache=self.cache
+            )
             found = OracleFound(
                 lr=lr,
                 val_by_lr={str(k): v.average for k, v in val.items()},
@@ -342,7 +351,10 @@ class Protocol:
         model, tok, layers = self.base_model()
         val = {}
         for lr in cfg.oracle_lr_grid:
-            res = run_oracle(model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr)
+            res = run_oracle(
+                model, tok, self.samples["val"], layers, "last", cfg.oracle_steps, lr,
+                cache=self.cache,
+            )  # fmt: skip
             val[lr] = accuracy_by_task(self.samples["val"], res.correct)
             log.info("oracle lr=%g val accuracy %.3f", lr, val[lr].average)
         return best_on_val(cfg.oracle_lr_grid, {k: v.average for k, v in val.items()}), val
@@ -363,7 +375,9 @@ class Protocol:
                 replace(s, answer=rng.choice([i for i in range(len(s.choices)) if i != s.answer]))
                 for s in self.samples["test"]
             ]
-            res = run_oracle(model, tok, wrong, layers, "last", cfg.oracle_steps, lr)
+            res = run_oracle(
+                model, tok, wrong, layers, "last", cfg.oracle_steps, lr, cache=self.cache
+            )
             return OracleControl(
                 before=accuracy_by_task(wrong, res.correct_before).average,
                 after=accuracy_by_task(wrong, res.correct).average,
@@ -376,7 +390,7 @@ class Protocol:
         prompt token is set to the success-set mean of its task (domain routing)."""
         model, tok, layers = self.base_model()
         targets = torch.stack([self.success_means[s.task] for s in samples])
-        return correct_with_routing(model, tok, samples, layers, targets)
+        return correct_with_routing(model, tok, samples, layers, targets, cache=self.cache)
 
     def shared_routing(self) -> SharedRoutingFound:
         """Diagnostic bound (uses the labels): the best routing shared by all samples of a task
@@ -409,8 +423,9 @@ class Protocol:
         model, tok, layers = self.base_model()
         samples, cfg = self.samples[split], self.cfg
         res = run_shared_oracle(
-            model, tok, samples, layers, self.success_means, "last", cfg.shared_steps, lr
-        )
+            model, tok, samples, layers, self.success_means, "last", cfg.shared_steps, lr,
+            cache=self.cache,
+        )  # fmt: skip
         return accuracy_by_task(samples, res.correct), accuracy_by_task(samples, res.correct_before)
 
     def shared_search(self) -> tuple[float, dict[float, tuple[Accuracy, Accuracy]]]:

@@ -133,3 +133,35 @@ def test_success_routing_covers_a_task_the_base_never_answers(tiny_olmoe) -> Non
         routing = score_samples(model, tok, pool, "last", capture).routing
     torch.testing.assert_close(means["hit"], routing[:2].mean(0))
     torch.testing.assert_close(means["miss"], routing[2:].mean(0))
+
+
+def test_oracles_read_the_hidden_cache_as_the_full_model(tiny_models) -> None:
+    """With the states below the MoE layers from a cache (a packed forward: one prompt, its
+    choices after it), the oracle, the routing transplant and the task-shared oracle find what
+    the full model finds."""
+    from roma_bench.oracle import correct_with_routing, run_shared_oracle, success_routing_by_task
+    from roma_trainer.hidden_cache import HiddenCache
+
+    loaded = load_model(tiny_models["qwen2_moe"], "float32")  # a dense layer 0
+    model, tok = loaded.model, loaded.tokenizer
+    data = samples(1)
+    routers = find_routers(model)
+    layers = list(routers)
+    cache = HiddenCache(model, min(routers))
+    for token in ("last", "first"):
+        plain = run_oracle(model, tok, data, layers, token, steps=4, lr=5.0)
+        cached = run_oracle(model, tok, data, layers, token, steps=4, lr=5.0, cache=cache)
+        moved = plain.gold_nll_before - plain.gold_nll_after
+        assert moved > 1e-3  # the delta acted
+        assert abs(cached.gold_nll_before - plain.gold_nll_before) < 1e-4
+        # float noise of the two forwards is ~1e-5; a delta at the wrong rows moves it elsewhere
+        assert abs(cached.gold_nll_after - plain.gold_nll_after) < 0.05 * moved
+        assert cached.correct == plain.correct
+    means = success_routing_by_task(model, tok, data, layers)
+    targets = torch.stack([means[s.task] for s in data])
+    plain_t = correct_with_routing(model, tok, data, layers, targets)
+    assert correct_with_routing(model, tok, data, layers, targets, cache=cache) == plain_t
+    plain_s = run_shared_oracle(model, tok, data, layers, means, steps=3, lr=0.3)
+    cached_s = run_shared_oracle(model, tok, data, layers, means, steps=3, lr=0.3, cache=cache)
+    assert abs(cached_s.gold_nll_after - plain_s.gold_nll_after) < 1e-3
+    assert cache.n_tokens > 0
