@@ -151,11 +151,31 @@ def eval_cmd(
             "version is active there. --model then only names the tokenizer; --patch is refused."
         ),
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ROMA_API_KEY",
+            help="With --gateway: the bearer key of a gateway that requires one (ROMA_API_KEYS).",
+        ),
+    ] = None,
+    router_version: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="With --gateway: score under this router version (X-Router-Version; a version "
+            "the gateway keeps resident, e.g. a canary before promoting it), not the active one.",
+        ),
+    ] = None,
 ) -> None:
     """Accuracy per task and averaged over tasks (raw and length-normalised log-likelihood)."""
     if gateway:
-        _eval_remote(data, model, gateway, json_out, batch_size, patch)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if router_version is not None:
+            headers["X-Router-Version"] = str(router_version)
+        _eval_remote(data, model, gateway, json_out, batch_size, patch, headers)
         return
+    if router_version is not None:
+        fail("--router-version applies with --gateway; offline, pass the version's --patch")
     from roma_trainer.apply import apply_patch
     from roma_trainer.evaluate import HFBackend, evaluate, render, write_json
     from roma_trainer.hidden_cache import open_hidden_cache
@@ -195,6 +215,7 @@ def _eval_remote(
     json_out: Path | None,
     batch_size: int,
     patch: Path | None,
+    headers: dict[str, str],
 ) -> None:
     from transformers import AutoTokenizer
 
@@ -208,7 +229,7 @@ def _eval_remote(
         samples = load_samples(data)
         model_id = resolve_model(model)
         backend = CompletionsBackend(
-            url, AutoTokenizer.from_pretrained(model_id), batch_size=batch_size
+            url, AutoTokenizer.from_pretrained(model_id), batch_size=batch_size, headers=headers
         )
         report = evaluate(backend, samples)
     except BAD_INPUT as exc:

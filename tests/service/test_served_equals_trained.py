@@ -211,3 +211,55 @@ async def test_benchmark_roma_patch_scores_the_same_served_and_offline(
         abs(a.logprob - b.logprob) for a, b in zip(offline_scores, base_scores, strict=True)
     )
     assert moved > 1e-3
+
+
+async def test_eval_cli_through_a_keyed_gateway_under_a_chosen_version(
+    engine, redis_server: LocalRedis, redis_prefix: str, tmp_path: Path
+) -> None:
+    """`roma-train eval --gateway` sends the API key of a gateway that requires one and, with
+    --router-version, scores under that resident version instead of the active one: version 0
+    while a patch is active scores exactly as the base model offline."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from roma_trainer.cli import app
+    from tests.fixtures.engine import patch_bytes
+
+    model_dir = engine.model_dir
+    samples = load_samples(str(SAMPLE_DATA))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base_offline = evaluate(HFBackend(model, AutoTokenizer.from_pretrained(model_dir)), samples)
+    patch = tmp_path / "patch.safetensors"
+    patch.write_bytes(patch_bytes(model_dir, scale=4.0, seed=11))
+
+    def eval_cli(*args: str) -> tuple[int, str, dict]:
+        out = tmp_path / "eval.json"
+        out.unlink(missing_ok=True)
+        result = CliRunner().invoke(
+            app,
+            ["eval", "--model", str(model_dir), "--data", str(SAMPLE_DATA), "--json", str(out),
+             "--gateway", url, *args],
+        )  # fmt: skip
+        report = json.loads(out.read_text()) if out.exists() else {}
+        return result.exit_code, result.output, report
+
+    settings = gateway_settings(redis_prefix, api_keys=["client-key"])
+    try:
+        async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+            url = str(gw.base_url)
+            answer = await asyncio.to_thread(push_patch, patch, url, ADMIN_TOKEN)
+            code, output, _ = await asyncio.to_thread(eval_cli)
+            assert code == 1 and "401" in output, output
+            code, output, active = await asyncio.to_thread(eval_cli, "--api-key", "client-key")
+            assert code == 0, output
+            assert active["router_versions"] == [str(answer["version"])]
+            code, output, base = await asyncio.to_thread(
+                eval_cli, "--api-key", "client-key", "--router-version", "0"
+            )
+            assert code == 0, output
+    finally:
+        await asyncio.to_thread(engine.reset)
+    assert base["router_versions"] == ["0"]
+    assert base["tasks"] == base_offline.to_json()["tasks"]
+    assert active["tasks"] != base["tasks"], "the patch changes some score for this to mean much"
