@@ -48,12 +48,9 @@ class RealConfig(QualityConfig):
     # where the step and the regularisers are comparable to the CE on this model.
     lr_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
     lam_grid: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {
-            "l1": (1e-4, 1e-3, 1e-2),
-            "l2": (1e-3, 1e-2, 1e-1),
-            "entropy": (1e4, 1e5, 1e6),
-            "manifold": (1e4, 1e5, 1e6),
-        }
+        default_factory=lambda: (
+            QualityConfig().lam_grid | {"entropy": (1e4, 1e5, 1e6), "manifold": (1e4, 1e5, 1e6)}
+        )
     )
 
     @classmethod
