@@ -227,17 +227,18 @@ class Protocol:
         dict[str, Search], dict[str, list[RunRecord]], dict[str, dict[str, list[RunRecord]]]
     ]:
         """Every method's search, its winner with every seed, and the ablations (when on)."""
-        # CE and RoMA k-NN first: on a slow machine the headline comparison is in the ledger
-        # hours before the other baselines are.
-        order = sorted(METHODS, key=lambda m: m not in HEADLINE)
-        searches, finals = {}, {}
-        for m in order:
-            searches[m] = self.search(m)
-            finals[m] = self.seeds(m, lr=searches[m].best.lr, lam=searches[m].best.lam)
-        searches = {m: searches[m] for m in METHODS}
-        finals = {m: finals[m] for m in METHODS}
+        searches, finals = self.searches_and_finals()
         ablations = self.ablations(searches["roma_knn"].best) if self.cfg.ablations else {}
         return searches, finals, ablations
+
+    def searches_and_finals(self) -> tuple[dict[str, Search], dict[str, list[RunRecord]]]:
+        """Every method's search and its winner with every seed, CE and RoMA k-NN first: on a
+        slow machine the headline comparison is in the ledger hours before the rest."""
+        searches, finals = {}, {}
+        for m in sorted(METHODS, key=lambda m: m not in HEADLINE):
+            searches[m] = self.search(m)
+            finals[m] = self.seeds(m, lr=searches[m].best.lr, lam=searches[m].best.lam)
+        return {m: searches[m] for m in METHODS}, {m: finals[m] for m in METHODS}
 
     def ablations(self, best: Setting) -> dict[str, dict[str, list[RunRecord]]]:
         """RoMA k-NN at its winning setting with one factor changed, every ablation seed."""
