@@ -1,4 +1,7 @@
-"""Dependencies shared by the route modules: the gateway's objects and the admin-token check."""
+"""Dependencies shared by the route modules: the gateway's objects and the admin-token check.
+
+All ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
+request for a few attribute reads."""
 
 from __future__ import annotations
 
@@ -16,11 +19,15 @@ _api_key = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="one o
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def get_gateway(request: Request) -> Gateway:
+def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def require_admin(
+async def get_gateway(request: Request) -> Gateway:
+    return _gateway(request)
+
+
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -32,18 +39,18 @@ def require_admin(
             "missing_token",
             headers=_CHALLENGE,
         )
-    expected = get_gateway(request).settings.admin_token_value() or ""
+    expected = _gateway(request).settings.admin_token_value() or ""
     if not expected or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
         raise APIError(401, "the admin token is not valid", "invalid_token", headers=_CHALLENGE)
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)],
 ) -> None:
     """One of ``ROMA_API_KEYS`` as a bearer token (vLLM's ``--api-key`` convention); nothing
     when no key is set. Every key is compared, in constant time."""
-    keys = get_gateway(request).settings.api_key_values()
+    keys = _gateway(request).settings.api_key_values()
     if not keys:
         return
     if credentials is None:

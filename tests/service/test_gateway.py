@@ -4,6 +4,7 @@ work unchanged, and each response names its router version."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -109,6 +110,36 @@ async def test_streaming_passes_through_and_carries_the_version(
         chunks = [json.loads(line.removeprefix("data: ")) for line in data[:-1]]
         streamed = [t for chunk in chunks for t in chunk["choices"][0]["token_ids"]]
         assert streamed == expected
+
+
+async def test_a_stream_cut_short_is_no_longer_in_flight(
+    engine_url: str, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    """A client that hangs up mid-stream: the gateway drops its upstream connection and stops
+    counting the request against the engine; the next request is served as usual."""
+    settings = gateway_settings(redis_prefix)
+    async with running_gateway(settings, redis_server.url, [engine_url]) as gw:
+        engine = gw.app.state.gateway.pool.engines[0]  # type: ignore[attr-defined]
+        request = {
+            "model": await model_id(gw),
+            "prompt": PROMPT_IDS,
+            "max_tokens": 400,
+            "min_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with gw.stream("POST", "/v1/completions", json=request) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    assert engine.inflight == 1 and sum(engine.sending.values()) == 1
+                    break  # leaving the block closes the connection with the stream unread
+        for _ in range(200):
+            if engine.inflight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.inflight == 0 and sum(engine.sending.values()) == 0
+        tokens, _ = await greedy(gw)
+        assert len(tokens) == 8
 
 
 async def test_openai_client_works_unchanged(

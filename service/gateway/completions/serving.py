@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -153,6 +153,7 @@ class CompletionsProxy:
             raise
         version = stamp.version
         request_version.set(version)
+        status = upstream.status
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in _RETURN_HEADERS}
         headers[VERSION_HEADER] = str(version)
 
@@ -166,26 +167,28 @@ class CompletionsProxy:
                 self.gw.metrics.version_changed.inc()
             return changed
 
-        if not (stream and upstream.status_code == 200):
+        if not (stream and status == 200):
             try:
-                content = await upstream.aread()
+                content = await upstream.read()
             finally:
-                await upstream.aclose()
+                upstream.release()
                 await done()
-            if finish(upstream.status_code):
+            if finish(status):
                 headers[CHANGED_HEADER] = f"{version}->{engine.now_serving(stamp)}"
-            log.info("proxied", extra={"route": route, "status": upstream.status_code,
+            log.info("proxied", extra={"route": route, "status": status,
                                        "engine": engine.url})  # fmt: skip
-            if upstream.status_code >= 400:  # the engine's refusal, in the gateway's shape
-                error = from_engine(upstream.status_code, content)
+            if status >= 400:  # the engine's refusal, in the gateway's shape
+                error = from_engine(status, content)
                 headers.pop("content-type", None)
-                return JSONResponse(error, upstream.status_code, headers=headers)
-            return Response(content, upstream.status_code, headers=headers)
+                return JSONResponse(error, status, headers=headers)
+            return Response(content, status, headers=headers)
 
         async def body_iter() -> AsyncIterator[bytes]:
             first = True
             try:
-                async for chunk in upstream.aiter_raw():
+                # Whatever has arrived, at once: SSE events that came in together go out in one
+                # write (the DONE event is looked for at the end of a read, as it is the last).
+                async for chunk in upstream.content.iter_any():
                     if first:
                         first = False
                         self.gw.metrics.ttft.labels(str(version)).observe(
@@ -199,7 +202,12 @@ class CompletionsProxy:
                     else:
                         yield chunk
             finally:
-                await upstream.aclose()
+                # A stream cut short (the client went away) closes the connection, which is
+                # what tells the engine to stop generating; a finished one goes back to the pool.
+                if upstream.content.at_eof():
+                    upstream.release()
+                else:
+                    upstream.close()
                 finish(200)
                 await done()
 
@@ -234,11 +242,18 @@ class CompletionsProxy:
         body: bytes,
         bound: int | None = None,
         payload: dict | None = None,
-    ) -> tuple[EngineHandle, httpx.Response, Stamp]:
+    ) -> tuple[EngineHandle, aiohttp.ClientResponse, Stamp]:
         """Send to the least-loaded engine holding the request's version; an engine that
         refuses the connection goes out of rotation and the next one is tried (nothing reached
         the first one)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
+        # The wait for a pooled connection and each read are bounded by the request timeout
+        # (a stream may run long, but never stall that long), the TCP connect by 5 s.
+        limit = self.gw.settings.request_timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=limit, sock_connect=5.0, sock_read=limit
+        )
+        params = request.query_params.multi_items() or None
         tried: list[str] = []
         stale = 0  # answers "version not resident": another gateway evicted it meanwhile
         while len(tried) < len(self.gw.pool.engines):
@@ -258,16 +273,16 @@ class CompletionsProxy:
                 raise APIError(503, str(exc), "no_engine", headers={"Retry-After": "5"}) from exc
             engine.inflight += 1
             self.gw.metrics.engine_inflight.labels(engine.url).set(engine.inflight)
-            upstream_request = self.gw.pool.http.build_request(
-                request.method,
-                engine.url + path,
-                content=body or None,
-                headers=headers,
-                params=request.query_params,
-                timeout=httpx.Timeout(self.gw.settings.request_timeout_s, connect=5.0),
-            )
             try:
-                upstream = await self.gw.pool.http.send(upstream_request, stream=True)
+                upstream = await self.gw.pool.http.request(
+                    request.method,
+                    engine.url + path,
+                    data=body or None,
+                    headers=headers,
+                    params=params,
+                    allow_redirects=False,
+                    timeout=timeout,
+                )
                 self.gw.metrics.engine_requests.labels(engine.url).inc()
                 if bound is not None and stale < _STALE and await _not_resident(upstream):
                     # Nothing was generated: route it again (the version is loaded anew).
@@ -277,14 +292,14 @@ class CompletionsProxy:
                     await self.gw.residency.not_resident(engine, bound)
                     continue
                 return engine, upstream, stamp
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 engine.inflight -= 1
                 if bound is not None:
                     engine.sending[bound] -= 1
                 tried.append(engine.url)
                 self.gw.pool.mark_down(engine, f"connection failed: {exc}")
                 self.gw.sync.wake()
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 engine.inflight -= 1
                 if bound is not None:
                     engine.sending[bound] -= 1
