@@ -312,18 +312,19 @@ class CompletionsProxy:
         )  # fmt: skip
 
 
-async def _not_resident(upstream: httpx.Response) -> bool:
+async def _not_resident(upstream: aiohttp.ClientResponse) -> bool:
     """Whether the engine refused the request because its version is not resident there
-    (``engine.admission``); such an answer is read whole (it is small)."""
-    if upstream.status_code != 409:
+    (``engine.admission``); such an answer is read whole (it is small, and a later ``read()``
+    returns it again)."""
+    if upstream.status != 409:
         return False
-    content = await upstream.aread()
+    content = await upstream.read()
     try:
         code = json.loads(content)["error"]["code"]
     except (ValueError, KeyError, TypeError):
         return False
     if code == NOT_RESIDENT:
-        await upstream.aclose()
+        upstream.release()
         return True
     return False
 
