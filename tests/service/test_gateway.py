@@ -12,6 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from roma_service.engine.client import EngineClient
 from roma_service.registry import LocalRedis, Registry
 from tests.fixtures.engine import base_routers, hf_greedy, patch_bytes, perturbed_routers
 from tests.service.gateway_support import (
@@ -128,11 +129,17 @@ async def test_a_stream_cut_short_is_no_longer_in_flight(
             "ignore_eos": True,
             "stream": True,
         }
-        async with gw.stream("POST", "/v1/completions", json=request) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
+        # The engine holds the request before its first token (an idle machine generates 400
+        # tokens before the client reads one): the stream has begun (headers) and stays open.
+        async with EngineClient(engine_url) as client:
+            await client.pause("keep")
+            try:
+                async with gw.stream("POST", "/v1/completions", json=request) as response:
+                    assert response.status_code == 200
                     assert engine.inflight == 1 and sum(engine.sending.values()) == 1
-                    break  # leaving the block closes the connection with the stream unread
+                    # leaving the block closes the connection with the stream unread
+            finally:
+                await client.resume()
         for _ in range(200):
             if engine.inflight == 0:
                 break
