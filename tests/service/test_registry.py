@@ -202,3 +202,34 @@ async def test_heartbeats_tell_which_other_gateways_are_alive(
     await registry.heartbeat("gw-gone", valid_s=-1)  # its validity already ran out
     assert await registry.peers("gw-a") == ["gw-b"]
     assert await registry.peers("gw-c") == ["gw-a", "gw-b"]
+
+
+async def test_a_gateway_settles_its_own_lock_key_that_outlived_a_redis_crash(
+    registry: Registry, tiny_olmoe: Path
+) -> None:
+    """Redis killed while a gateway held the deploy lock keeps the key (append-only file) for
+    the whole lease. The holder, which never got to release it, deletes its own key at its next
+    hold; another gateway's key is left alone (Busy until its lease runs out)."""
+    from roma_service.gateway.swaps.errors import Busy
+    from roma_service.gateway.swaps.lock import DeployLock
+    from roma_service.gateway.timings import Timings
+    from roma_service.settings import Settings
+
+    await registry.record_base(base_routers(tiny_olmoe))
+    settings = Settings(admin_token="t", redis_prefix="unused")
+    ours, theirs = DeployLock(registry, settings), DeployLock(registry, settings)
+    leftover = registry.deploy_lock(lease_s=600, wait_s=0)
+    assert await leftover.acquire(token=b"lost-hold")  # what the crash left behind
+    ours.unsettled = b"lost-hold"  # the hold whose release never reached Redis
+
+    with pytest.raises(Busy):  # not theirs: they wait, then give up
+        async with theirs.hold(Timings(), wait_s=0.3):
+            pass
+    assert await registry.redis.get(registry.keys.deploy_lock) == b"lost-hold"
+    async with ours.hold(Timings(), wait_s=0.3):
+        held = await registry.redis.get(registry.keys.deploy_lock)
+        assert held not in (None, b"lost-hold")  # its own new hold
+    assert ours.unsettled is None
+    assert await registry.redis.get(registry.keys.deploy_lock) is None
+    async with theirs.hold(Timings(), wait_s=0.3):  # free for everyone again
+        pass

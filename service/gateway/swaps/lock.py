@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.exceptions import LockError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, LockNotOwnedError
 
 from roma_service.gateway.swaps.errors import REDIS_DOWN, Busy
 from roma_service.gateway.timings import Timings
@@ -25,6 +27,18 @@ class DeployLock:
         self.settings = settings
         # This gateway's own swaps and reconciles; held alone while Redis is away.
         self.local = asyncio.Lock()
+        # The token of a hold whose end Redis never heard of (it went away during the hold or
+        # during the acquire itself): its key may have survived in Redis' append-only file and
+        # would block every gateway for the whole lease. Settled at the next hold.
+        self.unsettled: bytes | None = None
+
+    async def _settle(self, lock: Lock) -> None:
+        """Delete this gateway's own leftover lock key, if Redis still holds it."""
+        if self.unsettled is None:
+            return
+        with contextlib.suppress(LockNotOwnedError):
+            await lock.do_release(self.unsettled)
+        self.unsettled = None
 
     @asynccontextmanager
     async def hold(
@@ -42,14 +56,21 @@ class DeployLock:
         try:
             lease = self.settings.drain_timeout_s * 2 + self.settings.engine_timeout_s * 4
             lock = self.registry.deploy_lock(lease_s=lease, wait_s=wait)
+            token = secrets.token_hex(16).encode()
             with timings.phase("lock"):
-                acquired = await lock.acquire()
+                await self._settle(lock)
+                self.unsettled = token  # set in Redis even if the answer never comes back
+                acquired = await lock.acquire(token=token)
             if not acquired:
+                self.unsettled = None
                 raise _busy()
             try:
                 yield
             finally:
-                with contextlib.suppress(LockError, *REDIS_DOWN):
-                    await lock.release()
+                with contextlib.suppress(*REDIS_DOWN):
+                    # LockError: the lease ran out, the key is gone or another holder's.
+                    with contextlib.suppress(LockError):
+                        await lock.release()
+                    self.unsettled = None
         finally:
             self.local.release()
