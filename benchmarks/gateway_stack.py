@@ -54,13 +54,18 @@ def stack(
         model_dir = Path(model) if model else build_model(root, 128, 8, 6)
         redis = es.enter_context(LocalRedis(root / "redis"))
         processes = []
+        cores = sorted(os.sched_getaffinity(0))
         for i in range(engines):
+            # Several engines: a core each. vLLM's own binding pins every engine's worker to the
+            # same first core, where a second worker starves while the first polls (seen with 2
+            # engines on 2 cores: a deploy's RPC timed out and the worker died).
+            core = engine_core if engine_core is not None else cores[i % len(cores)]
             options = EngineOptions(
                 model=str(model_dir),
                 log_path=root / f"engine-{i}.log",
                 max_model_len=512,
                 extra_args=["--max-num-seqs", str(max_num_seqs)],
-                cpu_cores=None if engine_core is None else str(engine_core),
+                cpu_cores=str(core) if engine_core is not None or engines > 1 else None,
             )
             processes.append(es.enter_context(_started(EngineProcess(options))))
         for process in processes:
