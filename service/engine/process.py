@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -133,7 +134,9 @@ class EngineProcess:
             tempfile.mkstemp(prefix="roma-engine-", suffix=".log")[1]
         )
         # One per engine process: its workers publish there what the admission check reads.
-        self.state_file = Path(tempfile.mkdtemp(prefix="roma-engine-")) / "slots.json"
+        # The folder exists from start to stop only.
+        folder = f"roma-engine-{os.getpid()}-{secrets.token_hex(6)}"
+        self.state_file = Path(tempfile.gettempdir()) / folder / "slots.json"
 
     @property
     def url(self) -> str:
@@ -183,6 +186,7 @@ class EngineProcess:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         log.info("starting vLLM engine", extra={"url": self.url, "log": str(self.log_path)})
         self.proc = subprocess.Popen(
@@ -258,6 +262,8 @@ class EngineProcess:
                 self._log = None
             with contextlib.suppress(OSError):
                 self.state_file.unlink()  # a restart publishes afresh
+            with contextlib.suppress(OSError):
+                self.state_file.parent.rmdir()  # made again by the next start
         return proc.returncode
 
     def kill(self) -> None:
