@@ -4,10 +4,14 @@
     python benchmarks/gateway_overhead.py --streams 16 --tokens 64 --rounds 4
     python benchmarks/gateway_overhead.py --model /work/cache/smollm2-moe   # a real 135M MoE
 
-Both targets are measured side by side in one run, alternating (direct, gateway, direct, ...)
-so that load from anything else on the machine hits both alike. Per round: ``--streams``
-concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS ignored). Goals
-(issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token ratio <= 1.05.
+Three targets are measured side by side in one run, alternating (direct, bare hop, gateway,
+direct, ...) so that load from anything else on the machine hits them alike: the engine itself,
+the engine behind ``bare_proxy.py`` (the cheapest Python hop: one more loopback connection and
+event loop, nothing else) and the engine behind the gateway. The bare hop splits the gateway's
+overhead into what any proxy in front of the engine costs and what the gateway adds. Per
+round: ``--streams`` concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS
+ignored). Goals (issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token
+ratio <= 1.05.
 
 Fair by default on a 2-core machine: the engine (its API server, engine core and worker, with
 ``VLLM_CPU_OMP_THREADS_BIND``) is pinned to ``--engine-core`` and the gateway and this load
@@ -25,18 +29,25 @@ loops) burns over the same time, as measured during the direct rounds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import httpx
 import psutil
 import typer
 from engine_setup import percentile
-from gateway_stack import stack
+from gateway_stack import pin_tree, stack
 from rich.console import Console
 from rich.table import Table
+
+from roma_service.registry.local import free_port
 
 app = typer.Typer(add_completion=False)
 PROMPTS = ["The quick brown fox", "Question: what is 12 + 7? Answer:", "Mixture of experts"]
@@ -74,6 +85,35 @@ async def one_round(
     return {"tps": sum(n for _, n in results) / wall, "ttft": [t for t, _ in results]}
 
 
+@contextlib.contextmanager
+def bare_hop(upstream: str, core: int | None) -> Iterator[str]:
+    """``bare_proxy.py`` in front of ``upstream``, in a process of its own (on ``core``)."""
+    port = free_port()
+    script = Path(__file__).with_name("bare_proxy.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--upstream", upstream, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if core is not None:
+            pin_tree(proc.pid, core)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/v1/models", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the bare proxy did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @app.command()
 def main(
     streams: Annotated[int, typer.Option(help="concurrent streams per round")] = 16,
@@ -87,10 +127,13 @@ def main(
     cores = {"engine_core": engine_core, "gateway_core": client_core} if pin else {}
     if pin:
         os.sched_setaffinity(0, {client_core})
-    with stack(engines=1, model=model, max_num_seqs=streams, **cores) as s:
-        targets = {"direct": s.engines[0], "gateway": s.gateway}
-        asyncio.run(one_round(s.gateway, s.served_model, streams, 8))  # warm-up both paths
-        asyncio.run(one_round(s.engines[0], s.served_model, streams, 8))
+    with (
+        stack(engines=1, model=model, max_num_seqs=streams, **cores) as s,
+        bare_hop(s.engines[0], client_core if pin else None) as bare,
+    ):
+        targets = {"direct": s.engines[0], "bare hop": bare, "gateway": s.gateway}
+        for url in targets.values():  # warm-up every path
+            asyncio.run(one_round(url, s.served_model, streams, 8))
         measured: dict[str, list[dict]] = {name: [] for name in targets}
         gateway_cpu = psutil.Process(s.gateway_pid)
         cpu_s = {name: 0.0 for name in targets}  # the gateway's CPU during each target's rounds
@@ -107,7 +150,7 @@ def main(
         ttft = [t for r in measured[name] for t in r["ttft"]]
         return tps, percentile(ttft, 50) * 1e3, percentile(ttft, 95) * 1e3
 
-    direct, gateway = summary("direct"), summary("gateway")
+    direct = summary("direct")
     where = (
         f"engine on core {engine_core}, gateway + client on core {client_core}"
         if pin
@@ -118,16 +161,21 @@ def main(
     )
     for column in ("target", "tokens/s (median round)", "TTFT p50 ms", "TTFT p95 ms"):
         table.add_column(column, justify="left" if column == "target" else "right")
-    for name, (tps, p50, p95) in (("direct", direct), ("gateway", gateway)):
+    for name in targets:
+        tps, p50, p95 = summary(name)
         table.add_row(name, f"{tps:.1f}", f"{p50:.1f}", f"{p95:.1f}")
-    table.add_row(
-        "gateway / direct",
-        f"{gateway[0] / direct[0]:.3f} (goal >= 0.97)",
-        f"{gateway[1] / direct[1]:.3f} (goal <= 1.05)",
-        f"{gateway[2] / direct[2]:.3f}",
-    )
+    for name in ("bare hop", "gateway"):
+        tps, p50, p95 = summary(name)
+        goals = (" (goal >= 0.97)", " (goal <= 1.05)") if name == "gateway" else ("", "")
+        table.add_row(
+            f"{name} / direct",
+            f"{tps / direct[0]:.3f}{goals[0]}",
+            f"{p50 / direct[1]:.3f}{goals[1]}",
+            f"{p95 / direct[2]:.3f}",
+        )
     Console().print(table)
-    idle = cpu_s["direct"] / wall_s["direct"]  # CPU seconds per second, serving nothing
+    # The gateway's CPU seconds per second while it serves nothing (the other targets' rounds).
+    idle = (cpu_s["direct"] + cpu_s["bare hop"]) / (wall_s["direct"] + wall_s["bare hop"])
     busy_s = cpu_s["gateway"] - idle * wall_s["gateway"]
     per_stream = busy_s / (rounds * streams) * 1e3
     Console().print(

@@ -180,3 +180,23 @@ def real_cmd(
     results = run_real(cfg)
     console.print((cfg.out / "real.md").read_text(), highlight=False)
     console.print(f"total {results.seconds:.0f} s; wrote {cfg.out}", highlight=False)
+
+
+@app.command("progress")
+def progress_cmd(
+    out: Annotated[
+        Path, typer.Option(help="The benchmark's results directory (holds runs.jsonl).")
+    ] = Path("results/real"),
+) -> None:
+    """Where a long benchmark stands, from its ledger alone (nothing is trained or scored):
+    every method's grid points and finished seeds, and the paired test differences to CE-only
+    so far. Run it beside `roma-bench real` at any time."""
+    from roma_bench.progress import progress
+
+    ledger = out / "runs.jsonl"
+    if not ledger.exists():
+        raise typer.BadParameter(
+            f"{ledger} does not exist: nothing has run there", param_hint="--out"
+        )
+    text = progress(ledger, data=str(out / "data" / "train.jsonl"))
+    console.print(text, highlight=False, soft_wrap=True)

@@ -151,7 +151,10 @@ class Real(Protocol):
 
     def run_all(self) -> RealResults:
         started = time.perf_counter()
-        base = self.scorer.score(None)
+        # Cached, so that the ledger alone says where a run stands (``roma-bench progress``).
+        base = self.cached(
+            {"base_score": True}, dict[str, Accuracy], lambda: self.scorer.score(None)
+        )
         # The methods before the diagnostics: on two cores the oracle's searches alone take
         # hours, and every step is in the ledger as soon as it ends.
         searches, finals = self.searches_and_finals()

@@ -128,3 +128,33 @@ def test_a_run_whose_patch_is_gone_is_trained_again(small: Path) -> None:
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert (after[name] - tensor).abs().max() <= 1e-6, name
+
+
+def test_progress_reads_the_ledger_alone(small: Path) -> None:
+    """`roma-bench progress` agrees with the finished report: every method's winning setting
+    with every seed, each search's grid points, and RoMA's paired difference to CE-only."""
+    results = json.loads((small / "real.json").read_text())
+    ledger = (small / "runs.jsonl").read_text()
+    result = CliRunner().invoke(app, ["progress", "--out", str(small)])
+    assert result.exit_code == 0, result.output
+    assert (small / "runs.jsonl").read_text() == ledger
+    text = result.output
+    base = results["base"]
+    assert (
+        f"val {100 * base['val']['average']:.1f}, test {100 * base['test']['average']:.1f}" in text
+    )
+    seeds = ",".join(str(s) for s in sorted(results["config"]["seeds"]))
+    for method, search in results["search"].items():
+        lam = search["best"]["lam"]
+        setting = f"{search['best']['lr']:g} | {'-' if lam is None else f'{lam:g}'}"
+        row = f"| {LABELS[method]} | {setting} | {seeds} |"
+        assert row in text, (method, row)
+        assert text.count(f"| {LABELS[method]} |") == len(search["grid"]), method
+    vs = results["methods"]["roma_knn"]["vs_ce"]
+    assert f"- {LABELS['roma_knn']}: {100 * vs['mean']:+.1f} [" in text
+
+
+def test_progress_of_a_folder_without_a_ledger_says_so(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["progress", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "nothing has run there" in result.output

@@ -1,0 +1,94 @@
+"""Where a long benchmark stands, read from its ledger alone: nothing is trained or scored.
+
+The final report (``real.md``, ``quality.md``) is written only when every step is done, which on
+two cores takes many sessions. This summary shows what the ledger already holds: every method's
+grid points (val with seed 0, test), the seeds finished at each setting, and the paired test
+difference to CE-only wherever both have two or more seeds at their most-seeded setting.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from roma_bench.protocol import LABELS, METHODS
+from roma_bench.report import difference, pct
+from roma_bench.results import Accuracy, RunRecord
+from roma_bench.runs import Ledger
+from roma_bench.stats import paired_difference
+
+# Config keys that vary inside one method's search and seeds; any other difference from the
+# protocol's defaults (layers, token, data, k, embedder, ...) makes a run an ablation.
+_VARIED = {"seed", "lr", "lam"}
+_DEFAULTS = {"layers": "last5", "token": "last"}
+# Keys of every run that say where things are, not what was trained.
+_NEUTRAL = {
+    "model", "data", "max_steps", "epochs", "batch_size", "hidden_cache", "hidden_cache_dir",
+}  # fmt: skip
+
+
+def method_of(config: dict[str, Any], data: str | None) -> str | None:
+    """The protocol method a training run belongs to, None for an ablation or a non-run."""
+    for name, settings in METHODS.items():
+        want = {**_DEFAULTS, **settings}
+        same = all(config.get(k) == v for k, v in want.items())
+        extra = set(config) - set(want) - _VARIED - _NEUTRAL
+        if same and not extra and (data is None or config.get("data") == data):
+            return name
+    return None
+
+
+def progress(ledger_path: Path, data: str | None = None) -> str:
+    """Markdown: the base scores (when the ledger has them), every method's grid and seeds,
+    the paired differences to CE-only so far, and a count of the other records."""
+    ledger = Ledger(ledger_path)
+    runs: dict[str, list[RunRecord]] = defaultdict(list)
+    base: dict[str, Accuracy] | None = None
+    others = 0
+    for record in ledger.records.values():
+        config = record["config"]
+        if config.get("base_score"):
+            base = {k: Accuracy.model_validate(v) for k, v in record["result"].items()}
+            continue
+        method = method_of(config, data) if "patch" in record else None
+        if method is None:
+            others += 1
+            continue
+        runs[method].append(RunRecord.model_validate(record))
+    lines = [f"# Progress of `{ledger_path}` ({len(ledger.records)} records)", ""]
+    if base is not None:
+        lines += [f"Base routers: val {pct(base['val'].average)}, "
+                  f"test {pct(base['test'].average)} %.", ""]  # fmt: skip
+    lines += [
+        "| method | lr | lambda | seeds done | val, seed 0 | test, mean over seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    finals: dict[str, list[RunRecord]] = {}
+    for method in METHODS:
+        by_setting: dict[tuple[float, float | None], list[RunRecord]] = defaultdict(list)
+        for run in runs.get(method, []):
+            by_setting[(run.config["lr"], run.config.get("lam"))].append(run)
+        for (lr, lam), found in sorted(
+            by_setting.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)
+        ):
+            seed0 = next((r for r in found if r.seed == 0), None)
+            tests = [r.test.average for r in found if r.test is not None]
+            lines.append(
+                f"| {LABELS[method]} | {lr:g} | {'-' if lam is None else f'{lam:g}'} "
+                f"| {','.join(str(r.seed) for r in sorted(found, key=lambda r: r.seed))} "
+                f"| {pct(seed0.val.average) if seed0 else '-'} "
+                f"| {pct(sum(tests) / len(tests)) if tests else '-'} |"
+            )
+        if by_setting:
+            finals[method] = max(by_setting.values(), key=len)
+    lines += ["", "Paired test difference to CE-only (seeds both have, 95 % interval), at each "
+              "method's most-seeded setting:", ""]  # fmt: skip
+    compared = [
+        f"- {LABELS[m]}: {difference(diff)} over {len(f)} seeds"
+        for m, f in finals.items()
+        if m != "ce" and "ce" in finals and (diff := paired_difference(f, finals["ce"]))
+    ]
+    lines += compared or ["- none yet (needs two seeds of a method and of CE-only)"]
+    lines += ["", f"Other records (oracle, references, ablations, out-of-set scores): {others}."]
+    return "\n".join(lines) + "\n"
