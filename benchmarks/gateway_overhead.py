@@ -122,8 +122,9 @@ async def one_round(
 
 
 @contextlib.contextmanager
-def bare_hop(upstream: str, core: int | None) -> Iterator[str]:
-    """``bare_proxy.py`` in front of ``upstream``, in a process of its own (on ``core``)."""
+def bare_hop(upstream: str, core: int | None) -> Iterator[tuple[str, int]]:
+    """``bare_proxy.py`` in front of ``upstream``, in a process of its own (on ``core``): its
+    URL and process id."""
     port = free_port()
     script = Path(__file__).with_name("bare_proxy.py")
     proc = subprocess.Popen(
@@ -144,7 +145,7 @@ def bare_hop(upstream: str, core: int | None) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the bare proxy did not start") from None
                 time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -170,26 +171,30 @@ def main(
         os.sched_setaffinity(0, {client_core})
     with (
         stack(engines=1, model=model, max_num_seqs=streams, **cores) as s,
-        bare_hop(s.engines[0], client_core if pin else None) as bare,
+        bare_hop(s.engines[0], client_core if pin else None) as (bare, bare_pid),
     ):
         targets = {"direct": s.engines[0], "bare hop": bare, "gateway": s.gateway}
         for url in targets.values():  # warm-up every path
             asyncio.run(one_round(url, s.served_model, streams, 8, client))
         measured: dict[str, list[dict]] = {name: [] for name in targets}
-        gateway_cpu = psutil.Process(s.gateway_pid)
-        cpu_s = {name: 0.0 for name in targets}  # the gateway's CPU during each target's rounds
+        # Each proxy's CPU during each target's rounds: its own rounds less what it burns idle.
+        proxies = {"gateway": psutil.Process(s.gateway_pid), "bare hop": psutil.Process(bare_pid)}
+        cpu_s = {(proxy, name): 0.0 for proxy in proxies for name in targets}
         wall_s = {name: 0.0 for name in targets}
         load_s = 0.0  # this process's CPU: the load generator's
         for _ in range(rounds):
             for name, url in targets.items():
-                before, start = sum(gateway_cpu.cpu_times()[:2]), time.perf_counter()
-                mine = time.process_time()
+                before = {proxy: proc.cpu_times() for proxy, proc in proxies.items()}
+                start, mine = time.perf_counter(), time.process_time()
                 measured[name].append(
                     asyncio.run(one_round(url, s.served_model, streams, tokens, client))
                 )
                 load_s += time.process_time() - mine
                 wall_s[name] += time.perf_counter() - start
-                cpu_s[name] += sum(gateway_cpu.cpu_times()[:2]) - before
+                for proxy, proc in proxies.items():
+                    now = proc.cpu_times()
+                    used = now.user + now.system - before[proxy].user - before[proxy].system
+                    cpu_s[proxy, name] += used
 
     def summary(name: str) -> tuple[float, float, float]:
         tps = statistics.median(r["tps"] for r in measured[name])
@@ -221,15 +226,17 @@ def main(
             f"{p95 / direct[2]:.3f}",
         )
     Console().print(table)
-    # The gateway's CPU seconds per second while it serves nothing (the other targets' rounds).
-    idle = (cpu_s["direct"] + cpu_s["bare hop"]) / (wall_s["direct"] + wall_s["bare hop"])
-    busy_s = cpu_s["gateway"] - idle * wall_s["gateway"]
-    per_stream = busy_s / (rounds * streams) * 1e3
+    for proxy in ("bare hop", "gateway"):
+        others = [name for name in targets if name != proxy]
+        idle = sum(cpu_s[proxy, n] for n in others) / sum(wall_s[n] for n in others)
+        busy_s = cpu_s[proxy, proxy] - idle * wall_s[proxy]
+        per_stream = busy_s / (rounds * streams) * 1e3
+        Console().print(
+            f"{proxy} process CPU: {per_stream:.2f} ms per request of {tokens} streamed tokens "
+            f"({per_stream / tokens * 1e3:.1f} us per token; less {idle * 1e3:.1f} ms/s idle)"
+        )
     Console().print(
-        f"gateway process CPU: {per_stream:.2f} ms per request of {tokens} streamed tokens "
-        f"({per_stream / tokens * 1e3:.1f} us per token; {cpu_s['gateway'] * 1e3:.0f} ms over "
-        f"the gateway rounds less {idle * 1e3:.1f} ms/s idle); on a machine whose cores the "
-        "engine already saturates, that CPU is taken from decoding."
+        "On a machine whose cores the engine already saturates, that CPU is taken from decoding."
     )
     per_load = load_s / (rounds * len(targets) * streams) * 1e3
     Console().print(
