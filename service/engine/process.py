@@ -195,7 +195,11 @@ class EngineProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.environment(),
-            start_new_session=True,  # own process group: stop() ends engine core + workers too
+            **(
+                {"start_new_session": True}
+                if os.environ.get("PROBE_SETSID", "1") == "1"
+                else {"process_group": 0}
+            ),
         )
         return self
 
