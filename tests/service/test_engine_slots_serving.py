@@ -206,9 +206,9 @@ async def test_slot_reads_and_chunks_arrive_while_a_stream_runs(
     assert seen_running, "no slot read answered (seeing the request run) before the stream ended"
     times = sorted(t for t, _, _ in received)
     gap = max(b - a for a, b in itertools.pairwise(times))
-    # Bound: half the stream. Starved, the client heard nothing for 75-95% of it (1.0-1.3 s of
-    # 1.3-1.5 s); served, the longest silence was 15 ms.
-    assert gap < 0.5 * (end - times[0]), (gap, end - times[0], len(chunks))
+    # Bound: a quarter of the stream. Starved, the client heard nothing for 65-95% of it
+    # (0.9-1.3 s of 1.3-1.5 s; not on every run); served, the longest silence was 15 ms.
+    assert gap < 0.25 * (end - times[0]), (gap, end - times[0], len(chunks))
 
 
 async def test_rollback_moves_running_requests_to_another_version(
@@ -218,10 +218,10 @@ async def test_rollback_moves_running_requests_to_another_version(
     it, the stream continues, and from the token where it moved on, its tokens are
     transformers' greedy continuation under B of everything before (recomputed, not A's KV).
 
-    On an engine of its own: on the session engine, after this file's other tests, slot-table
-    reads sent while the 480-token stream ran were answered only once it had ended (1.2 s; a
-    fresh engine answers them in 5-20 ms between steps, also after a pause and resume; the
-    cause is not found), so the request could not be caught running."""
+    On an engine of its own (pinned to the spare core): written when slot-table reads sent
+    while the 480-token stream ran came back only once it had ended. The cause was this test
+    process starved of CPU by the engine in a session (autogroup) of its own, not the engine
+    (docs/engine.md, "Slot reads stalled during a stream"; fixed in EngineProcess)."""
     process = start(tiny_olmoe, tmp_path, router_slots=SLOTS, cpu_cores=spare_core())
     try:
         await _rollback_moves_running_requests(RunningEngine(process, tiny_olmoe))
