@@ -584,7 +584,9 @@ def embedded_gateway(model_dir: Path, workdir: Path, timeout_s: float = 600) -> 
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # Its own process group (killpg ends the engine too), in our session: a new session is
+        # a new CPU group under Linux autogroups (docs/engine.md, "Slot reads stalled").
+        process_group=0,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -86,7 +86,12 @@ class Server:
         command += ["--port", str(self.port), "--max-model-len", "2048"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                # process_group: killpg ends the engine too; our session (docs/engine.md).
+                command,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,
             )
         self.url = f"http://127.0.0.1:{self.port}"
 
