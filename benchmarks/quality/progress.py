@@ -39,6 +39,15 @@ def method_of(config: dict[str, Any], data: str | None) -> str | None:
     return None
 
 
+def pool_accuracy(run: RunRecord | None) -> str:
+    """The training pool's accuracy before and after training: how well a run fits what it
+    trains on, beside how it does on val and test."""
+    metrics = run.train_metrics if run is not None else {}
+    if "train_acc_before" not in metrics or "train_acc_after" not in metrics:
+        return "-"
+    return f"{pct(metrics['train_acc_before'])} -> {pct(metrics['train_acc_after'])}"
+
+
 def progress(ledger_path: Path, data: str | None = None) -> str:
     """Markdown: the base scores (when the ledger has them), every method's grid and seeds,
     the paired differences to CE-only so far, and a count of the other records."""
@@ -61,8 +70,9 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
         lines += [f"Base routers: val {pct(base['val'].average)}, "
                   f"test {pct(base['test'].average)} %.", ""]  # fmt: skip
     lines += [
-        "| method | lr | lambda | seeds done | val, seed 0 | test, mean over seeds |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | lambda | seeds done | pool, seed 0 (base -> trained) | val, seed 0 "
+        "| test, mean over seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     finals: dict[str, list[RunRecord]] = {}
     for method in METHODS:
@@ -77,6 +87,7 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
             lines.append(
                 f"| {LABELS[method]} | {lr:g} | {'-' if lam is None else f'{lam:g}'} "
                 f"| {','.join(str(r.seed) for r in sorted(found, key=lambda r: r.seed))} "
+                f"| {pool_accuracy(seed0)} "
                 f"| {pct(seed0.val.average) if seed0 else '-'} "
                 f"| {pct(sum(tests) / len(tests)) if tests else '-'} |"
             )
