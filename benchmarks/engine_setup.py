@@ -98,8 +98,9 @@ async def batch(
     return tokens / elapsed
 
 
-def patches(model_dir: Path, count: int, tuned_layers: int = 5) -> list[bytes]:
-    """``count`` different patches of the last ``tuned_layers`` routers (the RoMA default)."""
+def patches(model_dir: Path, count: int, tuned_layers: int = 5, scale: float = 1.0) -> list[bytes]:
+    """``count`` different patches of the last ``tuned_layers`` routers (the RoMA default):
+    the base routers plus ``scale`` times Gaussian noise (0: copies of the base routers)."""
     raw = read_checkpoint_routers(model_dir)
     names = sorted(raw, key=router_layer)[-tuned_layers:]
     base = BaseRouters.from_raw(str(model_dir), raw)
@@ -109,7 +110,8 @@ def patches(model_dir: Path, count: int, tuned_layers: int = 5) -> list[bytes]:
         tensors = {}
         for name in names:
             tensor = raw[name].to_torch()
-            tensors[name] = tensor + torch.randn(tensor.shape, generator=gen).to(tensor.dtype)
+            noise = torch.randn(tensor.shape, generator=gen).to(tensor.dtype)
+            tensors[name] = tensor + scale * noise
         meta = PatchMeta(
             base_model=str(model_dir),
             base_fingerprint=base.fingerprint(names),

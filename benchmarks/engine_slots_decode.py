@@ -62,19 +62,26 @@ def main(
     rounds: int = 9,
     streams: int = 8,
     max_tokens: int = 128,
+    patch_scale: Annotated[
+        float,
+        typer.Option(
+            help="noise added to the base routers in each patch (0: copies of the base, so "
+            "every mode routes alike and only the slot machinery differs)"
+        ),
+    ] = 1.0,
 ) -> None:
     with serving(model, hidden, experts, layers, max_num_seqs=max(streams, 1), router_slots=4) as (
         engine,
         md,
     ):
-        blobs = patches(md, len(VERSIONS))
+        blobs = patches(md, len(VERSIONS), scale=patch_scale)
         results, mixed_steps = asyncio.run(
             measure(engine.url, str(md), blobs, rounds, streams, max_tokens)
         )
 
     title = (
         f"decode throughput, 4 slots, {streams} streams x {max_tokens} tokens, {rounds} rounds "
-        f"({mixed_steps} mixed-slot steps)"
+        f"({mixed_steps} mixed-slot steps, patch scale {patch_scale:g})"
     )
     Console().print(throughput_table(title, results, "one version"))
 

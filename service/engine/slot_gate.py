@@ -51,7 +51,8 @@ class StepSlots:
     """Which slot each token of the current forward uses: ``single`` (one slot for all) or,
     for a mixed step, ``index`` (a persistent buffer of every token's slot, fixed address,
     written in place; the stacked strategy also fills it for single-slot steps) and ``rows``
-    (grouped strategy: each slot's token rows)."""
+    (grouped strategy: each slot's token rows, worked out on first use: the small gates that
+    stack their slots never ask)."""
 
     def __init__(
         self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
@@ -62,24 +63,33 @@ class StepSlots:
         self.write_index = strategy == "stacked"
         self.tokens = 0
         self.single: int | None = 0  # every token uses this slot; None: mixed
-        self.rows: dict[int, torch.Tensor] = {}  # mixed: slot (not 0) -> its token rows
+        self.token_slots: np.ndarray | None = None  # mixed: each real token's slot
+        self._rows: dict[int, torch.Tensor] | None = {}
+
+    @property
+    def rows(self) -> dict[int, torch.Tensor]:
+        """Mixed step: slot (not 0) -> the rows of its tokens; empty otherwise."""
+        if self._rows is None:
+            assert self.token_slots is not None
+            slots = self.token_slots
+            self._rows = {
+                int(slot): torch.from_numpy(np.flatnonzero(slots == slot)).to(self.device)
+                for slot in np.unique(slots)
+                if slot != 0
+            }
+        return self._rows
 
     def uniform(self, slot: int, tokens: int) -> None:
         """Every token of a forward of ``tokens`` tokens uses ``slot``."""
-        self.tokens, self.single, self.rows = tokens, slot, {}
+        self.tokens, self.single, self.token_slots, self._rows = tokens, slot, None, {}
         if self.write_index:
             self.index[:tokens].fill_(slot)
 
     def mixed(self, token_slots: np.ndarray, tokens: int) -> None:
         """``token_slots``: the slot of each real token, in batch order; the rest of the
         ``tokens`` of the forward (CUDA-graph padding) use slot 0."""
-        self.tokens, self.single, self.rows = tokens, None, {}
-        if not self.write_index:
-            self.rows = {
-                int(slot): torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device)
-                for slot in np.unique(token_slots)
-                if slot != 0
-            }
+        self.tokens, self.single, self.token_slots = tokens, None, token_slots
+        self._rows = {} if self.write_index else None
         host = torch.zeros(tokens, dtype=torch.int64)
         host[: len(token_slots)] = torch.from_numpy(token_slots)
         # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
@@ -88,12 +98,12 @@ class StepSlots:
     @contextlib.contextmanager
     def forced(self, slot: int, tokens: int) -> Iterator[None]:
         """Run a probe batch of ``tokens`` tokens under ``slot`` (read-back, between steps)."""
-        saved = (self.tokens, self.single, self.rows)
+        saved = (self.tokens, self.single, self.token_slots, self._rows)
         self.uniform(slot, tokens)
         try:
             yield
         finally:
-            self.tokens, self.single, self.rows = saved
+            self.tokens, self.single, self.token_slots, self._rows = saved
 
 
 @dataclass(frozen=True)
