@@ -5,9 +5,11 @@
     python benchmarks/gateway_overhead.py --model /work/cache/smollm2-moe   # a real 135M MoE
     python benchmarks/gateway_overhead.py --client httpx  # the load generator of earlier figures
 
-Three targets are measured side by side in one run, alternating (direct, bare hop, gateway,
-direct, ...) so that load from anything else on the machine hits them alike: the engine itself,
-the engine behind ``bare_proxy.py`` (the cheapest Python hop: one more loopback connection and
+Four targets are measured side by side in one run, alternating (direct, direct bound, bare hop,
+gateway, direct, ...) so that load from anything else on the machine hits them alike: the engine
+itself; the engine sent bodies bound to a router version as the gateway binds them
+(``vllm_xargs`` and ``cache_salt``: what the engine's side of a gateway request costs); the
+engine behind ``bare_proxy.py`` (the cheapest Python hop: one more loopback connection and
 event loop, nothing else) and the engine behind the gateway. The bare hop splits the gateway's
 overhead into what any proxy in front of the engine costs and what the gateway adds. Per
 round: ``--streams`` concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS
@@ -53,25 +55,28 @@ from gateway_stack import pin_tree, stack
 from rich.console import Console
 from rich.table import Table
 
+from roma_service.engine.binding import bind_request
 from roma_service.registry.local import free_port
 
 app = typer.Typer(add_completion=False)
 PROMPTS = ["The quick brown fox", "Question: what is 12 + 7? Answer:", "Mixture of experts"]
 
 
-def _body(model: str, prompt: str, tokens: int) -> dict[str, object]:
-    return {"model": model, "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens,
+def _body(model: str, prompt: str, tokens: int, version: int | None) -> dict[str, object]:
+    """A streamed greedy completion; bound to router ``version`` as the gateway binds it."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    return body if version is None else bind_request(body, version)
 
 
 async def one_stream(
-    client: httpx.AsyncClient, model: str, prompt: str, tokens: int
+    client: httpx.AsyncClient, model: str, prompt: str, tokens: int, version: int | None = None
 ) -> tuple[float, int]:
     """(seconds to the first token, tokens received) of one streamed completion (httpx)."""
     start = time.perf_counter()
     ttft = None
     received = 0
-    body = _body(model, prompt, tokens)
+    body = _body(model, prompt, tokens, version)
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -83,13 +88,18 @@ async def one_stream(
 
 
 async def one_stream_aiohttp(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: str,
+    tokens: int,
+    version: int | None = None,
 ) -> tuple[float, int]:
     """The same with aiohttp, whose reading costs a fraction of httpx's CPU per event."""
     start = time.perf_counter()
     ttft = None
     received = 0
-    body = _body(model, prompt, tokens)
+    body = _body(model, prompt, tokens, version)
     async with session.post(f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.content:
@@ -101,7 +111,12 @@ async def one_stream_aiohttp(
 
 
 async def one_round(
-    url: str, model: str, streams: int, tokens: int, client: str = "aiohttp"
+    url: str,
+    model: str,
+    streams: int,
+    tokens: int,
+    client: str = "aiohttp",
+    version: int | None = None,
 ) -> dict[str, float | list[float]]:
     """``streams`` concurrent streams on fresh connections (the handshake is part of TTFT)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
@@ -109,13 +124,15 @@ async def one_round(
         limits = httpx.Limits(max_connections=streams * 2)
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
             start = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(http, model, p, tokens) for p in prompts))
+            results = await asyncio.gather(
+                *(one_stream(http, model, p, tokens, version) for p in prompts)
+            )
     else:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             start = time.perf_counter()
             results = await asyncio.gather(
-                *(one_stream_aiohttp(session, url, model, p, tokens) for p in prompts)
+                *(one_stream_aiohttp(session, url, model, p, tokens, version) for p in prompts)
             )
     wall = time.perf_counter() - start
     return {"tps": sum(n for _, n in results) / wall, "ttft": [t for t, _ in results]}
@@ -173,9 +190,15 @@ def main(
         stack(engines=1, model=model, max_num_seqs=streams, **cores) as s,
         bare_hop(s.engines[0], client_core if pin else None) as (bare, bare_pid),
     ):
-        targets = {"direct": s.engines[0], "bare hop": bare, "gateway": s.gateway}
-        for url in targets.values():  # warm-up every path
-            asyncio.run(one_round(url, s.served_model, streams, 8, client))
+        # name -> (URL, router version the body is bound to: None sends it as the client does)
+        targets = {
+            "direct": (s.engines[0], None),
+            "direct, bound": (s.engines[0], 0),
+            "bare hop": (bare, None),
+            "gateway": (s.gateway, None),
+        }
+        for url, version in targets.values():  # warm-up every path
+            asyncio.run(one_round(url, s.served_model, streams, 8, client, version))
         measured: dict[str, list[dict]] = {name: [] for name in targets}
         # Each proxy's CPU during each target's rounds: its own rounds less what it burns idle.
         proxies = {"gateway": psutil.Process(s.gateway_pid), "bare hop": psutil.Process(bare_pid)}
@@ -183,11 +206,11 @@ def main(
         wall_s = {name: 0.0 for name in targets}
         load_s = 0.0  # this process's CPU: the load generator's
         for _ in range(rounds):
-            for name, url in targets.items():
+            for name, (url, version) in targets.items():
                 before = {proxy: proc.cpu_times() for proxy, proc in proxies.items()}
                 start, mine = time.perf_counter(), time.process_time()
                 measured[name].append(
-                    asyncio.run(one_round(url, s.served_model, streams, tokens, client))
+                    asyncio.run(one_round(url, s.served_model, streams, tokens, client, version))
                 )
                 load_s += time.process_time() - mine
                 wall_s[name] += time.perf_counter() - start
@@ -216,7 +239,7 @@ def main(
     for name in targets:
         tps, p50, p95 = summary(name)
         table.add_row(name, f"{tps:.1f}", f"{p50:.1f}", f"{p95:.1f}")
-    for name in ("bare hop", "gateway"):
+    for name in ("direct, bound", "bare hop", "gateway"):
         tps, p50, p95 = summary(name)
         goals = (" (goal >= 0.97)", " (goal <= 1.05)") if name == "gateway" else ("", "")
         table.add_row(
@@ -227,7 +250,7 @@ def main(
         )
     Console().print(table)
     for proxy in ("bare hop", "gateway"):
-        others = [name for name in targets if name != proxy]
+        others = [name for name in targets if name not in proxies]
         idle = sum(cpu_s[proxy, n] for n in others) / sum(wall_s[n] for n in others)
         busy_s = cpu_s[proxy, proxy] - idle * wall_s[proxy]
         per_stream = busy_s / (rounds * streams) * 1e3
