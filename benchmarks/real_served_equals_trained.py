@@ -14,8 +14,9 @@ is then stopped and the same requests are scored offline by transformers
 
 Without ``--patch`` the patch is the base routers of the last ``--layers`` MoE layers plus
 Gaussian noise (``--scale`` times each router's standard deviation): nothing is trained, but
-routing, hence every score above the first patched layer, changes. The tiny-model version of
-this check runs in CI (tests/service/test_served_equals_trained.py).
+routing, hence every score above the first patched layer, changes. CI runs it on 8 samples with
+a freshly trained RoMA patch (tests/bench/real/test_real_model_served.py), and its tiny-model
+version (tests/service/test_served_equals_trained.py).
 """
 
 from __future__ import annotations
