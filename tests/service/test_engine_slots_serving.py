@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -37,7 +38,6 @@ from tests.fixtures.engine import (
     prefix_cache_hits,
     prompt_ids,
     router_name,
-    spare_core,
     start,
 )
 
@@ -185,17 +185,10 @@ async def test_slot_reads_and_chunks_arrive_while_a_stream_runs(
         await client.pause("keep")
         await client.resume()
 
-        async def read_stream() -> None:
-            async with (
-                httpx.AsyncClient(base_url=engine.url, timeout=300.0) as http,
-                http.stream("POST", "/v1/completions", json=body) as response,
-            ):
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        received.append((loop.time(), "chunk", 0))
-
         loop = asyncio.get_running_loop()
-        reader = asyncio.create_task(read_stream())
+        reader = asyncio.create_task(
+            _stream(engine.url, body, lambda _: received.append((loop.time(), "chunk", 0)))
+        )
         while not reader.done():
             in_flight = (await client.slots()).resident()[701].in_flight
             received.append((loop.time(), "read", in_flight))
@@ -211,25 +204,23 @@ async def test_slot_reads_and_chunks_arrive_while_a_stream_runs(
     assert gap < 0.25 * (end - times[0]), (gap, end - times[0], len(chunks))
 
 
+async def _stream(url: str, body: dict, on_data: Callable[[str], None]) -> None:
+    """POST a streamed completion to ``url``; each SSE data event's JSON goes to ``on_data``."""
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=300.0) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                on_data(line[6:])
+
+
 async def test_rollback_moves_running_requests_to_another_version(
-    tiny_olmoe: Path, tmp_path: Path
+    engine: RunningEngine, slots_freed: None
 ) -> None:
     """free_slot(A, move_to=B) while a stream runs on A: refused without move_to (409); with
     it, the stream continues, and from the token where it moved on, its tokens are
-    transformers' greedy continuation under B of everything before (recomputed, not A's KV).
-
-    On an engine of its own (pinned to the spare core): written when slot-table reads sent
-    while the 480-token stream ran came back only once it had ended. The cause was this test
-    process starved of CPU by the engine in a session (autogroup) of its own, not the engine
-    (docs/engine.md, "Slot reads stalled during a stream"; fixed in EngineProcess)."""
-    process = start(tiny_olmoe, tmp_path, router_slots=SLOTS, cpu_cores=spare_core())
-    try:
-        await _rollback_moves_running_requests(RunningEngine(process, tiny_olmoe))
-    finally:
-        process.stop()
-
-
-async def _rollback_moves_running_requests(engine: RunningEngine) -> None:
+    transformers' greedy continuation under B of everything before (recomputed, not A's KV)."""
     model_dir = engine.model_dir
     a, b = perturbed_routers(model_dir, seed=301), perturbed_routers(model_dir, seed=302)
     prompt = prompt_ids(model_dir)[0]
@@ -250,20 +241,14 @@ async def _rollback_moves_running_requests(engine: RunningEngine) -> None:
             301,
         )
 
-        async def read_stream() -> None:
-            async with (
-                httpx.AsyncClient(base_url=engine.url, timeout=300.0) as http,
-                http.stream("POST", "/v1/completions", json=body) as response,
-            ):
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        tokens.extend(json.loads(line[6:])["choices"][0].get("token_ids") or [])
+        def on_data(data: str) -> None:
+            tokens.extend(json.loads(data)["choices"][0].get("token_ids") or [])
 
         # The request is frozen as soon as the engine runs it (each slot-table read is served
         # between two steps, so a few of its 480 tokens at most are made before the pause):
-        # waiting for the client to see a token first lost the race on a loaded machine, whose
-        # first chunk came once the whole stream was generated.
-        reader = asyncio.create_task(read_stream())
+        # waiting for the client to see a token first lost the race when the client was
+        # starved of CPU (docs/engine.md, "Slot reads stalled during a stream").
+        reader = asyncio.create_task(_stream(engine.url, body, on_data))
         while (await client.slots()).resident()[301].in_flight == 0:
             if reader.done():
                 reader.result()  # its error, if it failed
@@ -279,7 +264,7 @@ async def _rollback_moves_running_requests(engine: RunningEngine) -> None:
             await client.resume()
         await reader
         state = await client.slots()
-    assert 301 not in state.resident() and state.tainted == [301]
+    assert 301 not in state.resident() and 301 in state.tainted
     assert len(tokens) == 480
 
     greedy_a = hf_teacher_forced(model_dir, prompt, tokens, routers=a)
