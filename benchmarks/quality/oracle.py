@@ -201,35 +201,80 @@ def run_oracle(
 
 
 @torch.no_grad()
+def pool_routing(
+    model: nn.Module,
+    tokenizer,
+    pool: Sequence[Sample],
+    layers: Sequence[int],
+    token: str = "last",
+    cache: HiddenCache | None = None,
+) -> tuple[torch.Tensor, list[bool]]:
+    """The base routing ``[n, layers, experts]`` at ``token`` of every pool sample, and whether
+    the base model answers it (the success set S is where this is True)."""
+    from roma_trainer.routers import RoutingCapture
+    from roma_trainer.scoring import score_samples
+
+    routing: list[torch.Tensor] = []
+    correct: list[bool] = []
+    with RoutingCapture(model, layers) as capture:
+        for i in range(0, len(pool), 32):
+            batch = list(pool[i : i + 32])
+            scores = score_samples(model, tokenizer, batch, token, capture, cache)
+            assert scores.routing is not None
+            routing.append(scores.routing.detach())
+            correct += [
+                int(lp.argmax()) == s.answer for s, lp in zip(batch, scores.logprob, strict=True)
+            ]
+    return torch.cat(routing), correct
+
+
 def success_routing_by_task(
     model: nn.Module, tokenizer, pool: Sequence[Sample], layers: Sequence[int], token: str = "last"
 ) -> dict[str, torch.Tensor]:
     """Mean base routing ``[layers, experts]`` at ``token`` of the pool samples the base model
-    answers correctly (the success set S), per task. A task none of whose pool samples is
-    answered (a small pool of a hard task) gets the mean over all its pool samples, so that every
-    task has a starting point."""
-    from roma_trainer.routers import RoutingCapture
-    from roma_trainer.scoring import score_samples
+    answers correctly (the success set S), per task (:func:`task_success_means`)."""
+    routing, correct = pool_routing(model, tokenizer, pool, layers, token)
+    return task_success_means(pool, routing, correct)
 
-    sums: dict[tuple[str, bool], torch.Tensor] = {}
-    counts: dict[tuple[str, bool], int] = {}
-    with RoutingCapture(model, layers) as capture:
-        for i in range(0, len(pool), 32):
-            batch = list(pool[i : i + 32])
-            scores = score_samples(model, tokenizer, batch, token, capture)
-            assert scores.routing is not None
-            for sample, logprob, routing in zip(batch, scores.logprob, scores.routing, strict=True):
-                key = (sample.task, int(logprob.argmax()) == sample.answer)
-                sums[key] = sums.get(key, 0) + routing
-                counts[key] = counts.get(key, 0) + 1
+
+def task_success_means(
+    pool: Sequence[Sample], routing: torch.Tensor, correct: Sequence[bool]
+) -> dict[str, torch.Tensor]:
+    """Mean routing of the success-set members of each task (from :func:`pool_routing`). A
+    task none of whose pool samples is answered (a small pool of a hard task) gets the mean over
+    all its pool samples, so that every task has a starting point."""
     means = {}
-    for task in {task for task, _ in sums}:
-        hit, miss = (task, True), (task, False)
-        if hit in sums:
-            means[task] = sums[hit] / counts[hit]
-        else:
-            means[task] = sums[miss] / counts[miss]
+    for task in dict.fromkeys(s.task for s in pool):
+        rows = [i for i, s in enumerate(pool) if s.task == task]
+        hits = [i for i in rows if correct[i]] or rows
+        means[task] = routing[hits].mean(dim=0)
     return means
+
+
+def neighbour_routing_targets(
+    pool: Sequence[Sample],
+    routing: torch.Tensor,
+    correct: Sequence[bool],
+    samples: Sequence[Sample],
+    mode: str,
+    k: int,
+    seed: int,
+    embedder: str | None = None,
+) -> tuple[torch.Tensor, float]:
+    """For each of ``samples``: the kernel-weighted mean routing of its neighbours N(i) in the
+    pool's success set (``roma_trainer.neighbours``: ``knn`` or the ``random`` control), i.e.
+    where RoMA's term pulls its routing; and the kernel's sigma."""
+    from roma_trainer.neighbours import embed, find_neighbours
+
+    success = [i for i, hit in enumerate(correct) if hit]
+    if not success:
+        raise ValueError("the base model answers no pool sample: the success set is empty")
+    vectors = embed([s.prompt for s in pool] + [s.prompt for s in samples], embedder)
+    found = find_neighbours(vectors, success, mode=mode, k=k, seed=seed)
+    index, weight = found.index[len(pool) :], found.weight[len(pool) :]
+    members = routing[torch.tensor(success)]  # [S, layers, experts]
+    picked = members[index.clamp_min(0)]  # [n, K, layers, experts]; weight 0 where padded
+    return (picked * weight[:, :, None, None]).sum(dim=1), found.sigma
 
 
 @torch.no_grad()

@@ -35,13 +35,16 @@ from pydantic import TypeAdapter
 from roma_bench.embedders import build_random_minilm
 from roma_bench.oracle import (
     correct_with_routing,
+    neighbour_routing_targets,
+    pool_routing,
     run_oracle,
     run_shared_oracle,
-    success_routing_by_task,
+    task_success_means,
 )
 from roma_bench.results import (
     Accuracy,
     GridPoint,
+    NeighbourRouting,
     OracleControl,
     OracleFound,
     RunRecord,
@@ -302,12 +305,47 @@ class Protocol:
         return model, self.scorer.loaded.tokenizer, layers
 
     @functools.cached_property
-    def success_means(self) -> dict[str, torch.Tensor]:
-        """Per task, the mean base routing of its success-set members at the last prompt token
-        of the tuned layers (``oracle.success_routing_by_task``): scored once, shared by the
-        diagnostics that start from it."""
+    def pool_routing(self) -> tuple[torch.Tensor, list[bool]]:
+        """The base routing of every pool sample at the last prompt token of the tuned layers,
+        and whether the base answers it (``oracle.pool_routing``): scored once, shared by the
+        diagnostics that start from the success set."""
         model, tok, layers = self.base_model()
-        return success_routing_by_task(model, tok, self.samples["train"], layers)
+        return pool_routing(model, tok, self.samples["train"], layers, cache=self.cache)
+
+    @functools.cached_property
+    def success_means(self) -> dict[str, torch.Tensor]:
+        """Per task, the mean base routing of its success-set members
+        (``oracle.task_success_means``)."""
+        return task_success_means(self.samples["train"], *self.pool_routing)
+
+    def neighbour_routing(self) -> NeighbourRouting:
+        """Diagnostic of RoMA's premise, no training and no labels of the scored samples: each
+        test sample's routing set to the kernel-weighted mean of its k = 3 nearest success-set
+        members' (MiniLM), where RoMA's term pulls it, and to 3 random members' (the control).
+        If its neighbours' routing does not answer a sample better than its own, pulling its
+        routing toward theirs cannot be expected to; cached."""
+        cfg = self.cfg
+        key = {"neighbour_routing": True, **{s: str(p) for s, p in self.paths.items()}}
+        key |= {"k": 3, "seed": cfg.data_seed, "model": self.model}
+
+        def compute() -> NeighbourRouting:
+            model, tok, layers = self.base_model()
+            pool, test = self.samples["train"], self.samples["test"]
+            routing, correct = self.pool_routing
+            found: dict[str, Accuracy] = {}
+            sigma = 0.0
+            for mode in ("knn", "random"):
+                targets, s = neighbour_routing_targets(
+                    pool, routing, correct, test, mode, 3, cfg.data_seed
+                )
+                sigma = s if mode == "knn" else sigma
+                hits = correct_with_routing(model, tok, test, layers, targets, cache=self.cache)
+                found[mode] = accuracy_by_task(test, hits)
+                log.info("neighbour routing (%s) test accuracy %.3f", mode, found[mode].average)
+            base = self.scorer.score(None, {"test": test})["test"]
+            return NeighbourRouting(k=3, sigma=sigma, base=base, **found)
+
+        return self.cached(key, NeighbourRouting, compute)
 
     @property
     def cache(self) -> HiddenCache | None:

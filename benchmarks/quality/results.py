@@ -121,3 +121,16 @@ class SharedRoutingFound(Model):
 
 class SharedRouting(SharedRoutingFound):
     gap_closed: float | None
+
+
+class NeighbourRouting(Model):
+    """RoMA's premise, tested without training: test accuracy when each test sample's routing
+    (tuned layers, last prompt token) is set to the kernel-weighted mean routing of its k
+    nearest success-set members in the embedder's space (where RoMA's term pulls it), against
+    k random members (the control) and its own (base)."""
+
+    k: int
+    sigma: float
+    base: Accuracy
+    knn: Accuracy
+    random: Accuracy

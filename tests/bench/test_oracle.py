@@ -165,3 +165,37 @@ def test_oracles_read_the_hidden_cache_as_the_full_model(tiny_models) -> None:
     cached_s = run_shared_oracle(model, tok, data, layers, means, steps=3, lr=0.3, cache=cache)
     assert abs(cached_s.gold_nll_after - plain_s.gold_nll_after) < 1e-3
     assert cache.n_tokens > 0
+
+
+def test_neighbour_routing_targets_are_the_weighted_routing_of_successful_neighbours() -> None:
+    """With the real MiniLM: a sample asked about with a pool member's own prompt has that
+    member as its nearest neighbour (k=1: exactly its routing), failed pool samples never
+    contribute, and with k=3 every target is a mixture of successful members' routings."""
+    from roma_bench.oracle import neighbour_routing_targets
+
+    prompts = [
+        "The capital of France is",
+        "Water boils at a temperature of",
+        "The largest planet in our solar system is",
+        "Photosynthesis happens in the",
+    ]
+    pool = [Sample("t", p, (" a", " b"), 0) for p in prompts]
+    gen = torch.Generator().manual_seed(0)
+    routing = torch.softmax(torch.randn(4, 2, 8, generator=gen), dim=-1)  # [n, layers, experts]
+    correct = [True, True, False, True]  # member 2 failed: never a neighbour
+    asked = [pool[1], pool[2], Sample("t", "What is the capital city of France?", (" x",), 0)]
+
+    one, _ = neighbour_routing_targets(pool, routing, correct, asked, "knn", 1, seed=0)
+    assert torch.equal(one[0], routing[1])
+    assert torch.equal(one[2], routing[0])  # France's capital, reworded
+    assert not any(torch.equal(one[i], routing[2]) for i in range(3))
+
+    three, sigma = neighbour_routing_targets(pool, routing, correct, asked, "knn", 3, seed=0)
+    assert sigma > 0
+    assert torch.allclose(three.sum(dim=-1), torch.ones(3, 2))
+    # Member 2 never weighs in: each target is a mixture of members 0, 1 and 3 alone.
+    members = routing[[0, 1, 3]].reshape(3, -1)
+    for target in three.reshape(3, -1):
+        weights = torch.linalg.lstsq(members.T, target[:, None]).solution.squeeze(1)
+        assert torch.allclose(members.T @ weights, target, atol=1e-5)
+        assert weights.min() > -1e-5 and abs(float(weights.sum()) - 1) < 1e-4

@@ -158,10 +158,12 @@ class Real(Protocol):
         # On two cores the whole benchmark takes days and every step is in the ledger as soon
         # as it ends, so the order decides what is known first: the headline comparison (CE and
         # RoMA k-NN), then the oracle (how much of the base's errors routing can fix at all:
-        # the bound every method is measured against), then the other methods.
+        # the bound every method is measured against) and the test of RoMA's premise (do the
+        # neighbours' routings answer better), then the other methods.
         self.searches_and_finals(HEADLINE)
         oracle = self.oracle()
         oracle_control = self.oracle_control(oracle.lr)
+        neighbour_routing = self.neighbour_routing()
         searches, finals = self.searches_and_finals()
         shared = self.shared_routing()
         references = self.references()
@@ -174,6 +176,7 @@ class Real(Protocol):
             base=base,
             oracle=oracle,
             oracle_control=oracle_control,
+            neighbour_routing=neighbour_routing,
             shared_routing=SharedRouting(
                 **dict(shared),
                 gap_closed=gap_closed(

@@ -17,7 +17,7 @@ from roma_bench.report import (
     pct,
     run_summary,
 )
-from roma_bench.results import MethodStats, SharedRouting
+from roma_bench.results import MethodStats, NeighbourRouting, SharedRouting
 
 PLOT_TITLE = "Real tasks: held-out test split (mean ± std over seeds)"
 # RoMA's margin over CE-only the issue asks for (accuracy points, as a fraction).
@@ -72,12 +72,29 @@ def markdown(results: RealResults) -> str:
         *methods_table(table, base["test"], oracle.test, results.methods),
         *references_rows(table, results.references, results.shared_routing),
         *oracle_control_note(results.oracle_control, oracle),
+        *neighbour_routing_table(table, results.neighbour_routing),
         *hyperparameters_table(results.search, results.methods, oracle, cfg.oracle_steps, base),
         *out_of_set_table(results.out_of_set),
     ]
     if results.ablations:
         lines += ablations_section(results.ablations)
     return "\n".join(lines) + "\n"
+
+
+def neighbour_routing_table(table: TaskTable, found: NeighbourRouting) -> list[str]:
+    """RoMA's premise without training: each test sample routed as its neighbours are."""
+    return [
+        "",
+        f"RoMA's premise, without training (test split): each sample's routing at the last "
+        f"prompt token of the tuned layers set to the kernel-weighted mean (sigma "
+        f"{found.sigma:.3f}) of its {found.k} nearest success-set members' (MiniLM), where "
+        f"RoMA's term pulls it, or of {found.k} random members' (the control).",
+        "",
+        *table.header("routing"),
+        table.bound("Its own (base)", found.base, None),
+        table.bound(f"Mean of its {found.k} nearest successful neighbours", found.knn, None),
+        table.bound(f"Mean of {found.k} random successful samples", found.random, None),
+    ]
 
 
 def references_rows(table: TaskTable, refs: References, shared: SharedRouting) -> list[str]:

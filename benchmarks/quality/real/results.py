@@ -12,6 +12,7 @@ from roma_bench.results import (
     Accuracy,
     MethodStats,
     Model,
+    NeighbourRouting,
     OracleControl,
     OracleFound,
     PairedDifference,
@@ -51,6 +52,7 @@ class RealResults(Model):
     base: dict[str, Accuracy]  # by split
     oracle: OracleFound
     oracle_control: OracleControl
+    neighbour_routing: NeighbourRouting
     shared_routing: SharedRouting
     references: References
     search: dict[str, Search]

@@ -50,10 +50,15 @@ def test_every_method_task_and_reference_is_reported(small: Path) -> None:
     for factor in ("layers", "token", "k", "fraction", "embedder"):
         assert len(results["ablations"][factor]) >= 2, factor
     assert {g["name"].split(" ")[0] for g in results["goals"]} >= {"closes", "beats"}
+    # RoMA's premise: its base row is the base routers' test accuracy, task by task.
+    premise = results["neighbour_routing"]
+    assert premise["base"] == results["base"]["test"] and premise["k"] == 3
+    assert set(premise["knn"]["tasks"]) == set(premise["random"]["tasks"]) == set(SMALL_TASKS)
     text = (small / "real.md").read_text()
     for label in LABELS.values():
         assert f"| {label} |" in text, label
     assert "| MoE, all experts |" in text and "| Dense model |" in text
+    assert "| Mean of its 3 nearest successful neighbours |" in text
     assert (small / "real_accuracy.png").read_bytes().startswith(b"\x89PNG")
 
 
