@@ -14,7 +14,13 @@ from typing import Any
 
 from roma_bench.protocol import LABELS, METHODS
 from roma_bench.report import difference, pct
-from roma_bench.results import Accuracy, RunRecord
+from roma_bench.results import (
+    Accuracy,
+    NeighbourRouting,
+    OracleControl,
+    OracleFound,
+    RunRecord,
+)
 from roma_bench.runs import Ledger
 from roma_bench.stats import paired_difference
 
@@ -39,6 +45,34 @@ def method_of(config: dict[str, Any], data: str | None) -> str | None:
     return None
 
 
+def _diagnostic(config: dict[str, Any], result: dict[str, Any] | None) -> str | None:
+    """A line for a diagnostic's ledger record (the oracle, its control, RoMA's premise), None
+    for any other record."""
+    if result is None:
+        return None
+    if config.get("oracle"):
+        found = OracleFound.model_validate(result)
+        steps = ", ".join(f"{lr}: {pct(v)}" for lr, v in found.val_by_lr.items())
+        return (
+            f"- Oracle ({config.get('steps')} steps, step {found.lr:g} picked on val; val by "
+            f"step {steps}): test {pct(found.test_before.average)} -> {pct(found.test.average)}"
+        )
+    if config.get("oracle_control"):
+        control = OracleControl.model_validate(result)
+        return (
+            f"- Oracle control (toward a random wrong choice): its pick rate "
+            f"{pct(control.before)} -> {pct(control.after)}"
+        )
+    if config.get("neighbour_routing"):
+        found = NeighbourRouting.model_validate(result)
+        return (
+            f"- RoMA's premise (routing set to the mean of the {found.k} nearest successful "
+            f"neighbours'): {pct(found.knn.average)}; {found.k} random successful samples': "
+            f"{pct(found.random.average)}; its own: {pct(found.base.average)}"
+        )
+    return None
+
+
 def pool_accuracy(run: RunRecord | None) -> str:
     """The training pool's accuracy before and after training: how well a run fits what it
     trains on, beside how it does on val and test."""
@@ -55,10 +89,14 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
     runs: dict[str, list[RunRecord]] = defaultdict(list)
     base: dict[str, Accuracy] | None = None
     others = 0
+    diagnostics: list[str] = []
     for record in ledger.records.values():
         config = record["config"]
         if config.get("base_score"):
             base = {k: Accuracy.model_validate(v) for k, v in record["result"].items()}
+            continue
+        if line := _diagnostic(config, record.get("result")):
+            diagnostics.append(line)
             continue
         method = method_of(config, data) if "patch" in record else None
         if method is None:
@@ -101,5 +139,7 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
         if m != "ce" and "ce" in finals and (diff := paired_difference(f, finals["ce"]))
     ]
     lines += compared or ["- none yet (needs two seeds of a method and of CE-only)"]
-    lines += ["", f"Other records (oracle, references, ablations, out-of-set scores): {others}."]
+    if diagnostics:
+        lines += ["", "Diagnostics (test split):", "", *diagnostics]
+    lines += ["", f"Other records (references, ablations, out-of-set scores): {others}."]
     return "\n".join(lines) + "\n"

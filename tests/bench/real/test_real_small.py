@@ -157,6 +157,11 @@ def test_progress_reads_the_ledger_alone(small: Path) -> None:
         assert text.count(f"| {LABELS[method]} |") == len(search["grid"]), method
     vs = results["methods"]["roma_knn"]["vs_ce"]
     assert f"- {LABELS['roma_knn']}: {100 * vs['mean']:+.1f} [" in text
+    oracle, premise = results["oracle"], results["neighbour_routing"]
+    before, after = (100 * oracle[k]["average"] for k in ("test_before", "test"))
+    assert f"): test {before:.1f} -> {after:.1f}" in text
+    assert f"neighbours'): {100 * premise['knn']['average']:.1f};" in text
+    assert "- Oracle control (toward a random wrong choice)" in text
 
 
 def test_progress_of_a_folder_without_a_ledger_says_so(tmp_path: Path) -> None:
