@@ -256,25 +256,29 @@ def neighbour_routing_targets(
     routing: torch.Tensor,
     correct: Sequence[bool],
     samples: Sequence[Sample],
-    mode: str,
+    modes: Sequence[str],
     k: int,
     seed: int,
     embedder: str | None = None,
-) -> tuple[torch.Tensor, float]:
-    """For each of ``samples``: the kernel-weighted mean routing of its neighbours N(i) in the
-    pool's success set (``roma_trainer.neighbours``: ``knn`` or the ``random`` control), i.e.
-    where RoMA's term pulls its routing; and the kernel's sigma."""
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per neighbourhood mode (``roma_trainer.neighbours``: ``knn``, or the ``random``
+    control): for each of ``samples`` the kernel-weighted mean routing of its neighbours N(i)
+    in the pool's success set, i.e. where RoMA's term pulls its routing; and the kernel's sigma.
+    The prompts are embedded once for all modes."""
     from roma_trainer.neighbours import embed, find_neighbours
 
     success = [i for i, hit in enumerate(correct) if hit]
     if not success:
         raise ValueError("the base model answers no pool sample: the success set is empty")
     vectors = embed([s.prompt for s in pool] + [s.prompt for s in samples], embedder)
-    found = find_neighbours(vectors, success, mode=mode, k=k, seed=seed)
-    index, weight = found.index[len(pool) :], found.weight[len(pool) :]
     members = routing[torch.tensor(success)]  # [S, layers, experts]
-    picked = members[index.clamp_min(0)]  # [n, K, layers, experts]; weight 0 where padded
-    return (picked * weight[:, :, None, None]).sum(dim=1), found.sigma
+    out = {}
+    for mode in modes:
+        found = find_neighbours(vectors, success, mode=mode, k=k, seed=seed)
+        index, weight = found.index[len(pool) :], found.weight[len(pool) :]
+        picked = members[index.clamp_min(0)]  # [n, K, layers, experts]; weight 0 where padded
+        out[mode] = ((picked * weight[:, :, None, None]).sum(dim=1), found.sigma)
+    return out
 
 
 @torch.no_grad()

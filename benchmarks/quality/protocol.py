@@ -304,6 +304,11 @@ class Protocol:
         layers = select_layers(list(find_routers(model)), "last5")
         return model, self.scorer.loaded.tokenizer, layers
 
+    def base_scores(self) -> dict[str, Accuracy]:
+        """The base routers on every scored split; cached, so that the ledger alone says where
+        a run stands (``roma-bench progress``)."""
+        return self.cached({"base_score": True}, dict[str, Accuracy], self.scorer.score)
+
     @functools.cached_property
     def pool_routing(self) -> tuple[torch.Tensor, list[bool]]:
         """The base routing of every pool sample at the last prompt token of the tuned layers,
@@ -332,18 +337,16 @@ class Protocol:
             model, tok, layers = self.base_model()
             pool, test = self.samples["train"], self.samples["test"]
             routing, correct = self.pool_routing
+            targets = neighbour_routing_targets(
+                pool, routing, correct, test, ("knn", "random"), 3, cfg.data_seed
+            )
             found: dict[str, Accuracy] = {}
-            sigma = 0.0
-            for mode in ("knn", "random"):
-                targets, s = neighbour_routing_targets(
-                    pool, routing, correct, test, mode, 3, cfg.data_seed
-                )
-                sigma = s if mode == "knn" else sigma
-                hits = correct_with_routing(model, tok, test, layers, targets, cache=self.cache)
+            for mode, (target, _) in targets.items():
+                hits = correct_with_routing(model, tok, test, layers, target, cache=self.cache)
                 found[mode] = accuracy_by_task(test, hits)
                 log.info("neighbour routing (%s) test accuracy %.3f", mode, found[mode].average)
-            base = self.scorer.score(None, {"test": test})["test"]
-            return NeighbourRouting(k=3, sigma=sigma, base=base, **found)
+            sigma = targets["knn"][1]
+            return NeighbourRouting(k=3, sigma=sigma, base=self.base_scores()["test"], **found)
 
         return self.cached(key, NeighbourRouting, compute)
 

@@ -185,12 +185,12 @@ def test_neighbour_routing_targets_are_the_weighted_routing_of_successful_neighb
     correct = [True, True, False, True]  # member 2 failed: never a neighbour
     asked = [pool[1], pool[2], Sample("t", "What is the capital city of France?", (" x",), 0)]
 
-    one, _ = neighbour_routing_targets(pool, routing, correct, asked, "knn", 1, seed=0)
+    one, _ = neighbour_routing_targets(pool, routing, correct, asked, ("knn",), 1, 0)["knn"]
     assert torch.equal(one[0], routing[1])
     assert torch.equal(one[2], routing[0])  # France's capital, reworded
     assert not any(torch.equal(one[i], routing[2]) for i in range(3))
 
-    three, sigma = neighbour_routing_targets(pool, routing, correct, asked, "knn", 3, seed=0)
+    three, sigma = neighbour_routing_targets(pool, routing, correct, asked, ("knn",), 3, 0)["knn"]
     assert sigma > 0
     assert torch.allclose(three.sum(dim=-1), torch.ones(3, 2))
     # Member 2 never weighs in: each target is a mixture of members 0, 1 and 3 alone.

@@ -29,8 +29,10 @@ def main() -> None:
     routing, correct = bench.pool_routing
     own, _ = pool_routing(model, tok, test, layers, cache=bench.cache)
     k = model.config.num_experts_per_tok
-    for mode in ("knn", "random"):
-        target, _ = neighbour_routing_targets(pool, routing, correct, test, mode, 3, cfg.data_seed)
+    targets = neighbour_routing_targets(
+        pool, routing, correct, test, ("knn", "random"), 3, cfg.data_seed
+    )
+    for mode, (target, _) in targets.items():
         d2 = ((target - own) ** 2).sum(-1)  # [samples, layers]
         top_own = own.topk(k, dim=-1).indices.sort(-1).values
         top_target = target.topk(k, dim=-1).indices.sort(-1).values

@@ -151,10 +151,7 @@ class Real(Protocol):
 
     def run_all(self) -> RealResults:
         started = time.perf_counter()
-        # Cached, so that the ledger alone says where a run stands (``roma-bench progress``).
-        base = self.cached(
-            {"base_score": True}, dict[str, Accuracy], lambda: self.scorer.score(None)
-        )
+        base = self.base_scores()
         # On two cores the whole benchmark takes days and every step is in the ledger as soon
         # as it ends, so the order decides what is known first: the headline comparison (CE and
         # RoMA k-NN), then the oracle (how much of the base's errors routing can fix at all:
