@@ -10,7 +10,9 @@ Two strategies:
 
 * ``grouped`` (CPU; eager GPUs): a step whose tokens all use one slot calls that slot's gate
   directly: the very kernel vLLM runs without slots (on the CPU, the layer's packed SGL GEMM,
-  re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step
+  re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step,
+  for a small gate, runs one GEMM against all slots' weights and takes each token's own slot's
+  logits (``torch.take`` with a flat index worked out once per step); for a larger gate it
   computes slot 0's logits for every token, then overwrites the rows of the tokens whose slot
   patches this layer (``index_select``, that slot's GEMM, ``index_copy_``). Data-dependent, so
   under torch.compile it runs inside an opaque custom op (``roma::slot_gate``): vLLM drops
@@ -65,6 +67,7 @@ class StepSlots:
         self.single: int | None = 0  # every token uses this slot; None: mixed
         self.token_slots: np.ndarray | None = None  # mixed: each real token's slot
         self._rows: dict[int, torch.Tensor] | None = {}
+        self._flat: dict[int, torch.Tensor] = {}
 
     @property
     def rows(self) -> dict[int, torch.Tensor]:
@@ -79,9 +82,24 @@ class StepSlots:
             }
         return self._rows
 
+    def flat_index(self, experts: int) -> torch.Tensor:
+        """Mixed step: where each token's own slot's logits lie in the flattened ``[tokens,
+        slots * experts]`` logits of all slots (``torch.take`` reads them in one call, where a
+        ``gather`` needs three views of the index first). Worked out once per step."""
+        flat = self._flat.get(experts)
+        if flat is None:
+            assert self.token_slots is not None
+            slots = np.zeros(self.tokens, dtype=np.int64)
+            slots[: len(self.token_slots)] = self.token_slots
+            start = (np.arange(self.tokens) * self.slots + slots) * experts
+            flat = torch.from_numpy(start[:, None] + np.arange(experts)).to(self.device)
+            self._flat[experts] = flat
+        return flat
+
     def uniform(self, slot: int, tokens: int) -> None:
         """Every token of a forward of ``tokens`` tokens uses ``slot``."""
         self.tokens, self.single, self.token_slots, self._rows = tokens, slot, None, {}
+        self._flat = {}
         if self.write_index:
             self.index[:tokens].fill_(slot)
 
@@ -90,6 +108,7 @@ class StepSlots:
         ``tokens`` of the forward (CUDA-graph padding) use slot 0."""
         self.tokens, self.single, self.token_slots = tokens, None, token_slots
         self._rows = {} if self.write_index else None
+        self._flat = {}
         host = torch.zeros(tokens, dtype=torch.int64)
         host[: len(token_slots)] = torch.from_numpy(token_slots)
         # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
@@ -98,12 +117,12 @@ class StepSlots:
     @contextlib.contextmanager
     def forced(self, slot: int, tokens: int) -> Iterator[None]:
         """Run a probe batch of ``tokens`` tokens under ``slot`` (read-back, between steps)."""
-        saved = (self.tokens, self.single, self.token_slots, self._rows)
+        saved = (self.tokens, self.single, self.token_slots, self._rows, self._flat)
         self.uniform(slot, tokens)
         try:
             yield
         finally:
-            self.tokens, self.single, self.token_slots, self._rows = saved
+            self.tokens, self.single, self.token_slots, self._rows, self._flat = saved
 
 
 @dataclass(frozen=True)
@@ -236,7 +255,7 @@ class SlotGate:
         if single is not None:
             return self._call(kernels.per_slot[single] or self.layer, x)
         if kernels.stacked is not None:
-            return self._stacked_logits(x, kernels.stacked)
+            return torch.take(self._all_slots(x, kernels.stacked), step.flat_index(self.experts))
         out = self._call(self.layer, x)
         for slot, rows in step.rows.items():
             kernel = kernels.per_slot[slot]
@@ -248,17 +267,17 @@ class SlotGate:
         assert self.stack is not None
         return self._stacked_logits(x, self.stack.view(-1, self.stack.shape[-1]))
 
-    def _stacked_logits(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        """One GEMM against every slot's weights (``[slots * experts, hidden]``), then each
-        token's own slot's logits."""
+    def _all_slots(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """Every token's logits under every slot: one GEMM against all slots' weights
+        (``[slots * experts, hidden]``), ``[tokens, slots * experts]``."""
         logits = F.linear(x.to(stacked.dtype), stacked)
         out_dtype = getattr(self.layer, "out_dtype", None)
-        if out_dtype is not None:
-            logits = logits.to(out_dtype)
-        return self._gather(logits)
+        return logits if out_dtype is None else logits.to(out_dtype)
 
-    def _gather(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each token's own slot's logits out of ``[tokens, slots * experts]``."""
+    def _stacked_logits(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """Each token's own slot's logits, read through the persistent index buffer (what a
+        captured CUDA graph replays)."""
+        logits = self._all_slots(x, stacked)
         tokens, experts = logits.shape[0], self.experts
         index = self.step.index[:tokens].view(tokens, 1, 1).expand(tokens, 1, experts)
         return logits.view(tokens, -1, experts).gather(1, index).view(tokens, experts)

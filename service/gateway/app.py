@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from roma_service.gateway import errors
 from roma_service.gateway.completions import api_router as completions
+from roma_service.gateway.completions.fast_path import CompletionsFastPath
 from roma_service.gateway.health import api_router as health
 from roma_service.gateway.routers import api_router as routers
 from roma_service.gateway.state import Gateway
@@ -48,6 +49,8 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install_error_handlers(app)
+    # Inside the version header (it stamps the fast path's answers too); see fast_path.py.
+    app.add_middleware(CompletionsFastPath)
     app.add_middleware(RouterVersionHeader)
     completions.attach_router(app)
     routers.attach_router(app)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from roma_service.gateway.errors import APIError
 from roma_service.gateway.state import Gateway
@@ -49,18 +50,30 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)],
 ) -> None:
     """One of ``ROMA_API_KEYS`` as a bearer token (vLLM's ``--api-key`` convention); nothing
-    when no key is set. Every key is compared, in constant time."""
-    keys = _gateway(request).settings.api_key_values()
+    when no key is set."""
+    check_api_key(_gateway(request), credentials and credentials.credentials)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, as ``HTTPBearer`` reads it."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if authorization and scheme.lower() == "bearer" and token else None
+
+
+def check_api_key(gateway: Gateway, token: str | None) -> None:
+    """401 unless ``token`` is one of ``ROMA_API_KEYS`` (when any is set). Every key is
+    compared, in constant time."""
+    keys = gateway.settings.api_key_values()
     if not keys:
         return
-    if credentials is None:
+    if token is None:
         raise APIError(
             401,
             "this gateway needs an API key: 'Authorization: Bearer <key>'",
             "missing_api_key",
             headers=_CHALLENGE,
         )
-    given = credentials.credentials.encode()
+    given = token.encode()
     if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
         raise APIError(401, "the API key is not valid", "invalid_api_key", headers=_CHALLENGE)
 

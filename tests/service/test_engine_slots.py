@@ -52,7 +52,7 @@ def _gates(model: nn.Module, weights: dict[str, torch.Tensor], strategy: str, to
 
 @pytest.mark.parametrize("strategy", ["grouped", "grouped, a GEMM per slot", "stacked"])
 def test_each_token_uses_its_slots_routers(strategy: str) -> None:
-    """Mixed steps: grouped runs small gates as one packed GEMM over all slots plus a gather,
+    """Mixed steps: grouped runs small gates as one GEMM over all slots plus a take,
     larger ones as a GEMM per slot on its tokens; stacked always stacks."""
     model, weights = make_model(seed=1, packed=strategy != "stacked")
     step, gates = _gates(model, weights, strategy.split(",")[0])
@@ -78,6 +78,12 @@ def test_each_token_uses_its_slots_routers(strategy: str) -> None:
     for slot, weight in per_slot.items():
         step.uniform(slot, tokens=10)
         torch.testing.assert_close(gate_out(gate, x), x @ weight.T)
+
+    # Another mix of slots (what each step works out once is worked out again).
+    again = np.array([3, 3, 0, 1, 2, 1])
+    step.mixed(again, tokens=len(again))
+    expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(again)])
+    torch.testing.assert_close(gate_out(gate, x[: len(again)]), expected)
 
     # Layers no slot patches compute like slot 0 for every token.
     step.mixed(token_slots, tokens=len(token_slots))

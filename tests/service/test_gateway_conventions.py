@@ -8,12 +8,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from roma_service.registry import LocalRedis
 from tests.fixtures.engine import RunningEngine, patch_bytes
 from tests.service.gateway_support import (
     ALL_LAYERS,
     AUTH,
+    PROMPT_IDS,
     gateway_settings,
     greedy,
     model_id,
@@ -133,3 +135,84 @@ async def test_a_version_stored_without_activating_waits_for_its_activation(
         assert deployed.json()["active"] == 1 and deployed.json()["changed"]
         tokens, response = await greedy(gw)
         assert response.headers["X-Router-Version"] == "1" and tokens != base_tokens
+
+
+async def test_the_completion_routes_are_served_in_front_of_fastapi(
+    engine: RunningEngine, redis_server: LocalRedis, redis_prefix: str
+) -> None:
+    """``CompletionsFastPath`` answers the two completion routes itself (the app behind it is
+    never called), with the proxy's answers and the app's own error handlers, and passes
+    everything else on."""
+    from roma_service.gateway.completions.fast_path import CompletionsFastPath
+
+    settings = gateway_settings(redis_prefix, api_keys="key-one")
+    key = {"Authorization": "Bearer key-one"}
+    async with running_gateway(settings, redis_server.url, [engine.url]) as gw:
+        passed_on: list[str] = []
+
+        async def behind(scope: Scope, receive: Receive, send: Send) -> None:
+            passed_on.append(f"{scope['method']} {scope['path']}")
+            await send({"type": "http.response.start", "status": 299, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        fast = CompletionsFastPath(behind)
+
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["app"] = gw.app  # type: ignore[attr-defined]  (what Starlette sets)
+            await fast(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            model = (await gw.get("/v1/models", headers=key)).json()["data"][0]["id"]
+            body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": 6, "min_tokens": 6,
+                    "temperature": 0.0, "return_token_ids": True}  # fmt: skip
+            through_gateway = await gw.post("/v1/completions", json=body, headers=key)
+            fast_answer = await client.post("/v1/completions", json=body, headers=key)
+            assert fast_answer.status_code == 200, fast_answer.text
+            assert fast_answer.headers["X-Router-Version"] == "0"
+            assert (
+                fast_answer.json()["choices"][0]["token_ids"]
+                == through_gateway.json()["choices"][0]["token_ids"]
+            )
+            stream = body | {"stream": True}
+            streamed = await client.post("/v1/completions", json=stream, headers=key)
+            assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+            assert ": x-router-version 0" in streamed.text
+
+            # The chat route is served here too: the engine's refusal (the tiny model has no
+            # chat template) comes back in the gateway's shape, through the proxy.
+            chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+            refused = await client.post("/v1/chat/completions", json=chat, headers=key)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "bad_request"
+            assert refused.headers["X-Router-Version"] == "0"
+
+            # Refusals, in the shape every route gives (the app's exception handlers).
+            refusals = {
+                "missing_api_key": await client.post("/v1/completions", json=body),
+                "invalid_api_key": await client.post(
+                    "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}
+                ),
+                "invalid_header": await client.post(
+                    "/v1/completions", json=body, headers=key | {"X-Router-Version": "v1"}
+                ),
+                "invalid_json": await client.post(
+                    "/v1/chat/completions",
+                    content=b"{",
+                    headers=key | {"Content-Type": "application/json"},
+                ),
+                "unsupported_media_type": await client.post(
+                    "/v1/completions", data={"prompt": "x"}, headers=key
+                ),
+            }
+            for code, response in refusals.items():
+                error = response.json()["error"]
+                assert error["code"] == code, response.text
+                assert response.status_code in (400, 401, 415) and error["message"]
+                assert passed_on == []
+            assert refusals["missing_api_key"].headers["WWW-Authenticate"] == "Bearer"
+
+            # Anything else goes on to FastAPI.
+            assert (await client.get("/v1/completions")).status_code == 299
+            assert (await client.post("/v1/completions/", json=body)).status_code == 299
+            assert (await client.post("/tokenize", json={"prompt": "x"})).status_code == 299
+            assert passed_on == ["GET /v1/completions", "POST /v1/completions/", "POST /tokenize"]
