@@ -139,35 +139,53 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Where the base model lives is not what it is (its weights are in the salt): a ledger stays
+# valid for the same model built in another folder or on another machine.
+_LOCATION_FIELDS = frozenset({"model"})
+
+
 @dataclass
 class Ledger:
     """Finished runs, one JSON object a line, looked up by the hash of their configuration.
 
     ``salt`` (the base model's weights fingerprint, and the data's) is part of every key: a
-    model or data set regenerated at the same path must not reuse runs of the old one.
+    model or data set regenerated at the same path must not reuse runs of the old one. A line
+    is found only under the salt it was written with: its stored key must be its
+    configuration's key under this ledger's salt (lines written before keys left out the
+    model's folder are recognised by their key over the whole configuration).
     """
 
     path: Path
     salt: str = ""
 
     def __post_init__(self) -> None:
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, dict[str, Any]] = {}  # every line, by its stored key
+        self._found: dict[str, dict[str, Any]] = {}  # the lines of this salt, by key
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
                     self.records[record["key"]] = record
+                    config = record.get("config")
+                    if config is not None and record["key"] in (
+                        self.key(config),
+                        self._hash(config),
+                    ):
+                        self._found[self.key(config)] = record
 
-    def key(self, config: dict[str, Any]) -> str:
+    def _hash(self, config: dict[str, Any]) -> str:
         text = json.dumps(config, sort_keys=True) + self.salt
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def key(self, config: dict[str, Any]) -> str:
+        return self._hash({k: v for k, v in config.items() if k not in _LOCATION_FIELDS})
+
     def get(self, config: dict[str, Any]) -> dict[str, Any] | None:
-        return self.records.get(self.key(config))
+        return self._found.get(self.key(config))
 
     def add(self, config: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         record = {"key": self.key(config), "config": config, **result}
-        self.records[record["key"]] = record
+        self.records[record["key"]] = self._found[record["key"]] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -18,6 +18,31 @@ def test_ledger_persists_and_keys_by_model_weights(tmp_path) -> None:
     assert Ledger(tmp_path / "runs.jsonl", salt="model-b").get(config) is None
 
 
+def test_ledger_keys_leave_out_the_models_folder(tmp_path) -> None:
+    """The same model (same salt) built in another folder finds its runs, written before or
+    after keys left the folder out; a line of another salt is never found."""
+    import hashlib
+    import json
+
+    config = {"model": "/old/place/model", "objective": "ce", "lr": 1e-5, "seed": 0}
+    moved = {**config, "model": "/new/place/model"}
+    ledger = Ledger(tmp_path / "runs.jsonl", salt="model-a")
+    ledger.add(config, {"val": 0.5})
+    assert Ledger(tmp_path / "runs.jsonl", salt="model-a").get(moved)["val"] == 0.5
+    assert Ledger(tmp_path / "runs.jsonl", salt="model-b").get(moved) is None
+
+    # A line as written before: its key hashed the whole configuration, folder included.
+    legacy = {**config, "seed": 1}
+    old_key = hashlib.sha256((json.dumps(legacy, sort_keys=True) + "model-a").encode())
+    line = {"key": old_key.hexdigest()[:16], "config": legacy, "val": 0.25}
+    with (tmp_path / "runs.jsonl").open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    reread = Ledger(tmp_path / "runs.jsonl", salt="model-a")
+    assert reread.get({**moved, "seed": 1})["val"] == 0.25
+    assert Ledger(tmp_path / "runs.jsonl", salt="model-b").get({**moved, "seed": 1}) is None
+    assert len(reread.records) == 2  # every line, for tools that list them all
+
+
 def test_weights_fingerprint_sees_every_parameter() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
