@@ -42,6 +42,10 @@ class OracleResult:
     correct_before: list[bool]  # per sample, base routing
     gold_nll_before: float  # mean over samples
     gold_nll_after: float
+    # Each sample's routing at its routed token, [samples, layers, experts]: the base routers'
+    # and the optimised one (how far the oracle had to move it).
+    routing_before: torch.Tensor | None = None
+    routing_after: torch.Tensor | None = None
 
 
 class _RoutingDelta:
@@ -56,6 +60,10 @@ class _RoutingDelta:
         self.owner: torch.Tensor | None = None  # which sample each row belongs to
         self.delta: torch.Tensor | None = None  # [n_samples, n_layers, n_experts]
         self.target: torch.Tensor | None = None  # [n_samples, n_layers, n_experts], probs
+        # slot -> the rows' logits before the delta is added: at the first forward (the base
+        # model's) and at the latest (moved layers below change a layer's input).
+        self.first_logits: dict[int, torch.Tensor] = {}
+        self.last_logits: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _RoutingDelta:
@@ -72,6 +80,8 @@ class _RoutingDelta:
             if self.delta is None and self.target is None:
                 return output
             logits = output[0]
+            self.last_logits[slot] = logits[self.rows].detach()
+            self.first_logits.setdefault(slot, self.last_logits[slot])
             if self.target is not None:
                 wanted = self.target[self.owner, slot].clamp_min(1e-12).log()
                 logits = logits.index_put((self.rows,), wanted.to(logits.dtype))
@@ -114,10 +124,14 @@ def _encode_routed(
     return enc, rows, torch.tensor(owner)
 
 
+def _first_rows(samples: Sequence[Sample]) -> torch.Tensor:
+    """The row of each sample's first choice among the consecutive choice rows of ``samples``."""
+    return torch.tensor([0, *[len(s.choices) for s in samples[:-1]]]).cumsum(0)
+
+
 def _gold_rows(samples: Sequence[Sample]) -> torch.Tensor:
     """The row of each sample's gold choice among the consecutive choice rows of ``samples``."""
-    firsts = torch.tensor([0, *[len(s.choices) for s in samples[:-1]]]).cumsum(0)
-    return firsts + torch.tensor([s.answer for s in samples])
+    return _first_rows(samples) + torch.tensor([s.answer for s in samples])
 
 
 def _correct(samples: Sequence[Sample], logprob: torch.Tensor) -> list[bool]:
@@ -163,11 +177,20 @@ def oracle_batch(
             opt.step()
         with torch.no_grad():
             final = score_encoded(model, enc, cache)
+            # A sample's choices share its prompt, so its first choice's row says its routing.
+            first = _first_rows(samples)
+            slots = range(len(layers))
+            base = torch.stack([hooks.first_logits[s][first] for s in slots], 1).float()
+            moved = torch.stack([hooks.last_logits[s][first] for s in slots], 1).float()
+            before = F.softmax(base, dim=-1)
+            after = F.softmax(moved + delta.detach(), dim=-1)
     return OracleResult(
         correct=_correct(samples, final.logprob),
         correct_before=correct_before,
         gold_nll_before=first_nll if first_nll is not None else float("nan"),
         gold_nll_after=float(-final.logprob[gold].mean()),
+        routing_before=before,
+        routing_after=after,
     )
 
 
@@ -197,6 +220,8 @@ def run_oracle(
         correct_before=[c for p in parts for c in p.correct_before],
         gold_nll_before=sum(p.gold_nll_before * s for p, s in zip(parts, sizes, strict=True)) / n,
         gold_nll_after=sum(p.gold_nll_after * s for p, s in zip(parts, sizes, strict=True)) / n,
+        routing_before=torch.cat([p.routing_before for p in parts if p.routing_before is not None]),
+        routing_after=torch.cat([p.routing_after for p in parts if p.routing_after is not None]),
     )
 
 

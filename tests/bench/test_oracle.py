@@ -23,7 +23,7 @@ def samples(n: int = 2) -> list[Sample]:
 def test_oracle_starts_at_base_and_lowers_the_gold_loss(tiny_olmoe) -> None:
     loaded = load_model(tiny_olmoe, "float32")
     model, tok = loaded.model, loaded.tokenizer
-    data = samples()
+    data = samples(7)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = [p.requires_grad for p in model.parameters()]
     layers = select_layers(list(find_routers(model)), "last5")
@@ -36,6 +36,15 @@ def test_oracle_starts_at_base_and_lowers_the_gold_loss(tiny_olmoe) -> None:
     assert sum(result.correct_before) == round(base_correct)
     assert result.gold_nll_after < result.gold_nll_before  # equal if the delta never acted
     assert sum(result.correct) >= sum(result.correct_before)
+    # The routing it reports starting from is the base routing at that token, in sample order
+    # across batches (batch_size 5 < 7 samples), and it ends elsewhere.
+    from roma_bench.oracle import pool_routing
+
+    base, _ = pool_routing(model, tok, data, layers)
+    assert result.routing_before is not None and result.routing_after is not None
+    torch.testing.assert_close(result.routing_before, base, atol=1e-5, rtol=1e-4)
+    assert result.routing_after.shape == base.shape
+    assert not torch.allclose(result.routing_after, base, atol=1e-3)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
     assert [p.requires_grad for p in model.parameters()] == flags
