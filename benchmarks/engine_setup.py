@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from rich.table import Table
 
@@ -135,13 +136,17 @@ def median(values: Sequence[float]) -> float:
 
 def throughput_table(title: str, results: dict[str, list[float]], reference: str) -> Table:
     """Median, min, max tokens/s per mode; ratio of medians to ``reference``; median of the
-    same-round ratios (pairs cancel slow drifts in machine load)."""
+    same-round ratios (pairs cancel slow drifts in machine load), with a bootstrap 95 %
+    interval over rounds (what this machine's noise leaves of a 1 % difference)."""
     table = Table(title=title)
-    for column in ("mode", "median tok/s", "min", "max", f"ratio to {reference}", "paired ratio"):
+    columns = ("mode", "median tok/s", "min", "max", f"ratio to {reference}", "paired ratio",
+               "paired, 95 % interval")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right" if column != "mode" else "left")
     base = median(results[reference])
     for mode, values in results.items():
         paired = [v / b for v, b in zip(values, results[reference], strict=True)]
+        low, high = bootstrap_median(paired)
         table.add_row(
             mode,
             f"{median(values):.1f}",
@@ -149,5 +154,15 @@ def throughput_table(title: str, results: dict[str, list[float]], reference: str
             f"{max(values):.1f}",
             f"{median(values) / base:.3f}",
             f"{median(paired):.3f}",
+            f"{low:.3f}-{high:.3f}",
         )
     return table
+
+
+def bootstrap_median(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median of ``values`` (resampled with
+    replacement, seeded)."""
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values)
+    medians = np.median(rng.choice(data, size=(draws, len(data)), replace=True), axis=1)
+    return float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
