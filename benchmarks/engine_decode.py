@@ -65,7 +65,7 @@ def main(
         )
 
     title = f"decode throughput, {streams} streams x {max_tokens} tokens, {rounds} rounds"
-    Console().print(throughput_table(title, results, "base"))
+    Console(width=120).print(throughput_table(title, results, "base"))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def main(
         f"decode throughput, 4 slots, {streams} streams x {max_tokens} tokens, {rounds} rounds "
         f"({mixed_steps} mixed-slot steps, patch scale {patch_scale:g})"
     )
-    Console().print(throughput_table(title, results, "one version"))
+    Console(width=120).print(throughput_table(title, results, "one version"))
 
 
 if __name__ == "__main__":
