@@ -158,11 +158,20 @@ def real_cmd(
         str | None, typer.Option(help="The dense model the MoE was made from (a reference).")
     ] = None,
     ablations: Annotated[bool, typer.Option(help="Run the ablations too.")] = True,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods (ce, l1, l2, entropy, random, roma_knn, roma_eps): "
+            "run only their searches and seeds, and no report. A helper worker beside a full "
+            "run on the same --out, on another core: the full run finds them in runs.jsonl."
+        ),
+    ] = None,
 ) -> None:
     """The protocol on real tasks (ARC-Easy, SciQ, PIQA, HellaSwag, SIQA, COPA from OLMES
     data), with the all-experts and dense references and two out-of-set tasks; writes real.md,
-    real.json and real_accuracy.png into --out. Re-runs reuse every run in runs.jsonl."""
-    from roma_bench.real.quality import RealConfig, run_real
+    real.json and real_accuracy.png into --out. Re-runs reuse every run in runs.jsonl, and so
+    does a run beside helper workers (--only) sharing it."""
+    from roma_bench.real.quality import RealConfig, run_methods, run_real
 
     if model is None:
         raise typer.BadParameter(
@@ -177,6 +186,15 @@ def real_cmd(
     cfg.dense = dense
     cfg.ablations = ablations
     quiet_libraries()
+    if only is not None:
+        methods = tuple(m.strip() for m in only.split(",") if m.strip())
+        try:
+            searches = run_methods(cfg, methods)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--only") from exc
+        for method, search in searches.items():
+            console.print(f"{method}: best {search.best} (in {cfg.out / 'runs.jsonl'})")
+        return
     results = run_real(cfg)
     console.print((cfg.out / "real.md").read_text(), highlight=False)
     console.print(f"total {results.seconds:.0f} s; wrote {cfg.out}", highlight=False)

@@ -161,17 +161,26 @@ class Ledger:
     def __post_init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}  # every line, by its stored key
         self._found: dict[str, dict[str, Any]] = {}  # the lines of this salt, by key
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.records[record["key"]] = record
-                    config = record.get("config")
-                    if config is not None and record["key"] in (
-                        self.key(config),
-                        self._hash(config),
-                    ):
-                        self._found[self.key(config)] = record
+        self._read = 0  # bytes of the file read so far
+        self._read_new()
+
+    def _read_new(self) -> None:
+        """The complete lines appended since the last read (by this process or by another
+        worker sharing the file)."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self._read)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._read += end
+        for line in data[:end].decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                self.records[record["key"]] = record
+                config = record.get("config")
+                if config is not None and record["key"] in (self.key(config), self._hash(config)):
+                    self._found[self.key(config)] = record
 
     def _hash(self, config: dict[str, Any]) -> str:
         text = json.dumps(config, sort_keys=True) + self.salt
@@ -181,14 +190,18 @@ class Ledger:
         return self._hash({k: v for k, v in config.items() if k not in _LOCATION_FIELDS})
 
     def get(self, config: dict[str, Any]) -> dict[str, Any] | None:
-        return self._found.get(self.key(config))
+        key = self.key(config)
+        if key not in self._found:
+            self._read_new()  # another worker may have finished it
+        return self._found.get(key)
 
     def add(self, config: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         record = {"key": self.key(config), "config": config, **result}
         self.records[record["key"]] = self._found[record["key"]] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        # One unbuffered write with O_APPEND: workers sharing the file never interleave lines.
+        with self.path.open("ab", buffering=0) as fh:
+            fh.write((json.dumps(record) + "\n").encode())
         return record
 
 

@@ -43,6 +43,22 @@ def test_ledger_keys_leave_out_the_models_folder(tmp_path) -> None:
     assert len(reread.records) == 2  # every line, for tools that list them all
 
 
+def test_workers_sharing_a_ledger_see_each_others_runs(tmp_path) -> None:
+    """A ledger opened before another worker added a run finds it; a line still being
+    written is left for the next read."""
+    path = tmp_path / "runs.jsonl"
+    mine, theirs = Ledger(path, salt="m"), Ledger(path, salt="m")
+    theirs.add({"objective": "l2", "seed": 0}, {"val": 0.75})
+    assert mine.get({"objective": "l2", "seed": 0})["val"] == 0.75
+    with path.open("a") as fh:
+        fh.write('{"key": "half a li')
+    assert mine.get({"objective": "l2", "seed": 1}) is None
+    with path.open("a") as fh:
+        fh.write('ne"}\n')
+    theirs.add({"objective": "l2", "seed": 1}, {"val": 0.5})
+    assert mine.get({"objective": "l2", "seed": 1})["val"] == 0.5
+
+
 def test_weights_fingerprint_sees_every_parameter() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

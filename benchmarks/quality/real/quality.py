@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from roma_bench.protocol import HEADLINE, Protocol, QualityConfig
+from roma_bench.protocol import HEADLINE, METHODS, Protocol, QualityConfig
 from roma_bench.real.references import all_experts_dir, load_reference
 from roma_bench.real.report import PLOT_TITLE, goals, markdown
 from roma_bench.real.results import OutOfSet, RealResults, References
 from roma_bench.real.splits import OUT_OF_SET, TASKS, write_out_of_set, write_splits
 from roma_bench.report import accuracy_plot
-from roma_bench.results import Accuracy, RunRecord, SharedRouting
+from roma_bench.results import Accuracy, RunRecord, Search, SharedRouting
 from roma_bench.runs import accuracies, patch_file
 from roma_bench.stats import ablation_stats, gap_closed, paired_difference, seed_stats, summarise
 from roma_trainer.data import data_fingerprint
@@ -189,6 +189,17 @@ class Real(Protocol):
             success_set=finals["roma_knn"][0].train_metrics.get("success_set_size"),
             seconds=round(time.perf_counter() - started, 1),
         )
+
+
+def run_methods(cfg: RealConfig, methods: tuple[str, ...]) -> dict[str, Search]:
+    """Only ``methods``' searches and their winners' seeds, into the ledger: a helper worker
+    beside a full run on the same ``cfg.out`` (another core or machine sharing the folder),
+    which finds these runs there when it reaches them. Writes no report."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    searches, _ = Real(cfg).searches_and_finals(methods)
+    return searches
 
 
 def run_real(cfg: RealConfig) -> RealResults:

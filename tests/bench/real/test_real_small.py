@@ -21,13 +21,41 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory, tiny_olmoe: Path) -> Path:
+def helper(tmp_path_factory: pytest.TempPathFactory, tiny_olmoe: Path) -> tuple[Path, set[str]]:
+    """A helper worker (``--only l1``) fills the ledger first; the keys of its runs."""
     out = tmp_path_factory.mktemp("real-small")
+    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(out), "--only", "l1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "real.md").exists()  # a helper writes no report
+    return out, {r["key"] for r in _ledger(out) if r["config"].get("objective") == "l1"}
+
+
+@pytest.fixture(scope="module")
+def small(helper: tuple[Path, set[str]], tiny_olmoe: Path) -> Path:
+    out, _ = helper
     args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(out)]
     # The "dense" reference: any causal LM scores; the tiny OLMoE stands in for one.
     result = CliRunner().invoke(app, [*args, "--dense", str(tiny_olmoe)])
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_the_full_run_reuses_a_helper_workers_runs(
+    small: Path, helper: tuple[Path, set[str]]
+) -> None:
+    _, helped = helper
+    l1 = [r for r in _ledger(small) if r["config"].get("objective") == "l1"]
+    assert helped and {r["key"] for r in l1} == helped and len(l1) == len(helped)
+    results = json.loads((small / "real.json").read_text())
+    assert len(results["methods"]["l1"]["test_runs"]) == len(results["config"]["seeds"])
+
+
+def test_a_helper_refuses_unknown_methods(tmp_path: Path, tiny_olmoe: Path) -> None:
+    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--only", "ce,l3"])
+    assert result.exit_code == 2 and "l3" in result.output and "roma_knn" in result.output
+    assert not (tmp_path / "runs.jsonl").exists()
 
 
 def _ledger(out: Path) -> list[dict]:
