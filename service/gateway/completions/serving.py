@@ -17,6 +17,7 @@ SSE chunks are forwarded as they arrive, never buffered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -247,13 +248,8 @@ class CompletionsProxy:
         refuses the connection goes out of rotation and the next one is tried (nothing reached
         the first one)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
-        # The wait for a pooled connection and each read are bounded by the request timeout
-        # (a stream may run long, but never stall that long), the TCP connect by 5 s.
-        limit = self.gw.settings.request_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=limit, sock_connect=5.0, sock_read=limit
-        )
-        params = request.query_params.multi_items() or None
+        timeout = _upstream_timeout(self.gw.settings.request_timeout_s)
+        params = request.query_params.multi_items() if request.scope["query_string"] else None
         tried: list[str] = []
         stale = 0  # answers "version not resident": another gateway evicted it meanwhile
         while len(tried) < len(self.gw.pool.engines):
@@ -310,6 +306,13 @@ class CompletionsProxy:
             503, f"no engine reachable (tried {', '.join(tried)})", "no_engine",
             headers={"Retry-After": "5"},
         )  # fmt: skip
+
+
+@functools.cache
+def _upstream_timeout(limit: float) -> aiohttp.ClientTimeout:
+    """The wait for a pooled connection and each read are bounded by the request timeout (a
+    stream may run long, but never stall that long), the TCP connect by 5 s."""
+    return aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=5.0, sock_read=limit)
 
 
 async def _not_resident(upstream: aiohttp.ClientResponse) -> bool:
