@@ -128,6 +128,13 @@ class RomaRecipe:
                 mean_neighbours=counts.mean().item(),
                 samples_without_neighbours=int((counts == 0).sum()),
             )
+            if self.success and (counts == 0).float().mean() > 0.5:
+                log.warning(
+                    "%d of %d samples have no neighbour in S (neighbours=%s, eps=%g): their "
+                    "manifold term is 0 and they train on the CE alone; a larger --eps or "
+                    "knn reaches further",
+                    int((counts == 0).sum()), len(counts), cfg.neighbours, cfg.eps,
+                )  # fmt: skip
         log.info("setup %s", " ".join(f"{k}={v}" for k, v in self.metrics.items()))
 
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)

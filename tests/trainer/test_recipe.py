@@ -8,6 +8,7 @@ a fresh base model and is fingerprinted like the gateway will fingerprint the ch
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -321,3 +322,24 @@ def test_bf16_checkpoint_gives_a_bf16_patch_with_the_checkpoint_fingerprint(
 def test_lambda_warmup_is_linear(tiny_olmoe: Path, small_data: Path, tmp_path: Path) -> None:
     recipe = RomaRecipe(config(tiny_olmoe, small_data, tmp_path / "p", lam=2.0, lam_warmup_steps=4))
     assert [recipe.lam_at(s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+
+
+def test_an_eps_ball_that_reaches_no_neighbour_is_said(
+    tiny_olmoe: Path, small_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """eps small enough that no sample has a successful neighbour: the run is the CE alone,
+    and the log says so (with how to reach further); a reaching eps says nothing."""
+    for eps, warned in ((1e-6, True), (1.9, False)):
+        caplog.clear()
+        cfg = config(tiny_olmoe, small_data, tmp_path / f"{eps}.safetensors",
+                     neighbours="eps", eps=eps, max_steps=1)  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="roma_trainer.recipe"):
+            recipe = RomaRecipe(cfg)
+            recipe.setup()
+            recipe.cleanup()
+        said = [r.getMessage() for r in caplog.records if "no neighbour in S" in r.getMessage()]
+        assert bool(said) == warned, said
+        if warned:
+            n = recipe.metrics["num_samples"]
+            assert recipe.metrics["samples_without_neighbours"] == n
+            assert f"{n} of {n} samples" in said[0] and "--eps" in said[0]
