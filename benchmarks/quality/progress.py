@@ -26,7 +26,7 @@ from roma_bench.stats import paired_difference
 
 # Config keys that vary inside one method's search and seeds; any other difference from the
 # protocol's defaults (layers, token, data, k, embedder, ...) makes a run an ablation.
-_VARIED = {"seed", "lr", "lam"}
+_VARIED = {"seed", "lr", "lam", "eps"}  # eps: a benchmark's own radius (RealConfig.eps)
 _DEFAULTS = {"layers": "last5", "token": "last"}
 # Keys of every run that say where things are, not what was trained.
 _NEUTRAL = {
@@ -37,7 +37,7 @@ _NEUTRAL = {
 def method_of(config: dict[str, Any], data: str | None) -> str | None:
     """The protocol method a training run belongs to, None for an ablation or a non-run."""
     for name, settings in METHODS.items():
-        want = {**_DEFAULTS, **settings}
+        want = {k: v for k, v in {**_DEFAULTS, **settings}.items() if k not in _VARIED}
         same = all(config.get(k) == v for k, v in want.items())
         extra = set(config) - set(want) - _VARIED - _NEUTRAL
         if same and not extra and (data is None or config.get("data") == data):
@@ -114,16 +114,19 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
     ]
     finals: dict[str, list[RunRecord]] = {}
     for method in METHODS:
-        by_setting: dict[tuple[float, float | None], list[RunRecord]] = defaultdict(list)
+        by_setting: dict[tuple[float | None, float, float | None], list[RunRecord]]
+        by_setting = defaultdict(list)
         for run in runs.get(method, []):
-            by_setting[(run.config["lr"], run.config.get("lam"))].append(run)
-        for (lr, lam), found in sorted(
-            by_setting.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)
+            key = (run.config.get("eps"), run.config["lr"], run.config.get("lam"))
+            by_setting[key].append(run)
+        for (eps, lr, lam), found in sorted(
+            by_setting.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1], kv[0][2] or 0)
         ):
             seed0 = next((r for r in found if r.seed == 0), None)
             tests = [r.test.average for r in found if r.test is not None]
+            label = LABELS[method] + ("" if eps is None else f" (eps {eps:g})")
             lines.append(
-                f"| {LABELS[method]} | {lr:g} | {'-' if lam is None else f'{lam:g}'} "
+                f"| {label} | {lr:g} | {'-' if lam is None else f'{lam:g}'} "
                 f"| {','.join(str(r.seed) for r in sorted(found, key=lambda r: r.seed))} "
                 f"| {pool_accuracy(seed0)} "
                 f"| {pct(seed0.val.average) if seed0 else '-'} "
