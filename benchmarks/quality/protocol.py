@@ -52,7 +52,13 @@ from roma_bench.results import (
     Setting,
     SharedRoutingFound,
 )
-from roma_bench.runs import Ledger, Scorer, train_and_score, weights_fingerprint
+from roma_bench.runs import (
+    Ledger,
+    Scorer,
+    train_and_score,
+    try_train_and_score,
+    weights_fingerprint,
+)
 from roma_bench.samples import sample_row, write_jsonl
 from roma_bench.stats import accuracy_by_task, best_on_val
 from roma_trainer.data import Sample, data_fingerprint, load_samples
@@ -209,22 +215,34 @@ class Protocol:
             self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
         )
 
+    def runs(self, method: str, settings: list[dict[str, Any]]) -> list[RunRecord]:
+        """``method``'s runs with each of ``settings`` (independent of each other): first those
+        no other worker sharing the ledger is training, then the others, waited for."""
+        first = [
+            try_train_and_score(
+                self.scorer, self.ledger, self.train_config(method, **s), self.patch_dir
+            )
+            for s in settings
+        ]
+        return [r or self.run(method, **s) for r, s in zip(first, settings, strict=True)]
+
     def seeds(
         self, method: str, seeds: tuple[int, ...] | None = None, **overrides: Any
     ) -> list[RunRecord]:
-        return [self.run(method, seed=s, **overrides) for s in seeds or self.cfg.seeds]
+        return self.runs(method, [{"seed": s, **overrides} for s in seeds or self.cfg.seeds])
 
     def search(self, method: str) -> Search:
         """Grid search on validation accuracy with seed 0."""
+        points = [(lr, lam) for lr in self.cfg.lr_grid for lam in self.cfg.lams(method)]
+        seed = self.cfg.seeds[0]
+        runs = self.runs(method, [{"seed": seed, "lr": lr, "lam": lam} for lr, lam in points])
         best: tuple[float, Setting] | None = None
         grid = []
-        for lr in self.cfg.lr_grid:
-            for lam in self.cfg.lams(method):
-                setting = Setting(lr=lr, lam=lam)
-                val = self.run(method, seed=self.cfg.seeds[0], lr=lr, lam=lam).val.average
-                grid.append(GridPoint(lr=lr, lam=lam, val=val))
-                if best is None or val > best[0]:
-                    best = (val, setting)
+        for (lr, lam), run in zip(points, runs, strict=True):
+            val = run.val.average
+            grid.append(GridPoint(lr=lr, lam=lam, val=val))
+            if best is None or val > best[0]:
+                best = (val, Setting(lr=lr, lam=lam))
         assert best is not None
         return Search(best=best[1], grid=grid)
 

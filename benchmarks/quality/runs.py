@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -205,13 +207,89 @@ class Ledger:
         return record
 
 
-def train_and_score(
+class Claims:
+    """Which worker is training which run, for workers sharing one ledger (``roma-bench real
+    --only``): a file per run being trained, ``claims/<key>`` beside the ledger, made with
+    O_EXCL and holding ``host pid``, removed when the run is in the ledger or failed. A claim of
+    a process that is gone (same host) is taken over."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.dir = ledger.path.parent / "claims"
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def take(self, key: str) -> bool:
+        """True: this worker now trains ``key``; False: a live worker already does."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / key
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.owner)
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        (self.dir / key).unlink(missing_ok=True)
+
+    def _stale(self, path: Path) -> bool:
+        try:
+            host, pid = path.read_text().split()
+        except (OSError, ValueError):
+            return False  # being written, or gone: not ours to judge yet
+        if host != socket.gethostname():
+            return False  # another machine's: trusted until it is released
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def try_train_and_score(
     scorer: Scorer, ledger: Ledger, train_config: dict[str, Any], patch_dir: Path
-) -> RunRecord:
-    """Train one patch with ``train_config`` (TrainConfig fields) and score it; cached."""
+) -> RunRecord | None:
+    """The run, from the ledger or trained now; None when another worker is training it."""
     cached = ledger.get(train_config)
     if cached is not None:
         return RunRecord.model_validate(cached)
+    claims = Claims(ledger)
+    key = ledger.key(train_config)
+    if not claims.take(key):
+        return None
+    try:
+        if (cached := ledger.get(train_config)) is not None:  # finished while we looked
+            return RunRecord.model_validate(cached)
+        return _train_and_score(scorer, ledger, train_config, patch_dir)
+    finally:
+        claims.release(key)
+
+
+def train_and_score(
+    scorer: Scorer,
+    ledger: Ledger,
+    train_config: dict[str, Any],
+    patch_dir: Path,
+    poll_s: float = 10.0,
+) -> RunRecord:
+    """Train one patch with ``train_config`` (TrainConfig fields) and score it; cached. Another
+    worker training the same run is waited for (its claim taken over if it dies)."""
+    while (record := try_train_and_score(scorer, ledger, train_config, patch_dir)) is None:
+        time.sleep(poll_s)
+    return record
+
+
+def _train_and_score(
+    scorer: Scorer, ledger: Ledger, train_config: dict[str, Any], patch_dir: Path
+) -> RunRecord:
     key = ledger.key(train_config)
     patch_path = patch_dir / f"{key}.safetensors"
     cfg = load_config(None, {**train_config, "out": patch_path})

@@ -59,6 +59,53 @@ def test_workers_sharing_a_ledger_see_each_others_runs(tmp_path) -> None:
     assert mine.get({"objective": "l2", "seed": 1})["val"] == 0.5
 
 
+def test_a_run_another_worker_trains_is_waited_for_not_trained_twice(tmp_path) -> None:
+    """Claims: a run claimed by a live worker is not trained here (``try_train_and_score``
+    says None; ``train_and_score`` waits for its line); a dead worker's claim is taken over; a
+    claim from another machine is trusted."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from roma_bench.runs import Claims, train_and_score, try_train_and_score
+
+    ledger = Ledger(tmp_path / "runs.jsonl", salt="m")
+    config = {"objective": "ce", "lr": 1e-5, "seed": 0}
+    key = ledger.key(config)
+    claims = Claims(ledger)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (claims.dir).mkdir(parents=True)
+        (claims.dir / key).write_text(f"{socket.gethostname()} {other.pid}")
+        # No scorer is needed: nothing is trained while the other worker holds the run.
+        assert try_train_and_score(None, ledger, config, tmp_path) is None  # type: ignore[arg-type]
+        assert not claims.take(key)
+
+        def other_finishes() -> None:
+            val = {"tasks": {"t": 0.5}, "average": 0.5}
+            record = {"patch": "p", "train_seconds": 1.0, "train_metrics": {}, "val": val}
+            Ledger(tmp_path / "runs.jsonl", salt="m").add(config, record)
+            claims.release(key)
+
+        threading.Timer(0.3, other_finishes).start()
+        waited = train_and_score(None, ledger, config, tmp_path, poll_s=0.05)  # type: ignore[arg-type]
+        assert waited.key == key and waited.train_seconds == 1.0
+    finally:
+        other.kill()
+        other.wait()
+
+    # The other worker died holding a run: its claim is taken over.
+    (claims.dir / "dead").write_text(f"{socket.gethostname()} {other.pid}")
+    assert claims.take("dead") and (claims.dir / "dead").read_text() == claims.owner
+    claims.release("dead")
+    assert not (claims.dir / "dead").exists()
+    # Another machine's claim: trusted (its process cannot be checked from here).
+    (claims.dir / "far").write_text(f"another-host-{os.getpid()} 1")
+    assert not claims.take("far")
+
+
 def test_weights_fingerprint_sees_every_parameter() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
