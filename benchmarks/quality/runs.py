@@ -211,7 +211,10 @@ class Claims:
     """Which worker is training which run, for workers sharing one ledger (``roma-bench real
     --only``): a file per run being trained, ``claims/<key>`` beside the ledger, made with
     O_EXCL and holding ``host pid``, removed when the run is in the ledger or failed. A claim of
-    a process that is gone (same host) is taken over."""
+    a process that is gone (same host), or older than ``stale_s`` (a reused pid, a machine that
+    went away), is taken over."""
+
+    stale_s = 6 * 3600.0  # a run takes minutes
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -241,6 +244,8 @@ class Claims:
     def _stale(self, path: Path) -> bool:
         try:
             host, pid = path.read_text().split()
+            if time.time() - path.stat().st_mtime > self.stale_s:
+                return True
         except (OSError, ValueError):
             return False  # being written, or gone: not ours to judge yet
         if host != socket.gethostname():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from roma_bench.runs import Ledger, weights_fingerprint
@@ -104,6 +106,10 @@ def test_a_run_another_worker_trains_is_waited_for_not_trained_twice(tmp_path) -
     # Another machine's claim: trusted (its process cannot be checked from here).
     (claims.dir / "far").write_text(f"another-host-{os.getpid()} 1")
     assert not claims.take("far")
+    # ... until it is older than any run takes.
+    old = time.time() - Claims.stale_s - 60
+    os.utime(claims.dir / "far", (old, old))
+    assert claims.take("far")
 
 
 def test_weights_fingerprint_sees_every_parameter() -> None:
