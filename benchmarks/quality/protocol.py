@@ -116,8 +116,6 @@ class QualityConfig:
             "manifold": (0.1, 1.0, 10.0),
         }
     )
-    # RoMA eps-ball's radius (embedding distance d = sqrt(2 - 2 cos)): the paper's best.
-    eps: float = 0.5
     oracle_steps: int = 10
     oracle_lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0)
     # The task-shared routing oracle (a diagnostic): full-batch Adam steps per task.
@@ -205,8 +203,6 @@ class Protocol:
             "batch_size": cfg.batch_size,
             **METHODS[method],
         }
-        if base.get("neighbours") == "eps":
-            base["eps"] = cfg.eps
         base.update({k: v for k, v in overrides.items() if v is not None})
         return base
 

@@ -47,10 +47,11 @@ class RealConfig(QualityConfig):
     # ~1e-6 (docs/real-quality.md "Scales"). The grids are the synthetic benchmark's, moved to
     # where the step and the regularisers are comparable to the CE on this model.
     lr_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
-    # The paper's 0.5 gives no pool sample a neighbour here: prompts of six tasks lie far apart
-    # in MiniLM space (median distance to the nearest pool sample 1.02). At 1.1 a sample has
-    # 5.2 pool samples within reach on average, about 3 of them successful, as k-NN's k = 3
-    # (docs/real-quality.md, "Methods, budget, search").
+    # RoMA eps-ball's radius (d = sqrt(2 - 2 cos) in MiniLM space). The paper's 0.5 (the
+    # synthetic benchmark's, in METHODS) gives no pool sample a neighbour here: prompts of six
+    # tasks lie far apart in MiniLM space (median distance to the nearest pool sample 1.02).
+    # At 1.1 a sample has 5.2 pool samples within reach on average, about 3 of them
+    # successful, as k-NN's k = 3 (docs/real-quality.md, "Methods, budget, search").
     eps: float = 1.1
     lam_grid: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: (
@@ -97,10 +98,13 @@ class Real(Protocol):
         self.cfg: RealConfig = cfg
 
     def train_config(self, method: str, **overrides: object) -> dict[str, object]:
-        return super().train_config(method, **overrides) | {
+        config = super().train_config(method, **overrides) | {
             "hidden_cache": "disk",
             "hidden_cache_dir": str(self.hidden_dir),
         }
+        if config.get("neighbours") == "eps" and "eps" not in overrides:
+            config["eps"] = self.cfg.eps
+        return config
 
     def references(self) -> References:
         """The MoE with every expert on and the dense model, on the test split; cached."""
