@@ -211,15 +211,16 @@ class Protocol:
             self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
         )
 
+    def try_run(self, method: str, **overrides: Any) -> RunRecord | None:
+        """:meth:`run`, or None while another worker sharing the ledger trains it."""
+        return try_train_and_score(
+            self.scorer, self.ledger, self.train_config(method, **overrides), self.patch_dir
+        )
+
     def runs(self, method: str, settings: list[dict[str, Any]]) -> list[RunRecord]:
         """``method``'s runs with each of ``settings`` (independent of each other): first those
         no other worker sharing the ledger is training, then the others, waited for."""
-        first = [
-            try_train_and_score(
-                self.scorer, self.ledger, self.train_config(method, **s), self.patch_dir
-            )
-            for s in settings
-        ]
+        first = [self.try_run(method, **s) for s in settings]
         return [r or self.run(method, **s) for r, s in zip(first, settings, strict=True)]
 
     def seeds(

@@ -181,8 +181,11 @@ class Ledger:
                 record = json.loads(line)
                 self.records[record["key"]] = record
                 config = record.get("config")
-                if config is not None and record["key"] in (self.key(config), self._hash(config)):
-                    self._found[self.key(config)] = record
+                if config is None:
+                    continue
+                key = self.key(config)
+                if record["key"] in (key, self._hash(config)):
+                    self._found[key] = record
 
     def _hash(self, config: dict[str, Any]) -> str:
         text = json.dumps(config, sort_keys=True) + self.salt
@@ -217,7 +220,6 @@ class Claims:
     stale_s = 6 * 3600.0  # a run takes minutes
 
     def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
         self.dir = ledger.path.parent / "claims"
         self.owner = f"{socket.gethostname()} {os.getpid()}"
 
