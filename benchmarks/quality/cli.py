@@ -155,15 +155,21 @@ def real_cmd(
         bool, typer.Option(help="The small version (a couple of minutes on a tiny model).")
     ] = False,
     dense: Annotated[
-        str | None, typer.Option(help="The dense model the MoE was made from (a reference).")
+        str | None,
+        typer.Option(
+            help="The dense model the MoE was made from (a reference): a checkpoint folder or "
+            "a .gguf file, e.g. SmolLM2's: `python -c 'from roma_models.smollm2 import "
+            "gguf_file; print(gguf_file())'`."
+        ),
     ] = None,
     ablations: Annotated[bool, typer.Option(help="Run the ablations too.")] = True,
     only: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods (ce, l1, l2, entropy, random, roma_knn, roma_eps): "
-            "run only their searches and seeds, and no report. A helper worker beside a full "
-            "run on the same --out, on another core: the full run finds them in runs.jsonl."
+            help="Comma-separated methods (ce, l1, l2, entropy, random, roma_knn, roma_eps) "
+            "and/or 'ablations' (RoMA k-NN's): run only their searches and seeds, and no "
+            "report. A helper worker beside a full run on the same --out, on another core: "
+            "the full run finds them in runs.jsonl."
         ),
     ] = None,
 ) -> None:

@@ -266,7 +266,9 @@ class Protocol:
         return {m: searches[m] for m in order}, {m: finals[m] for m in order}
 
     def ablations(self, best: Setting) -> dict[str, dict[str, list[RunRecord]]]:
-        """RoMA k-NN at its winning setting with one factor changed, every ablation seed."""
+        """RoMA k-NN at its winning setting with one factor changed, every ablation seed. All
+        of them go to :meth:`runs` at once: workers sharing the ledger split them and wait only
+        at the end, not after each factor."""
         cfg = self.cfg
         weak = build_random_minilm(self.out / "embedders" / "random-minilm")
         plan: dict[str, dict[str, dict[str, Any]]] = {
@@ -282,13 +284,18 @@ class Protocol:
             },
             "embedder": {"MiniLM": {}, "random-init MiniLM": {"embedder": str(weak)}},
         }
-        return {
-            factor: {
-                name: self.seeds("roma_knn", cfg.ablation_seeds, lr=best.lr, lam=best.lam, **o)
-                for name, o in options.items()
-            }
-            for factor, options in plan.items()
-        }
+        seeds = cfg.ablation_seeds or cfg.seeds
+        cells = [(f, name) for f, options in plan.items() for name in options]
+        settings = [
+            {"seed": s, "lr": best.lr, "lam": best.lam, **plan[f][name]}
+            for f, name in cells
+            for s in seeds
+        ]
+        runs = iter(self.runs("roma_knn", settings))
+        found: dict[str, dict[str, list[RunRecord]]] = {f: {} for f in plan}
+        for f, name in cells:
+            found[f][name] = [next(runs) for _ in seeds]
+        return found
 
     def fraction_data(self, fraction: float) -> str:
         """A seeded subset of the pool, stratified by task, written beside the splits."""

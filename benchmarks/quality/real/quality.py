@@ -23,6 +23,8 @@ from roma_trainer.data import data_fingerprint
 # The patches scored on the out-of-set tasks (with the base routers).
 OUT_OF_SET_METHODS: tuple[str, ...] = ("ce", "roma_knn")
 SMALL_TASKS: tuple[str, ...] = ("copa", "sciq", "arc_easy")
+# What ``--only`` calls RoMA k-NN's ablations, beside the method names.
+ABLATIONS = "ablations"
 
 
 @dataclass
@@ -201,13 +203,20 @@ class Real(Protocol):
 
 
 def run_methods(cfg: RealConfig, methods: tuple[str, ...]) -> dict[str, Search]:
-    """Only ``methods``' searches and their winners' seeds, into the ledger: a helper worker
-    beside a full run on the same ``cfg.out`` (another core or machine sharing the folder),
-    which finds these runs there when it reaches them. Writes no report."""
-    unknown = sorted(set(methods) - set(METHODS))
+    """Only ``methods``' searches and their winners' seeds, into the ledger, and with
+    ``"ablations"`` among them RoMA k-NN's ablations (after its search, run here if the ledger
+    lacks it): a helper worker beside a full run on the same ``cfg.out`` (another core or
+    machine sharing the folder), which finds these runs there when it reaches them. Writes no
+    report."""
+    unknown = sorted(set(methods) - set(METHODS) - {ABLATIONS})
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    searches, _ = Real(cfg).searches_and_finals(methods)
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join([*METHODS, ABLATIONS])}")
+    real = Real(cfg)
+    searches, _ = real.searches_and_finals(tuple(m for m in methods if m != ABLATIONS))
+    if ABLATIONS in methods:
+        knn = searches.get("roma_knn") or real.search("roma_knn")
+        real.ablations(knn.best)
+        searches.setdefault("roma_knn", knn)
     return searches
 
 

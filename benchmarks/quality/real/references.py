@@ -32,9 +32,19 @@ def all_experts_dir(model: Path, out: Path) -> Path:
 
 
 def load_reference(path: Path) -> tuple[torch.nn.Module, object, str]:
-    """Any causal LM (dense or MoE) in eval mode, its tokenizer and its weights' fingerprint."""
+    """Any causal LM (dense or MoE) in eval mode, its tokenizer and its weights' fingerprint:
+    a checkpoint folder, or a GGUF file (dequantised to float32, as `roma-models build` reads
+    SmolLM2's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer, weights_fingerprint(model)
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        where, gguf = str(path.parent), {"gguf_file": path.name}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **gguf)
+    else:
+        where, gguf = str(path), {}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
+    return model.eval(), tokenizer, weights_fingerprint(model)

@@ -22,13 +22,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def helper(tmp_path_factory: pytest.TempPathFactory, tiny_olmoe: Path) -> tuple[Path, set[str]]:
-    """A helper worker (``--only l1``) fills the ledger first; the keys of its runs."""
+    """A helper worker (``--only l1,ablations``) fills the ledger first; the keys of its runs
+    (L1's, and RoMA k-NN's: its search, which the ablations need, and the ablations)."""
     out = tmp_path_factory.mktemp("real-small")
-    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(out), "--only", "l1"]
-    result = CliRunner().invoke(app, args)
+    args = ["real", "--small", "--model", str(tiny_olmoe), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--only", "l1,ablations"])
     assert result.exit_code == 0, result.output
     assert not (out / "real.md").exists()  # a helper writes no report
-    return out, {r["key"] for r in _ledger(out) if r["config"].get("objective") == "l1"}
+    return out, {r["key"] for r in _ledger(out) if "config" in r}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,16 @@ def test_the_full_run_reuses_a_helper_workers_runs(
     small: Path, helper: tuple[Path, set[str]]
 ) -> None:
     _, helped = helper
-    l1 = [r for r in _ledger(small) if r["config"].get("objective") == "l1"]
-    assert helped and {r["key"] for r in l1} == helped and len(l1) == len(helped)
+    trained = [r for r in _ledger(small) if "config" in r]
+    # Every run the helper trained is in the ledger once: the full run trained none of them.
+    assert helped <= {r["key"] for r in trained}
+    assert len(trained) == len({r["key"] for r in trained})
+    by_helper = [r["config"] for r in trained if r["key"] in helped]
+    assert {c.get("objective") for c in by_helper} >= {"l1"}
+    assert any(c.get("token") == "first" for c in by_helper)  # an ablation
     results = json.loads((small / "real.json").read_text())
     assert len(results["methods"]["l1"]["test_runs"]) == len(results["config"]["seeds"])
+    assert results["ablations"]["token"]["first"]["test_runs"]
 
 
 def test_a_helper_refuses_unknown_methods(tmp_path: Path, tiny_olmoe: Path) -> None:
