@@ -27,7 +27,7 @@ def test_the_dense_reference_loads_from_smollm2s_gguf() -> None:
 
 
 def test_a_missing_gguf_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no GGUF file at .*missing.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"no GGUF file at .*missing\.gguf"):
         load_reference(tmp_path / "missing.gguf")
 
 
