@@ -11,7 +11,7 @@ from pathlib import Path
 
 from roma_bench.protocol import HEADLINE, METHODS, Protocol, QualityConfig
 from roma_bench.real.references import all_experts_dir, load_reference
-from roma_bench.real.report import PLOT_TITLE, goals, markdown
+from roma_bench.real.report import PLOT_TITLE, RIVALS, goals, markdown
 from roma_bench.real.results import OutOfSet, RealResults, References
 from roma_bench.real.splits import OUT_OF_SET, TASKS, write_out_of_set, write_splits
 from roma_bench.report import accuracy_plot
@@ -196,7 +196,10 @@ class Real(Protocol):
             methods=methods,
             ablations=ablation_stats(ablations, base["test"], oracle.test),
             out_of_set=self.out_of_set(finals),
-            goals=goals(methods),
+            goals=goals(
+                methods,
+                {r: paired_difference(finals["roma_knn"], finals[r]) for r in RIVALS},
+            ),
             success_set=finals["roma_knn"][0].train_metrics.get("success_set_size"),
             seconds=round(time.perf_counter() - started, 1),
         )
