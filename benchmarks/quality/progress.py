@@ -2,8 +2,9 @@
 
 The final report (``real.md``, ``quality.md``) is written only when every step is done, which on
 two cores takes many sessions. This summary shows what the ledger already holds: every method's
-grid points (val with seed 0, test), the seeds finished at each setting, and the paired test
-difference to CE-only wherever both have two or more seeds at their most-seeded setting.
+grid points (val with seed 0, test), the seeds finished at each setting, the paired test
+difference to CE-only wherever both have two or more seeds at their most-seeded setting, and
+the ablation runs finished so far.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def method_of(config: dict[str, Any], data: str | None) -> str | None:
         if same and not extra and (data is None or config.get("data") == data):
             return name
     return None
+
+
+def ablation_of(config: dict[str, Any], data: str | None) -> str | None:
+    """What an ablation run of RoMA k-NN changes (``token=first``, ``data=train_10pct.jsonl``,
+    ...), None for a run that is not one."""
+    if config.get("objective") != METHODS["roma_knn"]["objective"]:
+        return None
+    want = {**_DEFAULTS, **METHODS["roma_knn"]}
+    keys = sorted((set(config) | set(want)) - _VARIED - _NEUTRAL)
+    changed = [f"{k}={_short(config.get(k))}" for k in keys if config.get(k) != want.get(k)]
+    if data is not None and config.get("data") not in (None, data):
+        changed.append(f"data={Path(str(config['data'])).name}")
+    return ", ".join(changed) or None
+
+
+def _short(value: Any) -> str:
+    """A config value as the ablations table shows it: a path by its last part."""
+    text = str(value)
+    return Path(text).name if "/" in text else text
 
 
 def _diagnostic(config: dict[str, Any], result: dict[str, Any] | None) -> str | None:
@@ -88,6 +108,7 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
     ledger = Ledger(ledger_path)
     runs: dict[str, list[RunRecord]] = defaultdict(list)
     base: dict[str, Accuracy] | None = None
+    ablations: dict[str, list[RunRecord]] = defaultdict(list)
     others = 0
     diagnostics: list[str] = []
     for record in ledger.records.values():
@@ -99,10 +120,13 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
             diagnostics.append(line)
             continue
         method = method_of(config, data) if "patch" in record else None
-        if method is None:
+        ablation = ablation_of(config, data) if "patch" in record and not method else None
+        if ablation is not None:
+            ablations[ablation].append(RunRecord.model_validate(record))
+        elif method is None:
             others += 1
-            continue
-        runs[method].append(RunRecord.model_validate(record))
+        else:
+            runs[method].append(RunRecord.model_validate(record))
     lines = [f"# Progress of `{ledger_path}` ({len(ledger.records)} records)", ""]
     if base is not None:
         lines += [f"Base routers: val {pct(base['val'].average)}, "
@@ -144,5 +168,19 @@ def progress(ledger_path: Path, data: str | None = None) -> str:
     lines += compared or ["- none yet (needs two seeds of a method and of CE-only)"]
     if diagnostics:
         lines += ["", "Diagnostics (test split):", "", *diagnostics]
-    lines += ["", f"Other records (references, ablations, out-of-set scores): {others}."]
+    if ablations:
+        lines += ["", "RoMA k-NN ablations so far (what each changes from its protocol "
+                  "setting):", "", "| change | lr | lambda | seeds done | test, mean over "
+                  "seeds |", "|---|---|---|---|---|"]  # fmt: skip
+        for change, found in sorted(ablations.items()):
+            tests = [r.test.average for r in found if r.test is not None]
+            settings = sorted({(r.config["lr"], r.config.get("lam")) for r in found})
+            lr, lam = settings[0] if len(settings) == 1 else ("mixed", "mixed")
+            lines.append(
+                f"| {change} | {lr if isinstance(lr, str) else f'{lr:g}'} "
+                f"| {lam if isinstance(lam, str) or lam is None else f'{lam:g}'} "
+                f"| {','.join(str(r.seed) for r in sorted(found, key=lambda r: r.seed))} "
+                f"| {pct(sum(tests) / len(tests)) if tests else '-'} |"
+            )
+    lines += ["", f"Other records (references, out-of-set scores): {others}."]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ invocation reuses the ledger."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,20 @@ def test_progress_reads_the_ledger_alone(small: Path) -> None:
     assert f"): test {before:.1f} -> {after:.1f}" in text
     assert f"neighbours'): {100 * premise['knn']['average']:.1f};" in text
     assert "- Oracle control (toward a random wrong choice)" in text
+    # Every ablation setting, by what it changes, with its seeds and test mean.
+    ablation_seeds = ",".join(str(s) for s in sorted(results["config"]["ablation_seeds"]))
+    shown = {
+        "layers=last1": ("layers", "last1"),
+        "token=first": ("token", "first"),
+        "k=1": ("k", "1"),
+        "data=train_50pct.jsonl": ("fraction", "50%"),
+        "embedder=random-minilm": ("embedder", "random-init MiniLM"),
+    }
+    for change, (factor, name) in shown.items():
+        mean = 100 * results["ablations"][factor][name]["test_mean"]
+        assert re.search(
+            rf"\| {re.escape(change)} \| [^|]+ \| [^|]+ \| {ablation_seeds} \| {mean:.1f} \|", text
+        ), change
 
 
 def test_progress_of_a_folder_without_a_ledger_says_so(tmp_path: Path) -> None:
