@@ -35,7 +35,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,11 +81,16 @@ def prefix_fingerprint(model: nn.Module, first_layer: int) -> str:
     """sha256 of the model's config and of every decoder weight outside ``layers[first:]``."""
     decoder = model.get_decoder()
     suffix = tuple(f"layers.{i}." for i in range(first_layer, len(decoder.layers)))
-    specs = {
-        name: raw_from_torch(param).spec()
-        for name, param in decoder.named_parameters()
-        if not name.startswith(suffix)
-    }
+    kept = ((n, p) for n, p in decoder.named_parameters() if not n.startswith(suffix))
+    return weights_fingerprint(model, kept)
+
+
+def weights_fingerprint(
+    model: nn.Module, params: Iterable[tuple[str, torch.Tensor]] | None = None
+) -> str:
+    """sha256 of the model's config and of ``params`` (default: every weight it holds)."""
+    found = model.named_parameters() if params is None else params
+    specs = {name: raw_from_torch(param).spec() for name, param in found}
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
     config.pop("transformers_version", None)
     text = json.dumps(config, sort_keys=True, default=str) + "\n" + fingerprint(specs)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from roma_patch import PatchMeta, write_patch
 from roma_trainer import objectives
+from roma_trainer.base_scores import base_scores_path, stored_or_scored
 from roma_trainer.config import ConfigError, TrainConfig
 from roma_trainer.data import Sample, data_fingerprint, load_samples
 from roma_trainer.hidden_cache import HiddenCache, open_hidden_cache
@@ -94,8 +95,13 @@ class RomaRecipe:
             cfg.hidden_cache_dir,
         )
 
-        # success set S (the base model answers correctly) and base routing r_j of its members
-        base = self.score_all(with_routing=self.objective.neighbours)
+        # success set S (the base model answers correctly) and base routing r_j of its members;
+        # the same for every run of a sweep, so stored beside a disk cache's hidden states
+        base, self.base_stored = stored_or_scored(
+            self.base_scores_path(),
+            self.objective.neighbours,
+            lambda: self.score_all(with_routing=self.objective.neighbours),
+        )
         if self.cache is not None:
             self.cache.save()  # disk mode: later runs on this model and data skip the prefix
             log.info("hidden cache %s", self.cache.describe())
@@ -142,6 +148,21 @@ class RomaRecipe:
         self.total_steps = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    def base_scores_path(self) -> Path | None:
+        """Where a disk-mode cache keeps the pool's base scores; None without one, or while its
+        hidden states are not on disk yet (scoring the pool is what writes them)."""
+        cache = self.cache
+        if cache is None or cache.path is None or not cache.path.is_file():
+            return None
+        return base_scores_path(
+            cache.path.parent,
+            self.model,
+            self.data_fingerprint,
+            self.layers,
+            self.cfg.token,
+            self.cfg.batch_size,
+        )
 
     @torch.no_grad()
     def score_all(self, with_routing: bool) -> ChoiceScores:

@@ -326,6 +326,21 @@ def test_a_second_disk_run_skips_the_prefix_and_trains_the_same(
     torch.testing.assert_close(
         torch.tensor(second_steps), torch.tensor(first_steps), atol=TOL, rtol=0
     )
+    # The pool's base scores: scored by the first two runs (the first wrote the hidden states
+    # while scoring), stored by the second, read by the third, which trains the same.
+    assert not first.base_stored and not second.base_stored
+    third, third_steps = run_recipe(model, tmp_path / "c.safetensors", "disk", caplog)
+    assert third.base_stored
+    assert third.metrics == second.metrics and third_steps == second_steps
+    assert third.success == second.success
+    torch.testing.assert_close(third.success_routing, second.success_routing, atol=0, rtol=0)
+    patches = [read_patch(tmp_path / f"{n}.safetensors").to_torch() for n in "bc"]
+    for name, tensor in patches[0].items():
+        torch.testing.assert_close(patches[1][name], tensor, atol=0, rtol=0)
+    # Another objective (no routing needed) reads the same file.
+    ce, _ = run_recipe(model, tmp_path / "d.safetensors", "disk", caplog, objective="ce")
+    assert ce.base_stored
+    assert ce.metrics["success_set_size"] == second.metrics["success_set_size"]
 
 
 # ------------------------------------------------------------------------------ eval
