@@ -96,11 +96,13 @@ class RomaRecipe:
         )
 
         # success set S (the base model answers correctly) and base routing r_j of its members;
-        # the same for every run of a sweep, so stored beside a disk cache's hidden states
+        # the same for every run of a sweep, so stored beside a disk cache's hidden states, with
+        # the routing whatever this objective needs (so one file serves every objective)
+        stored_at = self.base_scores_path()
         base, self.base_stored = stored_or_scored(
-            self.base_scores_path(),
+            stored_at,
             self.objective.neighbours,
-            lambda: self.score_all(with_routing=self.objective.neighbours),
+            lambda: self.score_all(with_routing=self.objective.neighbours or bool(stored_at)),
         )
         if self.cache is not None:
             self.cache.save()  # disk mode: later runs on this model and data skip the prefix

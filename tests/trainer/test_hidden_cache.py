@@ -341,6 +341,12 @@ def test_a_second_disk_run_skips_the_prefix_and_trains_the_same(
     ce, _ = run_recipe(model, tmp_path / "d.safetensors", "disk", caplog, objective="ce")
     assert ce.base_stored
     assert ce.metrics["success_set_size"] == second.metrics["success_set_size"]
+    # Written by an objective that needs no routing, the file still serves one that does.
+    for stored in tmp_path.glob("hidden/*-base-scores.safetensors"):
+        stored.unlink()
+    ce, _ = run_recipe(model, tmp_path / "e.safetensors", "disk", caplog, objective="ce")
+    again, again_steps = run_recipe(model, tmp_path / "f.safetensors", "disk", caplog)
+    assert not ce.base_stored and again.base_stored and again_steps == second_steps
 
 
 # ------------------------------------------------------------------------------ eval
