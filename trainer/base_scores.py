@@ -15,15 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from roma_trainer.hidden_cache import weights_fingerprint
+from roma_trainer.hidden_cache import read_tensors, weights_fingerprint, write_tensors
 from roma_trainer.scoring import ChoiceScores
 
 log = logging.getLogger("roma_trainer.base_scores")
@@ -57,16 +54,8 @@ def load_base_scores(path: Path, with_routing: bool) -> ChoiceScores | None:
     is asked for, or the file is not one :func:`save_base_scores` wrote (then it is rewritten)."""
     if not path.is_file():
         return None
-    try:
-        with safe_open(path, "pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-        stored = load_file(path) if fmt == FILE_FORMAT else {}
-    except (OSError, SafetensorError) as exc:
-        fmt, stored = f"unreadable ({exc})", {}
-    if fmt != FILE_FORMAT:
-        log.warning("base scores %s have format %s, not %s: ignored", path, fmt, FILE_FORMAT)
-        return None
-    if with_routing and "routing" not in stored:
+    stored = read_tensors(path, FILE_FORMAT, "base scores")
+    if stored is None or (with_routing and "routing" not in stored):
         return None
     log.info("base scores loaded path=%s", path)
     return ChoiceScores(logprob=stored["logprob"], routing=stored.get("routing"))
@@ -77,10 +66,7 @@ def save_base_scores(path: Path, scores: ChoiceScores) -> None:
     tensors = {"logprob": scores.logprob.contiguous()}
     if scores.routing is not None:
         tensors["routing"] = scores.routing.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    save_file(tensors, partial, metadata={"format": FILE_FORMAT})
-    os.replace(partial, path)
+    write_tensors(path, tensors, {"format": FILE_FORMAT})
     log.info("base scores saved path=%s", path)
 
 

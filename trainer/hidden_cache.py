@@ -244,26 +244,15 @@ class HiddenCache:
             "choice_splits": torch.tensor([split for _, split in self.choices]),
             "choice_states": torch.cat(list(self.choices.values())),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(f".{os.getpid()}.partial")
-        save_file(
-            tensors, partial, metadata={"format": FILE_FORMAT, "layer": str(self.first_layer)}
-        )
-        os.replace(partial, self.path)
+        write_tensors(self.path, tensors, {"format": FILE_FORMAT, "layer": str(self.first_layer)})
         self.unsaved = False
         log.info("hidden cache saved path=%s", self.path)
 
     def _load(self, path: Path) -> None:
         """Read a file :meth:`save` wrote; any other (or a damaged one) is ignored, with a
         warning, and replaced by the next :meth:`save`."""
-        try:
-            with safe_open(path, "pt") as f:
-                fmt = (f.metadata() or {}).get("format")
-            t = load_file(path) if fmt == FILE_FORMAT else {}
-        except (OSError, SafetensorError) as exc:
-            fmt, t = f"unreadable ({exc})", {}
-        if fmt != FILE_FORMAT:
-            log.warning("hidden cache %s has format %s, not %s: ignored", path, fmt, FILE_FORMAT)
+        t = read_tensors(path, FILE_FORMAT, "hidden cache")
+        if t is None:
             return
         prompt_ids = t["prompt_ids"].split(t["prompt_lens"].tolist())
         states = t["prompt_states"].split(t["prompt_lens"].tolist())
@@ -276,6 +265,28 @@ class HiddenCache:
             for ids, split, s in zip(choice_ids, splits, states, strict=True)
         }
         log.info("hidden cache loaded path=%s %s", path, self.describe())
+
+
+def read_tensors(path: Path, file_format: str, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file whose metadata names ``file_format``; None, with a
+    warning, for any other file or a damaged one (the next :func:`write_tensors` replaces it)."""
+    try:
+        with safe_open(path, "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+        found = load_file(path) if fmt == file_format else None
+    except (OSError, SafetensorError) as exc:
+        fmt, found = f"unreadable ({exc})", None
+    if found is None:
+        log.warning("%s %s has format %s, not %s: ignored", what, path, fmt, file_format)
+    return found
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a reader (another run) never sees half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, path)
 
 
 def open_hidden_cache(
