@@ -502,5 +502,8 @@ class Protocol:
     def shared_search(self) -> tuple[float, dict[float, tuple[Accuracy, Accuracy]]]:
         """:meth:`shared_accuracy` on validation at every step of the grid, and the winner."""
         grid = self.cfg.shared_lr_grid
-        val = {lr: self.shared_accuracy("val", lr) for lr in grid}
+        val = {}
+        for lr in grid:
+            val[lr] = self.shared_accuracy("val", lr)
+            log.info("task-shared routing lr=%g val accuracy %.3f", lr, val[lr][0].average)
         return best_on_val(grid, {k: v[0].average for k, v in val.items()}), val
