@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
         weights, chosen = logits.float().softmax(-1).topk(self.top_k, dim=-1)
         flat = chosen.flatten()
         order = flat.argsort(stable=True)
-        expert_of = flat[order]
+        expert_of, token_of = flat[order], order // self.top_k
         counts = torch.zeros(self.experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         padded = (counts + ALIGN - 1) // ALIGN * ALIGN
@@ -95,12 +95,12 @@ class MoELayer(nn.Module):
         rows = torch.arange(flat.numel(), device=x.device)
         dest = rows - (ends - counts)[expert_of] + (padded_ends - padded)[expert_of]
         grouped = x.new_zeros((flat.numel() + self.experts * (ALIGN - 1), x.shape[1]))
-        grouped.index_copy_(0, dest, x.index_select(0, order // self.top_k))
+        grouped.index_copy_(0, dest, x.index_select(0, token_of))
         offs = padded_ends.to(torch.int32)
         gate, up = torch._grouped_mm(grouped, self.w13, offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs).index_select(0, dest)
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, order // self.top_k, y), logits
+        return torch.zeros_like(x).index_add_(0, token_of, y), logits
 
 
 def _layer(
