@@ -100,8 +100,12 @@ async def batch(
 
 
 def patches(model_dir: Path, count: int, tuned_layers: int = 5, scale: float = 1.0) -> list[bytes]:
-    """``count`` different patches of the last ``tuned_layers`` routers (the RoMA default):
-    the base routers plus ``scale`` times Gaussian noise (0: copies of the base routers)."""
+    """``count`` patches of the last ``tuned_layers`` routers (the RoMA default): the base
+    routers plus ``scale`` times Gaussian noise. ``scale`` 0: the base routers times 2, in every
+    patch. Doubling is exact in any float format and keeps every token's expert order, so each
+    token goes to the experts the base sends it to (only the softmax is sharper), yet the
+    patches differ from the base, so each fills a slot of its own and runs the slot machinery
+    (a patch equal to the base leaves its layers to slot 0's kernel)."""
     raw = read_checkpoint_routers(model_dir)
     names = sorted(raw, key=router_layer)[-tuned_layers:]
     base = BaseRouters.from_raw(str(model_dir), raw)
@@ -111,6 +115,9 @@ def patches(model_dir: Path, count: int, tuned_layers: int = 5, scale: float = 1
         tensors = {}
         for name in names:
             tensor = raw[name].to_torch()
+            if scale == 0:
+                tensors[name] = tensor * 2
+                continue
             noise = torch.randn(tensor.shape, generator=gen).to(tensor.dtype)
             tensors[name] = tensor + scale * noise
         meta = PatchMeta(

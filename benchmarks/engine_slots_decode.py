@@ -65,8 +65,9 @@ def main(
     patch_scale: Annotated[
         float,
         typer.Option(
-            help="noise added to the base routers in each patch (0: copies of the base, so "
-            "every mode routes alike and only the slot machinery differs)"
+            help="noise added to the base routers in each patch (0: the base routers times 2, "
+            "so every mode sends each token to the same experts and only the slot machinery "
+            "differs)"
         ),
     ] = 1.0,
 ) -> None:

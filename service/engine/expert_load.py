@@ -99,7 +99,7 @@ class ExpertLoad:
             return chosen.reshape(-1)
         if step.single is not None:
             return (chosen + step.single * experts).reshape(-1)
-        return (chosen + step.index[:tokens, None] * experts).reshape(-1)
+        return (chosen + step.token_index()[:, None] * experts).reshape(-1)
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The experts each token is routed to, [tokens, top_k]."""

@@ -11,10 +11,11 @@ Two strategies:
 * ``grouped`` (CPU; eager GPUs): a step whose tokens all use one slot calls that slot's gate
   directly: the very kernel vLLM runs without slots (on the CPU, the layer's packed SGL GEMM,
   re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step,
-  for a small gate, runs one GEMM against all slots' weights and takes each token's own slot's
-  logits (``torch.take`` with a flat index worked out once per step); for a larger gate it
-  computes slot 0's logits for every token, then overwrites the rows of the tokens whose slot
-  patches this layer (``index_select``, that slot's GEMM, ``index_copy_``). Data-dependent, so
+  for a small gate, runs that same kind of kernel packed over all slots' weights and takes each
+  token's own slot's logits (``torch.take`` with a flat index worked out once per step); for a
+  larger gate it computes slot 0's logits for every token, then overwrites the rows of the
+  tokens whose slot patches this layer (``index_select``, that slot's GEMM, ``index_copy_``).
+  A layer that no resident patch changes runs slot 0's kernel for every step. Data-dependent, so
   under torch.compile it runs inside an opaque custom op (``roma::slot_gate``): vLLM drops
   Dynamo's guards, and a Python branch traced once would be frozen.
 * ``stacked`` (CUDA graphs): one GEMM against the stacked ``[slots * experts, hidden]`` weights,
@@ -47,6 +48,8 @@ Strategy = Literal["grouped", "stacked"]
 # core, 4 slots: hidden 128 x 8 experts, 16 tokens: 18 us vs 123 us; hidden 2048 x 64 experts:
 # 500 us vs 301 us; see docs/engine.md).
 STACKED_MIXED_MAX_WEIGHTS = 1 << 18
+# GateLinear's flags for its kernels that only take the router's own (input, output) shape.
+_SHAPE_BOUND_TIERS = ("allow_fp32_router_gemm", "allow_rocm_bf16x3_router_gemm")
 
 
 class StepSlots:
@@ -68,6 +71,8 @@ class StepSlots:
         self.token_slots: np.ndarray | None = None  # mixed: each real token's slot
         self._rows: dict[int, torch.Tensor] | None = {}
         self._flat: dict[int, torch.Tensor] = {}
+        self._slot_rows = np.arange(max_tokens, dtype=np.int64) * slots
+        self._index_written = True
 
     @property
     def rows(self) -> dict[int, torch.Tensor]:
@@ -89,10 +94,13 @@ class StepSlots:
         flat = self._flat.get(experts)
         if flat is None:
             assert self.token_slots is not None
-            slots = np.zeros(self.tokens, dtype=np.int64)
-            slots[: len(self.token_slots)] = self.token_slots
-            start = (np.arange(self.tokens) * self.slots + slots) * experts
-            flat = torch.from_numpy(start[:, None] + np.arange(experts)).to(self.device)
+            slots = self.token_slots
+            if len(slots) < self.tokens:  # padding tokens: slot 0
+                slots = np.pad(slots, (0, self.tokens - len(slots)))
+            rows = self._slot_rows[: self.tokens] + slots  # token * slots + its slot
+            flat = torch.from_numpy((rows * experts)[:, None] + np.arange(experts))
+            if self.device.type != "cpu":
+                flat = flat.to(self.device)
             self._flat[experts] = flat
         return flat
 
@@ -109,10 +117,25 @@ class StepSlots:
         self.tokens, self.single, self.token_slots = tokens, None, token_slots
         self._rows = {} if self.write_index else None
         self._flat = {}
-        host = torch.zeros(tokens, dtype=torch.int64)
-        host[: len(token_slots)] = torch.from_numpy(token_slots)
+        # The grouped gates read ``token_slots``; only the expert-load counters ask the grouped
+        # strategy for the index buffer, so it is written when they do.
+        self._index_written = False
+        if self.write_index:
+            self._write_index()
+
+    def token_index(self) -> torch.Tensor:
+        """Mixed step: every token's slot, ``[tokens]``, from the persistent index buffer."""
+        if not self._index_written:
+            self._write_index()
+        return self.index[: self.tokens]
+
+    def _write_index(self) -> None:
+        assert self.token_slots is not None
+        host = torch.zeros(self.tokens, dtype=torch.int64)
+        host[: len(self.token_slots)] = torch.from_numpy(self.token_slots)
         # A fresh pageable tensor: the copy is staged at once, nothing reuses the source.
-        self.index[:tokens].copy_(host, non_blocking=True)
+        self.index[: self.tokens].copy_(host, non_blocking=True)
+        self._index_written = True
 
     @contextlib.contextmanager
     def forced(self, slot: int, tokens: int) -> Iterator[None]:
@@ -131,7 +154,12 @@ class _Kernels:
 
     per_slot: tuple[nn.Module | None, ...]  # a packed twin per patched slot; None: slot 0's
     sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
-    stacked: torch.Tensor | None = None  # small gates: [slots * experts, hidden] (mixed steps)
+    stacked: nn.Module | None = None  # small gates: a twin over all slots' weights (mixed steps)
+
+    @property
+    def patched(self) -> bool:
+        """Whether any slot patches this layer (else every slot computes with slot 0's)."""
+        return any(kernel is not None for kernel in self.per_slot)
 
 
 @dataclass
@@ -174,6 +202,7 @@ class SlotGate:
         self.experts = int(base.shape[0])
         self.class_forward = type(layer).forward
         self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
+        self.patched = False  # ``kernels.patched``, read on every mixed step
         # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
         self.stack_mixed = (
             step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
@@ -217,13 +246,20 @@ class SlotGate:
         sources[slot] = weight
         stacked = None
         if self.stack_mixed and any(s is not None for s in sources):
-            stacked = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
+            weights = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
+            stacked = packed_twin(self.layer, weights)
+            # vLLM's router GEMM tiers made for the router's exact shape would misread one of
+            # ``slots`` times the rows: the stacked twin takes the tiers that fit any shape.
+            for tier in _SHAPE_BOUND_TIERS:
+                if getattr(stacked, tier, False):
+                    setattr(stacked, tier, False)
         new_kernels = _Kernels(tuple(per_slot), tuple(sources), stacked)
         return _StagedSlot(self, slot, new_kernels, self.kernels)
 
     def _set(self, slot: int, content: _Kernels | torch.Tensor) -> None:
         if isinstance(content, _Kernels):
             self.kernels = content
+            self.patched = content.patched
         else:
             assert self.stack is not None
             with torch.no_grad():
@@ -254,8 +290,10 @@ class SlotGate:
         single = step.single if x.shape[0] == step.tokens else 0
         if single is not None:
             return self._call(kernels.per_slot[single] or self.layer, x)
+        if not self.patched:  # a layer no patch tunes: mixed steps route as slot 0 does
+            return self._call(self.layer, x)
         if kernels.stacked is not None:
-            return torch.take(self._all_slots(x, kernels.stacked), step.flat_index(self.experts))
+            return torch.take(self._call(kernels.stacked, x), step.flat_index(self.experts))
         out = self._call(self.layer, x)
         for slot, rows in step.rows.items():
             kernel = kernels.per_slot[slot]
@@ -264,20 +302,15 @@ class SlotGate:
         return out
 
     def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token's own slot's logits, read through the persistent index buffer (what a
+        captured CUDA graph replays): every token's logits under every slot, one GEMM against
+        all slots' weights (``[slots * experts, hidden]``), then a gather."""
         assert self.stack is not None
-        return self._stacked_logits(x, self.stack.view(-1, self.stack.shape[-1]))
-
-    def _all_slots(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        """Every token's logits under every slot: one GEMM against all slots' weights
-        (``[slots * experts, hidden]``), ``[tokens, slots * experts]``."""
+        stacked = self.stack.view(-1, self.stack.shape[-1])
         logits = F.linear(x.to(stacked.dtype), stacked)
         out_dtype = getattr(self.layer, "out_dtype", None)
-        return logits if out_dtype is None else logits.to(out_dtype)
-
-    def _stacked_logits(self, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        """Each token's own slot's logits, read through the persistent index buffer (what a
-        captured CUDA graph replays)."""
-        logits = self._all_slots(x, stacked)
+        if out_dtype is not None:
+            logits = logits.to(out_dtype)
         tokens, experts = logits.shape[0], self.experts
         index = self.step.index[:tokens].view(tokens, 1, 1).expand(tokens, 1, experts)
         return logits.view(tokens, -1, experts).gather(1, index).view(tokens, experts)

@@ -85,6 +85,12 @@ def test_each_token_uses_its_slots_routers(strategy: str) -> None:
     expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(again)])
     torch.testing.assert_close(gate_out(gate, x[: len(again)]), expected)
 
+    # Tokens past the real ones (CUDA-graph padding) use slot 0.
+    step.mixed(again, tokens=8)
+    padded = [*again, 0, 0]
+    expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(padded)])
+    torch.testing.assert_close(gate_out(gate, x[:8]), expected)
+
     # Layers no slot patches compute like slot 0 for every token.
     step.mixed(token_slots, tokens=len(token_slots))
     other = model.model.layers[0].mlp.gate
