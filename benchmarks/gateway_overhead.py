@@ -4,6 +4,7 @@
     python benchmarks/gateway_overhead.py --streams 16 --tokens 64 --rounds 4
     python benchmarks/gateway_overhead.py --model /work/cache/smollm2-moe   # a real 135M MoE
     python benchmarks/gateway_overhead.py --client httpx  # the load generator of earlier figures
+    python benchmarks/gateway_overhead.py --nginx         # nginx as a fifth target
 
 Four targets are measured side by side in one run, alternating (direct, direct bound, bare hop,
 gateway, direct, ...) so that load from anything else on the machine hits them alike: the engine
@@ -11,7 +12,9 @@ itself; the engine sent bodies bound to a router version as the gateway binds th
 (``vllm_xargs`` and ``cache_salt``: what the engine's side of a gateway request costs); the
 engine behind ``bare_proxy.py`` (the cheapest Python hop: one more loopback connection and
 event loop, nothing else) and the engine behind the gateway. The bare hop splits the gateway's
-overhead into what any proxy in front of the engine costs and what the gateway adds. Per
+overhead into what any proxy in front of the engine costs and what the gateway adds; with
+``--nginx`` (``apt-get install nginx-light``), nginx as a plain reverse proxy (one worker, on the
+gateway's core, responses unbuffered) shows what a compiled hop costs on the same rig. Per
 round: ``--streams`` concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS
 ignored). Goals (issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token
 ratio <= 1.05.
@@ -38,9 +41,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterable, Iterator
 from pathlib import Path
@@ -153,19 +158,78 @@ def bare_hop(upstream: str, core: int | None) -> Iterator[tuple[str, int]]:
         if core is not None:
             pin_tree(proc.pid, core)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/v1/models", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the bare proxy did not start") from None
-                time.sleep(0.2)
+        _wait_for(url, proc, "the bare proxy")
         yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    upstream engine {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_hop(upstream: str, core: int | None) -> Iterator[tuple[str, int]]:
+    """nginx (one worker) as a plain reverse proxy in front of ``upstream``, on ``core``: the
+    hop a compiled proxy costs, for comparison with the Python ones. Its URL and the worker's
+    process id."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="roma-nginx-") as root:
+        conf = Path(root) / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(root=root, port=port, upstream=upstream.removeprefix("http://"))
+        )
+        proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", root],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_for(url, proc, "nginx")
+            if core is not None:
+                pin_tree(proc.pid, core)
+            worker = psutil.Process(proc.pid).children()[0].pid
+            yield url, worker
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _wait_for(url: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/v1/models", timeout=2).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.2)
 
 
 @app.command()
@@ -180,15 +244,26 @@ def main(
     client: Annotated[
         str, typer.Option(help="load generator's HTTP client: aiohttp (light) or httpx")
     ] = "aiohttp",
+    nginx: Annotated[
+        bool,
+        typer.Option(help="also measure nginx as the hop (a compiled proxy; needs `nginx`)"),
+    ] = False,
 ) -> None:
     if client not in ("aiohttp", "httpx"):
         raise typer.BadParameter("aiohttp or httpx", param_hint="--client")
+    if nginx and shutil.which("nginx") is None:
+        raise typer.BadParameter("nginx is not installed (apt-get install nginx-light)")
     cores = {"engine_core": engine_core, "gateway_core": client_core} if pin else {}
     if pin:
         os.sched_setaffinity(0, {client_core})
+    hop_core = client_core if pin else None
     with (
         stack(engines=1, model=model, max_num_seqs=streams, **cores) as s,
-        bare_hop(s.engines[0], client_core if pin else None) as (bare, bare_pid),
+        bare_hop(s.engines[0], hop_core) as (bare, bare_pid),
+        nginx_hop(s.engines[0], hop_core) if nginx else contextlib.nullcontext((None, 0)) as (
+            nginx_url,
+            nginx_pid,
+        ),
     ):
         # name -> (URL, router version the body is bound to: None sends it as the client does)
         targets = {
@@ -197,11 +272,15 @@ def main(
             "bare hop": (bare, None),
             "gateway": (s.gateway, None),
         }
+        if nginx_url is not None:
+            targets["nginx hop"] = (nginx_url, None)
         for url, version in targets.values():  # warm-up every path
             asyncio.run(one_round(url, s.served_model, streams, 8, client, version))
         measured: dict[str, list[dict]] = {name: [] for name in targets}
         # Each proxy's CPU during each target's rounds: its own rounds less what it burns idle.
         proxies = {"gateway": psutil.Process(s.gateway_pid), "bare hop": psutil.Process(bare_pid)}
+        if nginx_url is not None:
+            proxies["nginx hop"] = psutil.Process(nginx_pid)
         cpu_s = {(proxy, name): 0.0 for proxy in proxies for name in targets}
         wall_s = {name: 0.0 for name in targets}
         load_s = 0.0  # this process's CPU: the load generator's
@@ -239,7 +318,7 @@ def main(
     for name in targets:
         tps, p50, p95 = summary(name)
         table.add_row(name, f"{tps:.1f}", f"{p50:.1f}", f"{p95:.1f}")
-    for name in ("direct, bound", "bare hop", "gateway"):
+    for name in [n for n in targets if n != "direct"]:
         tps, p50, p95 = summary(name)
         goals = (" (goal >= 0.97)", " (goal <= 1.05)") if name == "gateway" else ("", "")
         table.add_row(
@@ -249,7 +328,7 @@ def main(
             f"{p95 / direct[2]:.3f}",
         )
     Console().print(table)
-    for proxy in ("bare hop", "gateway"):
+    for proxy in proxies:
         others = [name for name in targets if name not in proxies]
         idle = sum(cpu_s[proxy, n] for n in others) / sum(wall_s[n] for n in others)
         busy_s = cpu_s[proxy, proxy] - idle * wall_s[proxy]
