@@ -73,6 +73,7 @@ class StepSlots:
         self._flat: dict[int, torch.Tensor] = {}
         self._slot_rows = np.arange(max_tokens, dtype=np.int64) * slots
         self._index_written = True
+        self._key: list[int] | None = None  # a decode step's slots, per request (``repeats``)
 
     @property
     def rows(self) -> dict[int, torch.Tensor]:
@@ -107,14 +108,22 @@ class StepSlots:
     def uniform(self, slot: int, tokens: int) -> None:
         """Every token of a forward of ``tokens`` tokens uses ``slot``."""
         self.tokens, self.single, self.token_slots, self._rows = tokens, slot, None, {}
-        self._flat = {}
+        self._flat, self._key = {}, None
         if self.write_index:
             self.index[:tokens].fill_(slot)
 
-    def mixed(self, token_slots: np.ndarray, tokens: int) -> None:
+    def repeats(self, key: list[int], tokens: int) -> bool:
+        """Whether a mixed step of ``tokens`` tokens, one per request, whose requests use the
+        slots ``key`` (in batch order) is laid out as the last step was: then everything worked
+        out for that one (index buffer, flat indices, rows) still holds. Decode steps of a batch
+        that did not change repeat; comparing a list is cheaper than any array work."""
+        return self.single is None and tokens == self.tokens and key == self._key
+
+    def mixed(self, token_slots: np.ndarray, tokens: int, key: list[int] | None = None) -> None:
         """``token_slots``: the slot of each real token, in batch order; the rest of the
-        ``tokens`` of the forward (CUDA-graph padding) use slot 0."""
-        self.tokens, self.single, self.token_slots = tokens, None, token_slots
+        ``tokens`` of the forward (CUDA-graph padding) use slot 0. ``key``: the requests' slots
+        of a step of one token per request, for :meth:`repeats`."""
+        self.tokens, self.single, self.token_slots, self._key = tokens, None, token_slots, key
         self._rows = {} if self.write_index else None
         self._flat = {}
         # The grouped gates read ``token_slots``; only the expert-load counters ask the grouped
@@ -145,6 +154,7 @@ class StepSlots:
         try:
             yield
         finally:
+            # ``_key`` stays cleared (``uniform``): the probe may have overwritten the index buffer
             self.tokens, self.single, self.token_slots, self._rows, self._flat = saved
 
 

@@ -146,12 +146,13 @@ class SlotTable:
         self.mixed_steps += 1
         for slot in set(per_request):
             self.slots[slot].last_used = self.steps
-        token_slots = np.asarray(per_request, dtype=np.int64)
-        if tokens != count:  # not a step of one token per request (decode)
-            # Tokens are laid out request after request, in batch order (query_start_loc).
-            counts = np.diff(self.runner.query_start_loc.np[: count + 1])
-            token_slots = np.repeat(token_slots, counts)
-        self.step.mixed(token_slots, tokens)
+        if tokens == count:  # one token per request (decode)
+            if not self.step.repeats(per_request, tokens):
+                self.step.mixed(np.asarray(per_request, dtype=np.int64), tokens, per_request)
+            return
+        # Tokens are laid out request after request, in batch order (query_start_loc).
+        counts = np.diff(self.runner.query_start_loc.np[: count + 1])
+        self.step.mixed(np.repeat(np.asarray(per_request, dtype=np.int64), counts), tokens)
 
     def _bound(self, state: Any) -> int:
         slot = getattr(state, BOUND_ATTR, None)

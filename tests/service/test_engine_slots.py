@@ -279,6 +279,52 @@ def test_requests_are_bound_to_their_versions_slot_for_life(packed: bool) -> Non
     assert table.in_flight() == [2, 0, 0, 0]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["grouped", "stacked"])
+def test_repeated_decode_steps_reuse_the_layout_until_the_batch_or_a_probe_changes_it(
+    packed: bool,
+) -> None:
+    """A decode step whose requests use the slots the last one's did keeps what was worked out
+    for it; a changed batch, a uniform step or a read-back probe between steps lays it out
+    anew (the probe overwrites the stacked strategy's index buffer)."""
+    model, weights, runner, table = _table(seed=13, packed=packed)
+    new7, patch7 = _patch_for(weights, [2], seed=14)
+    table.load(patch7, "7")
+    gate, name = model.model.layers[2].mlp.gate, router_name(2)
+    runner.add("a", "7")
+    runner.add("b", None)
+    runner.add("c", "7")
+
+    def check(slots: list[int]) -> None:
+        x = torch.randn(len(slots), HIDDEN)
+        rows = [x[t] @ (new7 if slot == 1 else weights)[name].T for t, slot in enumerate(slots)]
+        torch.testing.assert_close(gate_out(gate, x), torch.stack(rows))
+
+    runner.step(table, [1, 1, 1])
+    check([1, 0, 1])
+    laid_out = table.step.token_slots
+    runner.step(table, [1, 1, 1])  # the same batch: nothing worked out again
+    assert table.step.token_slots is laid_out
+    check([1, 0, 1])
+
+    table.describe(readback=True)  # a probe under every slot, between two steps
+    runner.step(table, [1, 1, 1])
+    assert table.step.token_slots is not laid_out
+    check([1, 0, 1])
+
+    runner.finish("b")
+    runner.add("d", None)  # a changed batch: a, c, d
+    runner.step(table, [1, 1, 1])
+    check([1, 1, 0])
+    runner.step(table, [2, 1, 1])  # not one token per request: laid out anew
+    check([1, 1, 1, 0])
+    runner.finish("d")
+    runner.step(table, [1, 1])  # every token on slot 1
+    check([1, 1])
+    runner.add("e", None)
+    runner.step(table, [1, 1, 1])
+    check([1, 1, 0])
+
+
 def test_load_is_idempotent_and_evicts_the_least_recently_used_idle_unpinned_slot() -> None:
     _, weights, runner, table = _table(seed=8)
     for version in ("1", "2", "3"):
