@@ -54,10 +54,11 @@ _SHAPE_BOUND_TIERS = ("allow_fp32_router_gemm", "allow_rocm_bf16x3_router_gemm")
 
 class StepSlots:
     """Which slot each token of the current forward uses: ``single`` (one slot for all) or,
-    for a mixed step, ``index`` (a persistent buffer of every token's slot, fixed address,
-    written in place; the stacked strategy also fills it for single-slot steps) and ``rows``
-    (grouped strategy: each slot's token rows, worked out on first use: the small gates that
-    stack their slots never ask)."""
+    for a mixed step, ``token_slots`` (numpy, the real tokens'), ``index`` (a persistent buffer
+    of every token's slot, fixed address, written in place: by the stacked strategy on every
+    step, single-slot ones too; for the grouped strategy only when the expert-load counters
+    ask), ``flat_index`` (small grouped gates) and ``rows`` (larger grouped gates), each worked
+    out on first use. A decode step laid out as the last one keeps them all (``repeats``)."""
 
     def __init__(
         self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
