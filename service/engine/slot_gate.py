@@ -30,6 +30,7 @@ Two strategies:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,9 +168,10 @@ class _Kernels:
     sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
     stacked: nn.Module | None = None  # small gates: a twin over all slots' weights (mixed steps)
 
-    @property
+    @functools.cached_property
     def patched(self) -> bool:
-        """Whether any slot patches this layer (else every slot computes with slot 0's)."""
+        """Whether any slot patches this layer (else every slot computes with slot 0's); read
+        on every mixed step, worked out once (the kernels are replaced whole)."""
         return any(kernel is not None for kernel in self.per_slot)
 
 
@@ -213,7 +215,6 @@ class SlotGate:
         self.experts = int(base.shape[0])
         self.class_forward = type(layer).forward
         self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
-        self.patched = False  # ``kernels.patched``, read on every mixed step
         # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
         self.stack_mixed = (
             step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
@@ -270,7 +271,6 @@ class SlotGate:
     def _set(self, slot: int, content: _Kernels | torch.Tensor) -> None:
         if isinstance(content, _Kernels):
             self.kernels = content
-            self.patched = content.patched
         else:
             assert self.stack is not None
             with torch.no_grad():
@@ -301,7 +301,7 @@ class SlotGate:
         single = step.single if x.shape[0] == step.tokens else 0
         if single is not None:
             return self._call(kernels.per_slot[single] or self.layer, x)
-        if not self.patched:  # a layer no patch tunes: mixed steps route as slot 0 does
+        if not kernels.patched:  # a layer no patch tunes: mixed steps route as slot 0 does
             return self._call(self.layer, x)
         if kernels.stacked is not None:
             return torch.take(self._call(kernels.stacked, x), step.flat_index(self.experts))
