@@ -276,7 +276,8 @@ def cost(layer: MoELayer, sizes: list[int], reps: int, rounds: int) -> list[Cost
 
 
 def _time(call: Callable[[], object], reps: int, device: torch.device) -> float:
-    """Microseconds per call, over ``reps`` calls (CUDA events on a GPU)."""
+    """Microseconds per call, over ``reps`` calls (CUDA events on a GPU). Its own, not
+    ``engine_setup``'s: this file runs on the GPU machine with PyTorch alone."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

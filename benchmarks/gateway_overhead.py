@@ -55,7 +55,7 @@ import aiohttp
 import httpx
 import psutil
 import typer
-from engine_setup import percentile
+from engine_setup import bootstrap_median, median, percentile
 from gateway_stack import pin_tree, stack
 from rich.console import Console
 from rich.table import Table
@@ -122,8 +122,10 @@ async def one_round(
     tokens: int,
     client: str = "aiohttp",
     version: int | None = None,
+    session: aiohttp.ClientSession | None = None,
 ) -> dict[str, float | list[float]]:
-    """``streams`` concurrent streams on fresh connections (the handshake is part of TTFT)."""
+    """``streams`` concurrent streams: on fresh connections (the handshake is part of TTFT), or
+    on ``session``'s pooled ones (aiohttp only)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
     if client == "httpx":
         limits = httpx.Limits(max_connections=streams * 2)
@@ -133,14 +135,19 @@ async def one_round(
                 *(one_stream(http, model, p, tokens, version) for p in prompts)
             )
     else:
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            if session is None:
+                session = await stack.enter_async_context(_session())
             start = time.perf_counter()
             results = await asyncio.gather(
                 *(one_stream_aiohttp(session, url, model, p, tokens, version) for p in prompts)
             )
     wall = time.perf_counter() - start
     return {"tps": sum(n for _, n in results) / wall, "ttft": [t for t, _ in results]}
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
 
 
 @contextlib.contextmanager
@@ -220,6 +227,30 @@ def nginx_hop(upstream: str, core: int | None) -> Iterator[tuple[str, int]]:
             proc.wait(10)
 
 
+def _paired_table(measured: dict[str, list[dict]], rounds: int) -> Table:
+    """Each target's same-round ratios to the direct round before it (pairs cancel slow drifts
+    in machine load): their median and its 95 % bootstrap interval over rounds. A burst's TTFT
+    moves in whole engine steps, so one round's p50 ratio swings by tens of percent and a
+    single run's ratio of pooled p50s says less than the interval does."""
+    table = Table(title=f"same-round ratios to direct: median over {rounds} rounds [95 %]")
+    for column in ("target", "tokens/s", "TTFT p50"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    direct = measured["direct"]
+    for name in [n for n in measured if n != "direct"]:
+        tps = [r["tps"] / d["tps"] for r, d in zip(measured[name], direct, strict=True)]
+        ttft = [
+            percentile(r["ttft"], 50) / percentile(d["ttft"], 50)
+            for r, d in zip(measured[name], direct, strict=True)
+        ]
+        table.add_row(name, *(_with_interval(ratios) for ratios in (tps, ttft)))
+    return table
+
+
+def _with_interval(ratios: list[float]) -> str:
+    low, high = bootstrap_median(ratios)
+    return f"{median(ratios):.3f} [{low:.3f}, {high:.3f}]"
+
+
 def _wait_for(url: str, proc: subprocess.Popen, what: str) -> None:
     deadline = time.monotonic() + 60
     while True:
@@ -230,6 +261,47 @@ def _wait_for(url: str, proc: subprocess.Popen, what: str) -> None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not start") from None
             time.sleep(0.2)
+
+
+async def _measure(
+    targets: dict[str, tuple[str, int | None]],
+    proxies: dict[str, psutil.Process],
+    model: str,
+    streams: int,
+    tokens: int,
+    rounds: int,
+    client: str,
+    keep_alive: bool,
+) -> tuple[dict[str, list[dict]], dict[tuple[str, str], float], dict[str, float], float]:
+    """Every target's rounds, alternating: the rounds' results; each proxy's CPU seconds during
+    each target's rounds; each target's wall seconds; this process's CPU (the load generator's).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        # --keep-alive: a client per target whose connections outlive the rounds.
+        sessions = {
+            name: await stack.enter_async_context(_session()) if keep_alive else None
+            for name in targets
+        }
+        for name, (url, version) in targets.items():  # warm-up every path (and every pool)
+            await one_round(url, model, streams, 8, client, version, sessions[name])
+        measured: dict[str, list[dict]] = {name: [] for name in targets}
+        cpu_s = {(proxy, name): 0.0 for proxy in proxies for name in targets}
+        wall_s = {name: 0.0 for name in targets}
+        load_s = 0.0
+        for _ in range(rounds):
+            for name, (url, version) in targets.items():
+                before = {proxy: proc.cpu_times() for proxy, proc in proxies.items()}
+                start, mine = time.perf_counter(), time.process_time()
+                measured[name].append(
+                    await one_round(url, model, streams, tokens, client, version, sessions[name])
+                )
+                load_s += time.process_time() - mine
+                wall_s[name] += time.perf_counter() - start
+                for proxy, proc in proxies.items():
+                    now = proc.cpu_times()
+                    used = now.user + now.system - before[proxy].user - before[proxy].system
+                    cpu_s[proxy, name] += used
+    return measured, cpu_s, wall_s, load_s
 
 
 @app.command()
@@ -248,9 +320,18 @@ def main(
         bool,
         typer.Option(help="also measure nginx as the hop (a compiled proxy; needs `nginx`)"),
     ] = False,
+    keep_alive: Annotated[
+        bool,
+        typer.Option(
+            help="reuse each target's client connections across rounds, as a pooled client "
+            "(the OpenAI SDK's) does; default: fresh connections each round (aiohttp only)"
+        ),
+    ] = False,
 ) -> None:
     if client not in ("aiohttp", "httpx"):
         raise typer.BadParameter("aiohttp or httpx", param_hint="--client")
+    if keep_alive and client != "aiohttp":
+        raise typer.BadParameter("--keep-alive needs the aiohttp client", param_hint="--client")
     if nginx and shutil.which("nginx") is None:
         raise typer.BadParameter("nginx is not installed (apt-get install nginx-light)")
     cores = {"engine_core": engine_core, "gateway_core": client_core} if pin else {}
@@ -274,29 +355,13 @@ def main(
         }
         if nginx_url is not None:
             targets["nginx hop"] = (nginx_url, None)
-        for url, version in targets.values():  # warm-up every path
-            asyncio.run(one_round(url, s.served_model, streams, 8, client, version))
-        measured: dict[str, list[dict]] = {name: [] for name in targets}
         # Each proxy's CPU during each target's rounds: its own rounds less what it burns idle.
         proxies = {"gateway": psutil.Process(s.gateway_pid), "bare hop": psutil.Process(bare_pid)}
         if nginx_url is not None:
             proxies["nginx hop"] = psutil.Process(nginx_pid)
-        cpu_s = {(proxy, name): 0.0 for proxy in proxies for name in targets}
-        wall_s = {name: 0.0 for name in targets}
-        load_s = 0.0  # this process's CPU: the load generator's
-        for _ in range(rounds):
-            for name, (url, version) in targets.items():
-                before = {proxy: proc.cpu_times() for proxy, proc in proxies.items()}
-                start, mine = time.perf_counter(), time.process_time()
-                measured[name].append(
-                    asyncio.run(one_round(url, s.served_model, streams, tokens, client, version))
-                )
-                load_s += time.process_time() - mine
-                wall_s[name] += time.perf_counter() - start
-                for proxy, proc in proxies.items():
-                    now = proc.cpu_times()
-                    used = now.user + now.system - before[proxy].user - before[proxy].system
-                    cpu_s[proxy, name] += used
+        measured, cpu_s, wall_s, load_s = asyncio.run(
+            _measure(targets, proxies, s.served_model, streams, tokens, rounds, client, keep_alive)
+        )
 
     def summary(name: str) -> tuple[float, float, float]:
         tps = statistics.median(r["tps"] for r in measured[name])
@@ -309,9 +374,10 @@ def main(
         if pin
         else ("no pinning")
     )
+    connections = "pooled connections" if keep_alive else "fresh connections each round"
     table = Table(
         title=f"{streams} concurrent streams x {tokens} tokens, {rounds} rounds each ({where}; "
-        f"{client} client)"
+        f"{client} client, {connections})"
     )
     for column in ("target", "tokens/s (median round)", "TTFT p50 ms", "TTFT p95 ms"):
         table.add_column(column, justify="left" if column == "target" else "right")
@@ -328,6 +394,7 @@ def main(
             f"{p95 / direct[2]:.3f}",
         )
     Console().print(table)
+    Console().print(_paired_table(measured, rounds))
     for proxy in proxies:
         others = [name for name in targets if name not in proxies]
         idle = sum(cpu_s[proxy, n] for n in others) / sum(wall_s[n] for n in others)

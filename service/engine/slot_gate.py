@@ -44,11 +44,14 @@ from torch import nn
 from roma_service.engine.swap import packed_twin
 
 Strategy = Literal["grouped", "stacked"]
-# Grouped strategy, mixed steps: up to this many weights (slots x experts x hidden), one GEMM
-# against all slots' weights plus a gather is cheaper than a GEMM per slot on its tokens (one
-# core, 4 slots: hidden 128 x 8 experts, 16 tokens: 18 us vs 123 us; hidden 2048 x 64 experts:
-# 500 us vs 301 us; see docs/engine.md).
-STACKED_MIXED_MAX_WEIGHTS = 1 << 18
+# Grouped strategy, mixed steps: one GEMM against all slots' weights plus a ``take`` is cheaper
+# than a GEMM per slot on its own tokens while the stacked GEMM stays under this many
+# multiply-adds (tokens x slots x experts x hidden). The stacked GEMM does ``slots`` times the
+# work; the per-slot path pays a kernel call, a row gather and a scatter per slot. On one core,
+# 4 slots, routers from hidden 128 x 8 experts to 2048 x 128, the two cross near 2^23
+# (``benchmarks/slot_gate_paths.py``; docs/engine.md, "Which mixed path"); the threshold sits
+# where stacking won in every run.
+STACKED_MIXED_MAX_MACS = 1 << 22
 # GateLinear's flags for its kernels that only take the router's own (input, output) shape.
 _SHAPE_BOUND_TIERS = ("allow_fp32_router_gemm", "allow_rocm_bf16x3_router_gemm")
 
@@ -58,8 +61,9 @@ class StepSlots:
     for a mixed step, ``token_slots`` (numpy, the real tokens'), ``index`` (a persistent buffer
     of every token's slot, fixed address, written in place: by the stacked strategy on every
     step, single-slot ones too; for the grouped strategy only when the expert-load counters
-    ask), ``flat_index`` (small grouped gates) and ``rows`` (larger grouped gates), each worked
-    out on first use. A decode step laid out as the last one keeps them all (``repeats``)."""
+    ask), ``flat_index`` (grouped gates' stacked GEMM) and ``rows`` (their GEMM per slot),
+    each worked out on first use. A decode step laid out as the last one keeps them all
+    (``repeats``)."""
 
     def __init__(
         self, slots: int, max_tokens: int, device: torch.device, strategy: Strategy
@@ -166,7 +170,7 @@ class _Kernels:
 
     per_slot: tuple[nn.Module | None, ...]  # a packed twin per patched slot; None: slot 0's
     sources: tuple[torch.Tensor | None, ...]  # the weights they were packed from
-    stacked: nn.Module | None = None  # small gates: a twin over all slots' weights (mixed steps)
+    stacked: nn.Module | None = None  # a twin over all slots' weights (smaller mixed steps)
 
     @functools.cached_property
     def patched(self) -> bool:
@@ -215,10 +219,12 @@ class SlotGate:
         self.experts = int(base.shape[0])
         self.class_forward = type(layer).forward
         self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
-        # Mixed steps of a small gate: one GEMM over all slots beats a GEMM per slot.
-        self.stack_mixed = (
-            step.slots * base.numel() <= STACKED_MIXED_MAX_WEIGHTS
-            and getattr(layer, "bias", None) is None
+        # Mixed steps of up to this many tokens run one GEMM over all slots' weights (the
+        # stacked twin is only built when some mixed step can use it: two tokens or more).
+        self.stack_tokens = (
+            STACKED_MIXED_MAX_MACS // (step.slots * base.numel())
+            if getattr(layer, "bias", None) is None
+            else 0
         )
         self.stack: torch.Tensor | None = None
         if strategy == "stacked":
@@ -257,7 +263,7 @@ class SlotGate:
         per_slot[slot] = None if weight is None else packed_twin(self.layer, weight)
         sources[slot] = weight
         stacked = None
-        if self.stack_mixed and any(s is not None for s in sources):
+        if self.stack_tokens >= 2 and any(s is not None for s in sources):
             weights = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
             stacked = packed_twin(self.layer, weights)
             # vLLM's router GEMM tiers made for the router's exact shape would misread one of
@@ -303,7 +309,7 @@ class SlotGate:
             return self._call(kernels.per_slot[single] or self.layer, x)
         if not kernels.patched:  # a layer no patch tunes: mixed steps route as slot 0 does
             return self._call(self.layer, x)
-        if kernels.stacked is not None:
+        if kernels.stacked is not None and x.shape[0] <= self.stack_tokens:
             return torch.take(self._call(kernels.stacked, x), step.flat_index(self.experts))
         out = self._call(self.layer, x)
         for slot, rows in step.rows.items():

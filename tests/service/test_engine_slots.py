@@ -28,6 +28,7 @@ from tests.fixtures.vllm_layers import (
     EXPERTS,
     HIDDEN,
     LAYERS,
+    assert_logits,
     gate_out,
     make_model,
     make_patch,
@@ -57,7 +58,7 @@ def test_each_token_uses_its_slots_routers(strategy: str) -> None:
     model, weights = make_model(seed=1, packed=strategy != "stacked")
     step, gates = _gates(model, weights, strategy.split(",")[0])
     for gate in gates.values():
-        gate.stack_mixed = strategy == "grouped"
+        gate.stack_tokens = 1 << 20 if strategy == "grouped" else 0
     name = router_name(2)
     gate = model.model.layers[2].mlp.gate
     w1, w3 = torch.randn(EXPERTS, HIDDEN), torch.randn(EXPERTS, HIDDEN)
@@ -73,28 +74,50 @@ def test_each_token_uses_its_slots_routers(strategy: str) -> None:
     token_slots = np.array([0, 1, 1, 3, 2, 0, 3, 1, 2, 0])
     step.mixed(token_slots, tokens=len(token_slots))
     expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(token_slots)])
-    torch.testing.assert_close(gate_out(gate, x), expected)
+    assert_logits(gate_out(gate, x), expected)
 
     for slot, weight in per_slot.items():
         step.uniform(slot, tokens=10)
-        torch.testing.assert_close(gate_out(gate, x), x @ weight.T)
+        assert_logits(gate_out(gate, x), x @ weight.T)
 
     # Another mix of slots (what each step works out once is worked out again).
     again = np.array([3, 3, 0, 1, 2, 1])
     step.mixed(again, tokens=len(again))
     expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(again)])
-    torch.testing.assert_close(gate_out(gate, x[: len(again)]), expected)
+    assert_logits(gate_out(gate, x[: len(again)]), expected)
 
     # Tokens past the real ones (CUDA-graph padding) use slot 0.
     step.mixed(again, tokens=8)
     padded = [*again, 0, 0]
     expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(padded)])
-    torch.testing.assert_close(gate_out(gate, x[:8]), expected)
+    assert_logits(gate_out(gate, x[:8]), expected)
 
     # Layers no slot patches compute like slot 0 for every token.
     step.mixed(token_slots, tokens=len(token_slots))
     other = model.model.layers[0].mlp.gate
-    torch.testing.assert_close(gate_out(other, x), x @ weights[router_name(0)].T)
+    assert_logits(gate_out(other, x), x @ weights[router_name(0)].T)
+
+
+def test_grouped_gate_stacks_mixed_steps_up_to_its_token_limit_then_a_gemm_per_slot() -> None:
+    """The stacked GEMM does ``slots`` times the work: past ``stack_tokens`` the same gate runs a
+    GEMM per slot on its tokens instead, and both give each token its own slot's logits."""
+    model, weights = make_model(seed=4)
+    step, gates = _gates(model, weights, "grouped")
+    name = router_name(1)
+    gates[name].stack_tokens = 4
+    w2 = torch.randn(EXPERTS, HIDDEN)
+    commit_all([gates[name].stage(2, w2)])
+    per_slot = {0: weights[name], 1: weights[name], 2: w2, 3: weights[name]}
+    gate = model.model.layers[1].mlp.gate
+    x = torch.randn(10, HIDDEN)
+    for token_slots, stacked in ((np.array([2, 0, 2, 1]), True), (np.arange(10) % SLOTS, False)):
+        step.mixed(token_slots, tokens=len(token_slots))
+        n = len(token_slots)
+        expected = torch.stack([x[t] @ per_slot[int(s)].T for t, s in enumerate(token_slots)])
+        assert_logits(gate_out(gate, x[:n]), expected)
+        # What the step worked out tells which path ran: flat indices or per-slot rows.
+        assert bool(step._flat) is stacked
+        assert (step._rows is None) is stacked
 
 
 def test_grouped_forward_of_another_size_is_slot_0() -> None:
@@ -105,7 +128,7 @@ def test_grouped_forward_of_another_size_is_slot_0() -> None:
     commit_all([gates[name].stage(1, torch.randn(EXPERTS, HIDDEN))])
     step.uniform(1, tokens=6)
     x = torch.randn(5, HIDDEN)
-    torch.testing.assert_close(gate_out(model.model.layers[1].mlp.gate, x), x @ weights[name].T)
+    assert_logits(gate_out(model.model.layers[1].mlp.gate, x), x @ weights[name].T)
 
 
 def test_stacked_gate_keeps_its_addresses_and_slot_0_is_the_live_weight() -> None:
@@ -125,16 +148,16 @@ def test_stacked_gate_keeps_its_addresses_and_slot_0_is_the_live_weight() -> Non
     assert step.index[:4].tolist() == [2, 0, 2, 0]
     x = torch.randn(4, HIDDEN)
     out = gate_out(gate, x)
-    torch.testing.assert_close(out[[0, 2]], x[[0, 2]] @ w2.T)
-    torch.testing.assert_close(out[[1, 3]], x[[1, 3]] @ weights[name].T)
+    assert_logits(out[[0, 2]], x[[0, 2]] @ w2.T)
+    assert_logits(out[[1, 3]], x[[1, 3]] @ weights[name].T)
 
     new_base = torch.randn(EXPERTS, HIDDEN)
     commit_all([_InPlaceSwap.prepare(gate, new_base)])
     step.uniform(0, tokens=4)
-    torch.testing.assert_close(gate_out(gate, x), x @ new_base.T)
+    assert_logits(gate_out(gate, x), x @ new_base.T)
     commit_all([slot_gate.stage(2, None)])  # freed: like the base again
     step.uniform(2, tokens=4)
-    torch.testing.assert_close(gate_out(gate, x), x @ weights[name].T)
+    assert_logits(gate_out(gate, x), x @ weights[name].T)
     assert (slot_gate.stack.data_ptr(), step.index.data_ptr()) == addresses
 
 
@@ -160,11 +183,11 @@ def test_compiled_forward_follows_the_step() -> None:
     rows = torch.tensor([0, 2, 5])
     with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every step
         step.uniform(0, tokens=6)
-        torch.testing.assert_close(compiled(x), x @ weights[name].T)
+        assert_logits(compiled(x), x @ weights[name].T)
         step.uniform(1, tokens=6)
-        torch.testing.assert_close(compiled(x), x @ w1.T)
+        assert_logits(compiled(x), x @ w1.T)
         step.mixed(np.array([1, 0, 1, 0, 0, 1]), tokens=6)
-        torch.testing.assert_close(compiled(x)[rows], x[rows] @ w1.T)
+        assert_logits(compiled(x)[rows], x[rows] @ w1.T)
 
 
 def test_choose_strategy() -> None:
@@ -267,8 +290,8 @@ def test_requests_are_bound_to_their_versions_slot_for_life(packed: bool) -> Non
     assert table.misses == {"9": 1}
     x = torch.randn(6, HIDDEN)
     out = gate_out(model.model.layers[3].mlp.gate, x)
-    torch.testing.assert_close(out[3:5], x[3:5] @ new7[router_name(3)].T)
-    torch.testing.assert_close(out[[0, 1, 2, 5]], x[[0, 1, 2, 5]] @ weights[router_name(3)].T)
+    assert_logits(out[3:5], x[3:5] @ new7[router_name(3)].T)
+    assert_logits(out[[0, 1, 2, 5]], x[[0, 1, 2, 5]] @ weights[router_name(3)].T)
     assert table.describe()["slots"][1]["in_flight"] == 1
 
     # Loading 9 now does not move "c": bound when it was admitted, to its last token.
@@ -297,7 +320,7 @@ def test_repeated_decode_steps_reuse_the_layout_until_the_batch_or_a_probe_chang
     def check(slots: list[int]) -> None:
         x = torch.randn(len(slots), HIDDEN)
         rows = [x[t] @ (new7 if slot == 1 else weights)[name].T for t, slot in enumerate(slots)]
-        torch.testing.assert_close(gate_out(gate, x), torch.stack(rows))
+        assert_logits(gate_out(gate, x), torch.stack(rows))
 
     runner.step(table, [1, 1, 1])
     check([1, 0, 1])

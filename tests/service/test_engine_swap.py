@@ -17,6 +17,7 @@ from tests.fixtures.vllm_layers import (
     EXPERTS,
     HIDDEN,
     QWEN2_MOE,
+    assert_logits,
     gate_out,
     make_model,
     make_patch,
@@ -32,7 +33,7 @@ def test_cpu_gate_is_packed_so_copy_does_nothing(vllm_config: object) -> None:
     gate = model.model.layers[0].mlp.gate
     assert gate.weight.numel() == 0  # the trap: the real weight lives in a packed handle
     x = torch.randn(3, HIDDEN)
-    torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(0)].T)
+    assert_logits(gate_out(gate, x), x @ weights[tensor_name(0)].T)
 
 
 def test_stage_changes_nothing_until_commit_and_rollback_restores(vllm_config: object) -> None:
@@ -42,11 +43,11 @@ def test_stage_changes_nothing_until_commit_and_rollback_restores(vllm_config: o
     x = torch.randn(5, HIDDEN)
 
     swap = stage(gate, new)
-    torch.testing.assert_close(gate_out(gate, x), x @ old.T)
+    assert_logits(gate_out(gate, x), x @ old.T)
     commit_all([swap])
-    torch.testing.assert_close(gate_out(gate, x), x @ new.T)
+    assert_logits(gate_out(gate, x), x @ new.T)
     swap.rollback()
-    torch.testing.assert_close(gate_out(gate, x), x @ old.T)
+    assert_logits(gate_out(gate, x), x @ old.T)
 
 
 def test_commit_all_undoes_every_layer_when_one_commit_fails(vllm_config: object) -> None:
@@ -68,7 +69,7 @@ def test_commit_all_undoes_every_layer_when_one_commit_fails(vllm_config: object
         commit_all([*swaps[:2], FailingCommit(), *swaps[2:]])
     x = torch.randn(2, HIDDEN)
     for i, gate in enumerate(gates):
-        torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(i)].T)
+        assert_logits(gate_out(gate, x), x @ weights[tensor_name(i)].T)
 
 
 def test_routers_are_found_by_name_alone(vllm_config: object) -> None:
@@ -96,10 +97,10 @@ def test_router_table_applies_patch_then_base(vllm_config: object) -> None:
     assert table.held.checksums[tensor_name(2)] == patch.tensors[tensor_name(2)].sha256
     x = torch.randn(4, HIDDEN)
     gate = model.model.layers[2].mlp.gate
-    torch.testing.assert_close(gate_out(gate, x), x @ new[tensor_name(2)].T)
+    assert_logits(gate_out(gate, x), x @ new[tensor_name(2)].T)
 
     table.switch(table.target_for(None, "0"))
-    torch.testing.assert_close(gate_out(gate, x), x @ weights[tensor_name(2)].T)
+    assert_logits(gate_out(gate, x), x @ weights[tensor_name(2)].T)
     assert table.held.checksums == {n: raw_from_torch(w).sha256 for n, w in weights.items()}
 
 
@@ -129,7 +130,7 @@ def test_bad_patch_is_refused_before_any_layer_changes(vllm_config: object) -> N
     assert err.value.code == "fingerprint_mismatch"
     assert table.held.version is None
     x = torch.randn(2, HIDDEN)
-    torch.testing.assert_close(gate_out(table.routers[name], x), x @ weights[name].T)
+    assert_logits(gate_out(table.routers[name], x), x @ weights[name].T)
 
 
 def test_undo_returns_to_the_previous_version(vllm_config: object) -> None:
@@ -143,7 +144,7 @@ def test_undo_returns_to_the_previous_version(vllm_config: object) -> None:
     assert table.undo("2")
     assert table.held.version == "1"
     x = torch.randn(2, HIDDEN)
-    torch.testing.assert_close(gate_out(table.routers[name], x), x @ first.T)
+    assert_logits(gate_out(table.routers[name], x), x @ first.T)
 
 
 def test_gpu_path_writes_into_the_same_storage(vllm_config: object) -> None:
