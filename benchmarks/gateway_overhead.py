@@ -5,6 +5,7 @@
     python benchmarks/gateway_overhead.py --model /work/cache/smollm2-moe   # a real 135M MoE
     python benchmarks/gateway_overhead.py --client httpx  # the load generator of earlier figures
     python benchmarks/gateway_overhead.py --nginx         # nginx as a fifth target
+    python benchmarks/gateway_overhead.py --keep-alive    # pooled client connections
 
 Four targets are measured side by side in one run, alternating (direct, direct bound, bare hop,
 gateway, direct, ...) so that load from anything else on the machine hits them alike: the engine
@@ -16,8 +17,11 @@ overhead into what any proxy in front of the engine costs and what the gateway a
 ``--nginx`` (``apt-get install nginx-light``), nginx as a plain reverse proxy (one worker, on the
 gateway's core, responses unbuffered) shows what a compiled hop costs on the same rig. Per
 round: ``--streams`` concurrent streamed completions of ``--tokens`` tokens each (greedy, EOS
-ignored). Goals (issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token
-ratio <= 1.05.
+ignored), on fresh connections (``--keep-alive``: each target's client keeps its connections
+across rounds). Goals (issue 4): throughput ratio gateway/direct >= 0.97, p50 time-to-first-token
+ratio <= 1.05. A second table gives each target's same-round ratios to direct: their median over
+rounds and its 95 % bootstrap interval, which says what this machine's noise leaves of a 5 %
+difference.
 
 The load generator reads the streams with aiohttp by default: with httpx it used more of the
 client core than the gateway did (its per-event parsing), and in gateway rounds that core is
