@@ -52,6 +52,10 @@ Strategy = Literal["grouped", "stacked"]
 # (``benchmarks/slot_gate_paths.py``; docs/engine.md, "Which mixed path"); the threshold sits
 # where stacking won in every run.
 STACKED_MIXED_MAX_MACS = 1 << 22
+# The stacked twin is packed anew on every slot load (4 slots: OLMoE-1B-7B's router 0.8-1.1 ms
+# a layer against 0.3 ms without one; 4096 x 128: 4-5 ms), so a gate has one only if mixed steps
+# of at least this many tokens would use it.
+_MIN_STACKED_TOKENS = 4
 # GateLinear's flags for its kernels that only take the router's own (input, output) shape.
 _SHAPE_BOUND_TIERS = ("allow_fp32_router_gemm", "allow_rocm_bf16x3_router_gemm")
 
@@ -219,13 +223,10 @@ class SlotGate:
         self.experts = int(base.shape[0])
         self.class_forward = type(layer).forward
         self.kernels = _Kernels((None,) * step.slots, (None,) * step.slots)
-        # Mixed steps of up to this many tokens run one GEMM over all slots' weights (the
-        # stacked twin is only built when some mixed step can use it: two tokens or more).
-        self.stack_tokens = (
-            STACKED_MIXED_MAX_MACS // (step.slots * base.numel())
-            if getattr(layer, "bias", None) is None
-            else 0
-        )
+        # Mixed steps of up to this many tokens run one GEMM over all slots' weights (0: none).
+        limit = STACKED_MIXED_MAX_MACS // (step.slots * base.numel())
+        bias = getattr(layer, "bias", None) is not None
+        self.stack_tokens = 0 if bias or limit < _MIN_STACKED_TOKENS else limit
         self.stack: torch.Tensor | None = None
         if strategy == "stacked":
             self.stack = self._stack_weights()
@@ -263,7 +264,7 @@ class SlotGate:
         per_slot[slot] = None if weight is None else packed_twin(self.layer, weight)
         sources[slot] = weight
         stacked = None
-        if self.stack_tokens >= 2 and any(s is not None for s in sources):
+        if self.stack_tokens and any(s is not None for s in sources):
             weights = torch.cat([self.base if s is None else s for s in sources]).to(self.base)
             stacked = packed_twin(self.layer, weights)
             # vLLM's router GEMM tiers made for the router's exact shape would misread one of

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from roma_service.engine import slot_gate
 from roma_service.engine.expert_load import ExpertLoad
 from roma_service.engine.slot_gate import SlotGate, StepSlots
 from roma_service.engine.slots import BOUND_ATTR, SlotRefused, SlotTable, choose_strategy
@@ -118,6 +119,22 @@ def test_grouped_gate_stacks_mixed_steps_up_to_its_token_limit_then_a_gemm_per_s
         # What the step worked out tells which path ran: flat indices or per-slot rows.
         assert bool(step._flat) is stacked
         assert (step._rows is None) is stacked
+
+
+@pytest.mark.parametrize(("tokens_worth", "twin"), [(3, False), (4, True)])
+def test_a_gate_keeps_a_stacked_twin_only_if_mixed_steps_of_4_tokens_could_use_it(
+    monkeypatch: pytest.MonkeyPatch, tokens_worth: int, twin: bool
+) -> None:
+    """The stacked twin is packed anew on every slot load: a router so large that only mixed
+    steps of 2 or 3 tokens would stack does without it."""
+    macs = tokens_worth * SLOTS * EXPERTS * HIDDEN
+    monkeypatch.setattr(slot_gate, "STACKED_MIXED_MAX_MACS", macs)
+    model, weights = make_model(seed=5)
+    _, gates = _gates(model, weights, "grouped")
+    gate = gates[router_name(0)]
+    assert gate.stack_tokens == (tokens_worth if twin else 0)
+    commit_all([gate.stage(1, torch.randn(EXPERTS, HIDDEN))])
+    assert (gate.kernels.stacked is not None) is twin
 
 
 def test_grouped_forward_of_another_size_is_slot_0() -> None:
