@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -164,6 +164,14 @@ def throughput_table(title: str, results: dict[str, list[float]], reference: str
             f"{low:.3f}-{high:.3f}",
         )
     return table
+
+
+def time_us(call: Callable[[torch.Tensor], object], x: torch.Tensor, repeat: int) -> float:
+    """Microseconds per call of ``call(x)``, over ``repeat`` calls."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        call(x)
+    return (time.perf_counter() - start) / repeat * 1e6
 
 
 def bootstrap_median(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +36,7 @@ from typing import Annotated
 import numpy as np
 import torch
 import typer
+from engine_setup import time_us
 from rich.console import Console
 from rich.table import Table
 
@@ -141,21 +141,13 @@ def main(
                 for r in range(rounds):
                     for name in names[r % len(names) :] + names[: r % len(names)]:
                         setups[name]()
-                        layer[name].append(_time(moe, x, forwards))
-                        gate_only[name].append(_time(moe.gate, x, gate_calls))
+                        layer[name].append(time_us(moe, x, forwards))
+                        gate_only[name].append(time_us(moe.gate, x, gate_calls))
             title = (
                 f"one MoE layer (hidden {hidden}, {experts} experts x {intermediate}, top-{top_k})"
                 f", {n} tokens/forward, core {pinned}, {rounds} rounds"
             )
             console.print(_table(title, layer, gate_only, names))
-
-
-def _time(module: Callable[[torch.Tensor], object], x: torch.Tensor, repeat: int) -> float:
-    """Microseconds per call of ``module(x)``, over ``repeat`` calls."""
-    start = time.perf_counter()
-    for _ in range(repeat):
-        module(x)
-    return (time.perf_counter() - start) / repeat * 1e6
 
 
 def _table(

@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 import typer
+from engine_setup import time_us
 from rich.console import Console
 from rich.table import Table
 
@@ -41,14 +40,6 @@ app = typer.Typer(add_completion=False)
 SLOTS = 4
 SIZES = ["128x8", "512x64", "1024x64", "2048x64", "2048x128"]
 TOKENS = [4, 16, 64, 256]
-
-
-def _time(call: Callable[[torch.Tensor], object], x: torch.Tensor, reps: int) -> float:
-    """Microseconds per call of ``call(x)``, over ``reps`` calls."""
-    start = time.perf_counter()
-    for _ in range(reps):
-        call(x)
-    return (time.perf_counter() - start) / reps * 1e6
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -115,7 +106,7 @@ def main(
                             gate, step = gates[path]
                             step.mixed(spread, n)
                             gate.logits(x)  # what a step works out once
-                            times[path].append(_time(gate.logits, x, calls))
+                            times[path].append(time_us(gate.logits, x, calls))
                 stacked = statistics.median(times["stacked"])
                 per_slot = statistics.median(times["per slot"])
                 table.add_row(f"{hidden} x {experts}", str(n), f"{stacked:.1f}",
