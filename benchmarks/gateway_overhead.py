@@ -232,15 +232,15 @@ def nginx_hop(upstream: str, core: int | None) -> Iterator[tuple[str, int]]:
             proc.wait(10)
 
 
-def _paired_table(measured: dict[str, list[dict]], rounds: int) -> Table:
+def _paired_table(measured: dict[str, list[dict]]) -> Table:
     """Each target's same-round ratios to the direct round before it (pairs cancel slow drifts
     in machine load): their median and its 95 % bootstrap interval over rounds. A burst's TTFT
     moves in whole engine steps, so one round's p50 ratio swings by tens of percent and a
     single run's ratio of pooled p50s says less than the interval does."""
-    table = Table(title=f"same-round ratios to direct: median over {rounds} rounds [95 %]")
+    direct = measured["direct"]
+    table = Table(title=f"same-round ratios to direct: median over {len(direct)} rounds [95 %]")
     for column in ("target", "tokens/s", "TTFT p50"):
         table.add_column(column, justify="left" if column == "target" else "right")
-    direct = measured["direct"]
     for name in [n for n in measured if n != "direct"]:
         tps = [r["tps"] / d["tps"] for r, d in zip(measured[name], direct, strict=True)]
         ttft = [
@@ -399,7 +399,7 @@ def main(
             f"{p95 / direct[2]:.3f}",
         )
     Console().print(table)
-    Console().print(_paired_table(measured, rounds))
+    Console().print(_paired_table(measured))
     for proxy in proxies:
         others = [name for name in targets if name not in proxies]
         idle = sum(cpu_s[proxy, n] for n in others) / sum(wall_s[n] for n in others)

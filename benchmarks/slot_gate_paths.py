@@ -83,15 +83,11 @@ def main(
             base = router.weight.detach().clone()
             router.quant_method.process_weights_after_loading(router)
             gates = {}
-            for path, limit in (("stacked", 1 << 62), ("per slot", 0)):
-                # The threshold decides at construction whether a gate ever stacks.
-                saved, slot_gate.STACKED_MIXED_MAX_MACS = slot_gate.STACKED_MIXED_MAX_MACS, limit
-                try:
-                    step = StepSlots(SLOTS, max(tokens), torch.device("cpu"), "grouped")
-                    router.__dict__.pop("forward", None)
-                    gate = SlotGate(path, router, step, "grouped", base)
-                finally:
-                    slot_gate.STACKED_MIXED_MAX_MACS = saved
+            for path, limit in (("stacked", max(tokens)), ("per slot", 0)):
+                step = StepSlots(SLOTS, max(tokens), torch.device("cpu"), "grouped")
+                router.__dict__.pop("forward", None)
+                gate = SlotGate(path, router, step, "grouped", base)
+                gate.stack_tokens = limit  # before staging: it decides whether a twin is packed
                 for slot in range(1, SLOTS):  # patches that differ from the base
                     gate.stage(slot, base * (slot + 1)).commit()
                 gates[path] = (gate, step)

@@ -10,11 +10,12 @@ Two strategies:
 
 * ``grouped`` (CPU; eager GPUs): a step whose tokens all use one slot calls that slot's gate
   directly: the very kernel vLLM runs without slots (on the CPU, the layer's packed SGL GEMM,
-  re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step,
-  for a small gate, runs that same kind of kernel packed over all slots' weights and takes each
-  token's own slot's logits (``torch.take`` with a flat index worked out once per step); for a
-  larger gate it computes slot 0's logits for every token, then overwrites the rows of the
-  tokens whose slot patches this layer (``index_select``, that slot's GEMM, ``index_copy_``).
+  re-packed for each slot by the layer's own ``process_weights_after_loading``). A mixed step
+  whose stacked GEMM is small (``STACKED_MIXED_MAX_MACS``) runs that same kind of kernel packed
+  over all slots' weights and takes each token's own slot's logits (``torch.take`` with a flat
+  index worked out once per step); a larger one computes slot 0's logits for every token, then
+  overwrites the rows of the tokens whose slot patches this layer (``index_select``, that
+  slot's GEMM, ``index_copy_``).
   A layer that no resident patch changes runs slot 0's kernel for every step. Data-dependent, so
   under torch.compile it runs inside an opaque custom op (``roma::slot_gate``): vLLM drops
   Dynamo's guards, and a Python branch traced once would be frozen.
